@@ -1,0 +1,1 @@
+"""VoiceClaw: a streaming, self-hostable voice front end for a personal AI assistant."""

@@ -1,0 +1,253 @@
+"""One interface per capability (STT, LLM, TTS), LiveKit-style.
+
+Providers live one per file next to this module and implement these classes; the
+pipeline depends only on this module. Nothing here imports Reflex, httpx or a model
+runtime, so the pipeline can be tested with any provider that speaks these types.
+
+Errors are typed (:class:`ProviderError` and subclasses) and carry ``user_message``:
+the sentence a person sees or hears when the turn fails.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import threading
+import wave
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal
+
+
+# ---------------------------------------------------------------- cancellation
+class CancelToken:
+    """A cancel flag shared between the event loop and worker threads.
+
+    ``asyncio`` cancellation cannot interrupt a thread running a model; code in a
+    thread checks :attr:`cancelled` at each token or chunk boundary instead.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+# ---------------------------------------------------------------- errors
+ErrorKind = Literal["auth", "not_found", "rate_limit", "server", "timeout", "connect", "dropped", "protocol", "bad_request", "engine"]
+
+
+class ProviderError(Exception):
+    """A provider failure with a sentence a person understands.
+
+    ``retryable`` says whether trying again *before anything was shown or spoken*
+    can help (rate limits, 5xx, connection failures); never after.
+    """
+
+    kind: ErrorKind = "protocol"
+
+    def __init__(self, user_message: str, *, status: int | None = None, retryable: bool = False, retry_after_s: float | None = None, detail: str = ""):
+        super().__init__(user_message)
+        self.user_message = user_message
+        self.status = status
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+        self.detail = detail
+
+
+class AuthError(ProviderError):
+    kind = "auth"
+
+
+class NotFoundError(ProviderError):
+    kind = "not_found"
+
+
+class BadRequestError(ProviderError):
+    kind = "bad_request"
+
+
+class RateLimitError(ProviderError):
+    kind = "rate_limit"
+
+
+class ServerError(ProviderError):
+    kind = "server"
+
+
+class ProviderTimeout(ProviderError):
+    kind = "timeout"
+
+
+class ConnectError(ProviderError):
+    kind = "connect"
+
+
+class StreamDropped(ProviderError):
+    kind = "dropped"
+
+
+class ProtocolError(ProviderError):
+    kind = "protocol"
+
+
+class EngineUnavailable(ProviderError):
+    """An embedded engine could not load (missing or corrupt model files)."""
+
+    kind = "engine"
+
+
+def error_for_status(service: str, status: int, detail: str = "", retry_after_s: float | None = None) -> ProviderError:
+    """Map an HTTP status to a typed error with a plain-words message."""
+    if status in (401, 403):
+        return AuthError(f"The {service} rejected the API key (HTTP {status}).", status=status, detail=detail)
+    if status == 404:
+        return NotFoundError(f"The {service} was not found at that address (HTTP 404): check the base URL and model.", status=status, detail=detail)
+    if status == 429:
+        return RateLimitError(f"The {service} is rate-limiting requests (HTTP 429); try again in a moment.", status=status, retryable=True, retry_after_s=retry_after_s, detail=detail)
+    if status >= 500:
+        return ServerError(f"The {service} had an internal error (HTTP {status}).", status=status, retryable=True, retry_after_s=retry_after_s, detail=detail)
+    if 400 <= status < 500:
+        extra = f": {detail[:200]}" if detail else ""
+        return BadRequestError(f"The {service} refused the request (HTTP {status}){extra}.", status=status, detail=detail)
+    return ProtocolError(f"The {service} answered with an unexpected HTTP {status}.", status=status, detail=detail)
+
+
+# ---------------------------------------------------------------- LLM
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass
+class LLMRequest:
+    """Everything one completion needs; built while the user is still speaking."""
+
+    messages: list[ChatMessage]
+    model: str = ""
+    user: str | None = None  # gateway session key (history mode "server")
+    headers: dict[str, str] = field(default_factory=dict)
+    read_timeout_s: float = 30.0
+    max_tokens: int | None = None
+    temperature: float | None = None
+
+
+@dataclass(frozen=True)
+class LLMCapabilities:
+    streaming: bool = True
+    #: the provider keeps the conversation itself (gateway ``user`` sessions)
+    server_history: bool = False
+
+
+class LLM(abc.ABC):
+    """Streams reply text for a chat request."""
+
+    name: str = "llm"
+    capabilities = LLMCapabilities()
+
+    @abc.abstractmethod
+    def stream(self, request: LLMRequest, cancel: CancelToken) -> AsyncIterator[str]:
+        """Yield text deltas as they arrive; raise :class:`ProviderError` on failure.
+
+        A stream that ends after text was produced, for a reason that lost nothing
+        (e.g. the gateway's trailing ``error`` event), just ends.
+        """
+
+    async def warm(self) -> None:
+        """Open/refresh the connection (or load the model) before the turn needs it."""
+
+    async def aclose(self) -> None:
+        """Release connections."""
+
+
+# ---------------------------------------------------------------- TTS
+@dataclass(frozen=True)
+class AudioClip:
+    """A finished chunk of speech as a WAV file's bytes."""
+
+    wav: bytes
+    sample_rate: int
+    duration_ms: float
+
+    @classmethod
+    def from_pcm16(cls, pcm: bytes, sample_rate: int, channels: int = 1) -> "AudioClip":
+        buf = io.BytesIO()
+        with wave.open(buf, "wb") as w:
+            w.setnchannels(channels)
+            w.setsampwidth(2)
+            w.setframerate(sample_rate)
+            w.writeframes(pcm)
+        frames = len(pcm) // (2 * channels)
+        return cls(buf.getvalue(), sample_rate, 1000.0 * frames / sample_rate)
+
+    @classmethod
+    def from_wav(cls, data: bytes) -> "AudioClip":
+        with wave.open(io.BytesIO(data), "rb") as w:
+            rate = w.getframerate()
+            frames = w.getnframes()
+        return cls(data, rate, 1000.0 * frames / rate if rate else 0.0)
+
+
+@dataclass(frozen=True)
+class TTSCapabilities:
+    streaming: bool = False  # returns audio progressively
+    sample_rate: int = 24000
+
+
+class TTS(abc.ABC):
+    """Turns one chunk of speakable text into audio."""
+
+    name: str = "tts"
+    capabilities = TTSCapabilities()
+
+    @abc.abstractmethod
+    async def synthesize(self, text: str, *, voice: str, speed: float, cancel: CancelToken) -> AudioClip:
+        """Return the whole chunk's audio; raise :class:`ProviderError` on failure."""
+
+    def cache_identity(self, voice: str, speed: float) -> tuple[str, str, float]:
+        """The (provider, voice, speed) part of the TTS cache key."""
+        return (self.name, voice, round(speed, 3))
+
+    async def warm(self) -> None:
+        """Open the connection or load the voice before it is needed."""
+
+    async def aclose(self) -> None:
+        """Release resources."""
+
+
+# ---------------------------------------------------------------- STT
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    is_final: bool = True
+    #: monotonic ms of the last voiced audio when the STT knows it (None: unknown)
+    speech_end_ms: float | None = None
+    language: str | None = None
+
+
+@dataclass(frozen=True)
+class STTCapabilities:
+    streaming: bool = False
+    interim_results: bool = False
+
+
+class STT(abc.ABC):
+    """Batch speech-to-text on 16 kHz mono PCM16. Streaming providers add a session API."""
+
+    name: str = "stt"
+    capabilities = STTCapabilities()
+
+    @abc.abstractmethod
+    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None) -> Transcript:
+        """Transcribe a whole utterance."""
+
+    async def warm(self) -> None:
+        """Load the model or open the connection."""
+
+    async def aclose(self) -> None:
+        """Release resources."""
