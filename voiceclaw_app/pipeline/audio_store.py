@@ -1,0 +1,77 @@
+"""Chunk audio as WAV files under the data dir, served at ``/audio/<id>.wav``.
+
+Files on disk (not a module-level dict) so every worker process can serve what any
+other synthesized; ids are random so a URL cannot be guessed from its text.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..providers.base import AudioClip
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+@dataclass(frozen=True)
+class StoredAudio:
+    audio_id: str
+    url: str
+    path: Path
+    duration_ms: float
+
+
+class AudioStore:
+    """Writes clips atomically and resolves ids back to files, safely."""
+
+    def __init__(self, root: Path, url_prefix: str = "/audio"):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url_prefix = url_prefix.rstrip("/")
+
+    def url_for(self, audio_id: str) -> str:
+        return f"{self.url_prefix}/{audio_id}.wav"
+
+    def save(self, clip: AudioClip, audio_id: str | None = None) -> StoredAudio:
+        """Write the WAV (temp file + rename, so a reader never sees half a file)."""
+        audio_id = audio_id or secrets.token_urlsafe(12)
+        if not _ID_RE.match(audio_id):
+            raise ValueError(f"bad audio id {audio_id!r}")
+        path = self.root / f"{audio_id}.wav"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(clip.wav)
+        os.replace(tmp, path)
+        return StoredAudio(audio_id, self.url_for(audio_id), path, clip.duration_ms)
+
+    def path_for(self, audio_id: str) -> Path | None:
+        """The file for an id, or None for unknown or malformed ids (no path tricks)."""
+        if not _ID_RE.match(audio_id):
+            return None
+        path = self.root / f"{audio_id}.wav"
+        return path if path.is_file() else None
+
+    def delete(self, audio_ids: list[str]) -> int:
+        removed = 0
+        for audio_id in audio_ids:
+            path = self.path_for(audio_id)
+            if path is not None:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def prune(self, max_age_s: float, keep_prefix: str = "c") -> int:
+        """Delete turn audio older than the retention period (cached phrases stay)."""
+        cutoff = time.time() - max_age_s
+        removed = 0
+        for path in self.root.glob("*.wav"):
+            if path.stem.startswith(keep_prefix + "-"):
+                continue
+            if path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed

@@ -1,0 +1,196 @@
+"""Cut a streaming LLM reply into speakable chunks, as early as is safe.
+
+The first chunk is cut at the first clause boundary (``,`` ``;`` ``:`` a dash, or a
+sentence end) once it has ``min_first_words`` words, so speech starts before the
+first sentence is complete; later chunks end at sentence ends or line breaks, with
+a clause fallback for very long sentences.
+
+Every decision is made at one character position using only the text up to it
+(a boundary is a punctuation mark followed by whitespace), so:
+
+* however the reply is split into tokens, the chunks are the same;
+* a chunk is emitted by the very token that completes it (``Chunk.decided_at``).
+
+Never cut inside ``Dr.``, ``e.g.``, ``U.S.``, ``3.14``, ``$4.50``, ``10:30``, URLs,
+e-mail addresses (no whitespace follows their dots), ``...``, a list item's ``1.``,
+a code fence or a link's ``[text]``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from .speakable import _FENCE_RE, SpeechFormatter
+
+ABBREVIATIONS = frozenset(
+    """dr. mr. mrs. ms. prof. st. jr. sr. vs. etc. e.g. i.e. eg. ie. a.m. p.m. no. nos. fig. approx.
+    inc. ltd. co. corp. mt. ave. rd. dept. est. gen. gov. sgt. capt. lt. col. rev. hon. vol. ch. pp.
+    jan. feb. mar. apr. jun. jul. aug. sep. sept. oct. nov. dec. mon. tue. wed. thu. fri. sat. sun.""".split()
+)
+_INITIALS_RE = re.compile(r"(?:[A-Za-z]\.)+")
+_LIST_NUMBER_RE = re.compile(r"\d{1,3}\.")
+_CLOSERS = "\"')]}»”’*_"
+_OPENERS = "\"'([{«“‘*_"
+
+Boundary = Literal["sentence", "clause", "line"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A speakable piece of the reply.
+
+    ``text`` is the original (as the transcript shows it), ``speech`` what TTS reads
+    (may be empty, e.g. a code block), ``decided_at`` the index in the whole reply of
+    the character that completed the chunk (``len(reply)`` for the final flush).
+    """
+
+    seq: int
+    text: str
+    speech: str
+    start: int
+    decided_at: int
+    notice: bool = False
+
+
+class SpeechChunker:
+    """Incremental chunker: :meth:`push` tokens, then :meth:`flush` at the end of the reply."""
+
+    #: past this many characters without a sentence end, cut at the last clause boundary
+    SOFT_MAX = 220
+    #: past this, cut at the last space even without a clause boundary
+    HARD_MAX = 360
+
+    def __init__(self, min_first_words: int = 4, formatter: SpeechFormatter | None = None):
+        self.min_first_words = max(1, min_first_words)
+        self.formatter = formatter or SpeechFormatter()
+        self._text = ""
+        self._pos = 0  # next index to examine
+        self._start = 0  # start of the pending chunk
+        self._seq = 0
+        self._line_start = 0
+        self._in_fence = False
+        self._brackets = 0
+        self._clauses: list[int] = []  # whitespace indexes after clause marks, in the pending chunk
+        self._last_space = -1
+
+    @property
+    def text(self) -> str:
+        """The whole reply so far, as received."""
+        return self._text
+
+    def push(self, token: str) -> list[Chunk]:
+        """Add a token; return the chunks it completed (usually none or one)."""
+        self._text += token
+        out: list[Chunk] = []
+        text = self._text
+        while self._pos < len(text):
+            i = self._pos
+            self._pos += 1
+            ch = text[i]
+            if ch == "\n":
+                line = text[self._line_start:i]
+                if _FENCE_RE.match(line):
+                    self._in_fence = not self._in_fence
+                self._line_start = i + 1
+                self._brackets = 0
+            elif ch == "[":
+                self._brackets += 1
+            elif ch == "]" and self._brackets:
+                self._brackets -= 1
+            if self._in_fence:
+                continue
+            if ch.isspace():
+                kind = self._boundary_at(i) if self._brackets == 0 or ch == "\n" else None
+                if kind is not None:
+                    chunk = self._decide(i, kind)
+                    if chunk is not None:
+                        out.append(chunk)
+                        continue
+                if self._brackets == 0:
+                    self._last_space = i
+            chunk = self._fallback(i)
+            if chunk is not None:
+                out.append(chunk)
+        return out
+
+    def flush(self) -> list[Chunk]:
+        """End of reply: whatever is pending is the last chunk."""
+        end = len(self._text)
+        chunk = self._emit(end, end)
+        return [chunk] if chunk is not None else []
+
+    # ---------------------------------------------------------------- internals
+    def _boundary_at(self, i: int) -> Boundary | None:
+        """Classify whitespace at ``i`` by what precedes it (never by what follows)."""
+        text = self._text
+        if text[i] == "\n":
+            return "line"
+        j = i - 1
+        while j >= self._start and text[j] in _CLOSERS:
+            j -= 1
+        if j < self._start:
+            return None
+        c = text[j]
+        if c in "!?":
+            return "sentence"
+        if c == ".":
+            w = max(text.rfind(" ", 0, j), text.rfind("\n", 0, j), text.rfind("\t", 0, j)) + 1
+            word = text[w : j + 1].lstrip(_OPENERS)
+            if word.endswith(".."):
+                return "clause"  # an ellipsis: a pause, not an end
+            if word.lower() in ABBREVIATIONS or _INITIALS_RE.fullmatch(word):
+                return None
+            if _LIST_NUMBER_RE.fullmatch(word) and not text[self._line_start : w].strip():
+                return None  # "1. " opening a list item
+            return "sentence"
+        if c in ",;:\u2014\u2013":
+            return "clause"
+        if c == "-" and j - 1 > self._line_start and text[j - 1] == " ":
+            return "clause"  # a spaced hyphen used as a dash
+        return None
+
+    def _decide(self, i: int, kind: Boundary) -> Chunk | None:
+        pending = self._text[self._start : i]
+        if not pending.strip():
+            self._start = i + 1
+            self._clauses.clear()
+            return None
+        if self._seq == 0:
+            if len(pending.split()) >= self.min_first_words:
+                return self._emit(i, i)
+            return None
+        if kind == "clause":
+            self._clauses.append(i)
+            return None
+        return self._emit(i, i)
+
+    def _fallback(self, i: int) -> Chunk | None:
+        """Cut very long sentences at a clause, else at a space, so speech keeps flowing."""
+        if i - self._start < self.SOFT_MAX:
+            return None
+        if self._clauses:
+            return self._emit(self._clauses[-1], i)
+        if i - self._start >= self.HARD_MAX and self._last_space > self._start:
+            return self._emit(self._last_space, i)
+        return None
+
+    def _emit(self, end: int, decided_at: int) -> Chunk | None:
+        raw = self._text[self._start : end]
+        start = self._start
+        self._start = end + 1 if end < len(self._text) else end
+        self._clauses = [c for c in self._clauses if c > end]
+        if not raw.strip():
+            return None
+        at_line_start = start == 0 or self._text[start - 1] == "\n"
+        speech = self.formatter.format_chunk(raw, at_line_start=at_line_start)
+        chunk = Chunk(self._seq, raw.strip(), speech, start, decided_at)
+        self._seq += 1
+        return chunk
+
+
+def chunk_text(text: str, min_first_words: int = 4) -> list[Chunk]:
+    """All chunks of a complete text (the reference the streaming result must equal)."""
+    chunker = SpeechChunker(min_first_words)
+    return chunker.push(text) + chunker.flush()
