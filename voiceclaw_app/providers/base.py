@@ -251,3 +251,72 @@ class STT(abc.ABC):
 
     async def aclose(self) -> None:
         """Release resources."""
+
+
+# ---------------------------------------------------------------- streaming listening
+@dataclass(frozen=True)
+class SpeechStarted:
+    """The user started speaking (barge-in trigger). ``t_ms``: monotonic ms of the first voiced audio."""
+
+    t_ms: float
+    source: str = "vad"  # which detector saw it first: "vad" (server) or "stt" (e.g. Deepgram SpeechStarted)
+
+
+@dataclass(frozen=True)
+class InterimTranscript:
+    """Words so far, for the live transcript; may change."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class PreliminaryTranscript:
+    """A likely-final transcript before the end of turn is confirmed (short pause,
+    Deepgram ``is_final``): listeners may start the LLM preemptively and must drop
+    that work if the :class:`EndOfTurn` text differs."""
+
+    text: str
+    speech_end_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    """The user's turn is over: final text and the marks the turn timing starts from."""
+
+    text: str
+    speech_end_ms: float  # last voiced audio (contract mark ``speech_end``)
+    eot_ms: float  # when the end of turn was decided (``eot_decided``)
+    stt_final_ms: float  # when the final transcript was available (``stt_final``)
+
+
+@dataclass(frozen=True)
+class ListenNotice:
+    """Something to tell the user that does not end the session (e.g. utterance cut at max length)."""
+
+    message: str
+    kind: str = "info"
+
+
+ListenEvent = SpeechStarted | InterimTranscript | PreliminaryTranscript | EndOfTurn | ListenNotice
+
+
+class Listener(abc.ABC):
+    """A live listening session over the mic stream: VAD + STT (local) or Deepgram.
+
+    The mic WebSocket pushes 16 kHz mono PCM16 frames with their arrival time and
+    reads :meth:`events`. One listener per voice session.
+    """
+
+    @abc.abstractmethod
+    async def push(self, pcm16: bytes, t_ms: float) -> None:
+        """Feed one frame (20-40 ms); never blocks the loop for long."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[ListenEvent]:
+        """Events in order, until :meth:`aclose`."""
+
+    async def finish_utterance(self) -> None:
+        """Push-to-talk released: end the turn now, whatever the VAD says."""
+
+    async def aclose(self) -> None:
+        """Stop listening and release resources."""
