@@ -101,6 +101,13 @@ class SpeechChunker:
                 self._brackets -= 1
             if self._in_fence:
                 continue
+            if self._seq == 0 and ch in ",;!?" and self._brackets == 0 and self._immediate_clause(i):
+                # First chunk: these marks after a plain word end a clause whatever
+                # follows, so cut now instead of waiting a token for the space.
+                chunk = self._decide_first_now(i)
+                if chunk is not None:
+                    out.append(chunk)
+                    continue
             if ch.isspace():
                 kind = self._boundary_at(i) if self._brackets == 0 or ch == "\n" else None
                 if kind is not None:
@@ -151,6 +158,22 @@ class SpeechChunker:
             return "clause"  # a spaced hyphen used as a dash
         return None
 
+    def _immediate_clause(self, i: int) -> bool:
+        """A first-chunk mark that needs no look-ahead: after a letter, in a plain word
+        (not a URL, path, e-mail or number such as ``1,000``)."""
+        text = self._text
+        if i == 0 or not text[i - 1].isalpha():
+            return False
+        w = max(text.rfind(" ", 0, i), text.rfind("\n", 0, i), text.rfind("\t", 0, i)) + 1
+        word = text[w:i]
+        return not any(c in word for c in "/@.:\\=&?#`*_[]()")
+
+    def _decide_first_now(self, i: int) -> Chunk | None:
+        pending = self._text[self._start : i + 1]
+        if len(pending.split()) >= self.min_first_words:
+            return self._emit(i + 1, i, consume=False)
+        return None
+
     def _decide(self, i: int, kind: Boundary) -> Chunk | None:
         pending = self._text[self._start : i]
         if not pending.strip():
@@ -176,10 +199,11 @@ class SpeechChunker:
             return self._emit(self._last_space, i)
         return None
 
-    def _emit(self, end: int, decided_at: int) -> Chunk | None:
+    def _emit(self, end: int, decided_at: int, consume: bool = True) -> Chunk | None:
+        """Cut ``[start, end)``; ``consume`` skips the boundary whitespace at ``end``."""
         raw = self._text[self._start : end]
         start = self._start
-        self._start = end + 1 if end < len(self._text) else end
+        self._start = end + 1 if consume and end < len(self._text) else end
         self._clauses = [c for c in self._clauses if c > end]
         if not raw.strip():
             return None
