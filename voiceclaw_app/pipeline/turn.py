@@ -221,12 +221,14 @@ class _Turn:
                 self.scheduler.close()
 
     def _chunk(self, chunk: Chunk) -> None:
+        if self.scheduler is None:
+            return  # muted (or no TTS): the transcript has the tokens already
         for c in self.limiter.admit(chunk):
             if not c.speech:
                 continue  # e.g. a code block: shown, not spoken
             self.marks.mark("first_chunk")
             self.queue.put_nowait(ChunkText(c.seq, c.text, c.speech, c.notice))
-            if self.scheduler is not None and self.tts_error is None:
+            if self.tts_error is None:
                 self.scheduler.submit(c)
 
     async def _audio_pump(self) -> None:

@@ -74,7 +74,7 @@ class OpenAICompatLLM(LLM):
 
     name = "openai-compatible"
 
-    def __init__(self, base_url: str, api_key: str = "", headers: dict[str, str] | None = None, *, max_retries: int = MAX_RETRIES, still_alive_timeout_s: float | None = None):
+    def __init__(self, base_url: str, api_key: str = "", headers: dict[str, str] | None = None, *, max_retries: int = MAX_RETRIES):
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.headers = dict(headers or {})
@@ -150,7 +150,8 @@ class OpenAICompatLLM(LLM):
                     raise await self._status_error(resp, service)
                 parser = SSEParser()
                 done = False
-                async for raw in self._read_with_deadline(resp, request.read_timeout_s, started, lambda: produced):
+                reader = self._read_with_deadline(resp, request.read_timeout_s, started, lambda: produced)
+                async for raw in reader:
                     for event in parser.feed(raw):
                         for delta in self._handle_event(event, service, produced):
                             if delta is None:
@@ -162,7 +163,9 @@ class OpenAICompatLLM(LLM):
                             break
                     if done:
                         break
-                if not done:
+                if done:
+                    await self._drain(reader)
+                else:
                     parser.close()
                     if not produced:
                         raise StreamDropped(f"The {service} closed the stream before answering.", retryable=True)
@@ -198,6 +201,19 @@ class OpenAICompatLLM(LLM):
             except asyncio.TimeoutError:
                 raise httpx.ReadTimeout("no data") from None
             yield chunk
+
+    @staticmethod
+    async def _drain(reader: AsyncIterator[bytes], limit_s: float = 0.5) -> None:
+        """Read the response's end after ``[DONE]`` so the connection goes back to the
+        pool (an unfinished response is closed, and the next turn pays for a new one)."""
+        async def rest() -> None:
+            async for _ in reader:
+                pass
+
+        try:
+            await asyncio.wait_for(rest(), timeout=limit_s)
+        except (asyncio.TimeoutError, httpx.HTTPError):
+            pass
 
     @staticmethod
     async def _status_error(resp: httpx.Response, service: str) -> ProviderError:

@@ -1,0 +1,140 @@
+"""The speech chunker and formatter: split invariance, promptness, safe cut points."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from voiceclaw_app.pipeline.text import SpeechChunker, SpeechFormatter, SpokenLengthLimiter, chunk_text
+from voiceclaw_app.pipeline.text.speakable import normalize
+
+FRAGMENTS = [
+    "Hello", "there", "world", "the", "answer", "is", "simple", " ", " ", " ", ", ", ". ", "! ", "? ", "; ", ": ",
+    " - ", " — ", "\n", "\n\n", "Dr. Smith", "e.g. this", "U.S. law", "3.14", "$4.50", "10:30", "https://example.com/a.b?c=1",
+    "mail me at a.b@example.org", "...", "1. ", "- ", "**bold**", "`code`", "```py\nx = 1. 2\n```\n", "[the docs](http://x.y/z)",
+    "# Title\n", "😀", "50%", "2026-11-25", "1,000", "snake_case", "> quote\n", "tools,", "(see this)", "\"Quoted.\" ",
+]
+texts = st.lists(st.sampled_from(FRAGMENTS), min_size=0, max_size=40).map("".join)
+
+
+def split_points(text: str, data) -> list[str]:
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(text)), max_size=30))))
+    pieces, last = [], 0
+    for c in cuts + [len(text)]:
+        pieces.append(text[last:c])
+        last = c
+    return pieces
+
+
+def stream(tokens: list[str], min_words: int = 4):
+    """Feed tokens; return chunks and, per chunk, the index of the token that emitted it."""
+    ch = SpeechChunker(min_words)
+    out, at = [], []
+    for k, tok in enumerate(tokens):
+        got = ch.push(tok)
+        out += got
+        at += [k] * len(got)
+    tail = ch.flush()
+    return out + tail, at + [len(tokens)] * len(tail)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts, data=st.data(), min_words=st.integers(1, 6))
+def test_any_token_split_gives_the_same_chunks(text, data, min_words):
+    tokens = split_points(text, data)
+    got, _ = stream(tokens, min_words)
+    assert got == chunk_text(text, min_words)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts)
+def test_chunks_join_to_the_speakable_text(text):
+    parts = []
+    for c in chunk_text(text):
+        spaced = c.start > 0 and (text[c.start - 1].isspace() or text[c.start].isspace())
+        parts.append((" " if spaced else "") + c.speech)
+    joined = normalize("".join(parts))
+    assert joined == SpeechFormatter().format_document(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts, data=st.data())
+def test_each_chunk_is_emitted_by_the_token_that_completes_it(text, data):
+    tokens = split_points(text, data)
+    got, emitted_at = stream(tokens)
+    ends = []
+    total = 0
+    for tok in tokens:
+        total += len(tok)
+        ends.append(total)
+    for chunk, k in zip(got, emitted_at):
+        if chunk.decided_at >= len(text):
+            continue  # the final flush
+        # the token that completes the chunk contains its deciding character...
+        completing = next(idx for idx, end in enumerate(ends) if end > chunk.decided_at)
+        assert k == completing, (chunk, k, completing)
+
+
+def test_first_chunk_is_a_clause_once_it_has_enough_words():
+    chunks = chunk_text("Sure, the capital of France is Paris, a lovely city. It has many museums. And cafés.")
+    assert chunks[0].text == "Sure, the capital of France is Paris,"
+    assert [c.text for c in chunks[1:]] == ["a lovely city.", "It has many museums.", "And cafés."]
+
+
+def test_first_chunk_waits_for_min_words():
+    assert chunk_text("Yes. I can do that for you today.")[0].text == "Yes. I can do that for you today."
+    assert chunk_text("Yes. I can do that, for you today.", min_first_words=2)[0].text == "Yes. I can do that,"
+
+
+def test_later_chunks_end_at_sentences_not_commas():
+    chunks = chunk_text("First of all, hello there. Then, we go on, and on. Finally done!")
+    assert [c.text for c in chunks] == ["First of all, hello there.", "Then, we go on, and on.", "Finally done!"]
+
+
+def test_never_splits_inside_protected_tokens():
+    text = ("Dr. Smith said e.g. the U.S. rate is 3.14 or $4.50 at 10:30 today... "
+            "see https://example.com/a.b?x=1 or mail a.b@example.org now. Done.")
+    chunks = chunk_text(text, min_first_words=30)
+    joined = " ".join(c.text for c in chunks)
+    for token in ["Dr. Smith", "e.g. the", "U.S. rate", "3.14", "$4.50", "10:30", "https://example.com/a.b?x=1", "a.b@example.org"]:
+        assert any(token in c.text for c in chunks), token
+    assert joined.replace(" ", "") == text.replace(" ", "")
+
+
+def test_list_items_keep_their_numbers():
+    chunks = chunk_text("Here are the steps to follow:\n1. Open the app.\n2. Tap the button.\n")
+    assert [c.text for c in chunks] == ["Here are the steps to follow:", "1. Open the app.", "2. Tap the button."]
+
+
+def test_code_blocks_are_shown_not_spoken():
+    text = "Here is the code for you:\n```python\nprint('a. b')\n```\nRun it."
+    chunks = chunk_text(text)
+    assert chunks[1].text.startswith("```python") and chunks[1].speech == ""
+    assert chunks[-1].speech == "Run it."
+
+
+def test_very_long_sentences_fall_back_to_clauses():
+    long = ", ".join(f"item number {i} in the list" for i in range(30)) + "."
+    chunks = chunk_text(long)
+    assert len(chunks) > 3
+    assert all(len(c.text) <= SpeechChunker.HARD_MAX for c in chunks)
+
+
+def test_formatter_reads_what_a_voice_should_read():
+    f = SpeechFormatter()
+    assert f.format_document("## Heading\n- **Bold** item with `code` 😀") == "Heading Bold item with code"
+    assert f.format_document("See [the docs](https://example.com/docs) now") == "See the docs now"
+    assert f.format_document("It costs $4.50, or $1 today") == "It costs 4 dollars and 50 cents, or 1 dollar today"
+    assert f.format_document("Meet at 10:30, or 9:05 pm, or 14:00") == "Meet at 10 30, or 9 oh 5 PM, or 14 o'clock"
+    assert f.format_document("Due 2026-11-25, up 50%") == "Due November 25, 2026, up 50 percent"
+    assert f.format_document("About 1,000,000 people") == "About 1000000 people"
+    assert f.format_document("Visit https://www.example.com/path?q=1 please") == "Visit example.com please"
+    assert f.format_document("```\ncode\n```") == ""
+
+
+def test_spoken_length_limit_ends_at_a_chunk_with_a_notice():
+    limiter = SpokenLengthLimiter(60)
+    chunks = chunk_text("This is the first sentence of it. " * 6)
+    admitted = [c for ch in chunks for c in limiter.admit(ch)]
+    assert admitted[-1].notice and admitted[-1].text == "The rest is on screen."
+    assert sum(len(c.speech) for c in admitted if not c.notice) <= 60
+    assert limiter.truncated
