@@ -1,0 +1,1 @@
+"""Python wrappers for the small custom JS components in ``assets/``."""

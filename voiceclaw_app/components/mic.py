@@ -1,0 +1,15 @@
+"""Mic capture component (``assets/mic_capture.jsx`` + ``assets/mic_worklet.js``)."""
+
+import reflex as rx
+
+
+class MicCapture(rx.NoSSRComponent):
+    library = "$/public/mic_capture.jsx"
+    tag = "MicCapture"
+    mode: rx.Var[str]
+    stop_seq: rx.Var[int]
+    disabled: rx.Var[bool]
+    on_event: rx.EventHandler[rx.event.passthrough_event_spec(str)]
+
+
+mic_capture = MicCapture.create

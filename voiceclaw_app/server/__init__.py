@@ -1,0 +1,1 @@
+"""Custom endpoints mounted before Reflex's: the mic WebSocket and the audio route."""

@@ -1,0 +1,1 @@
+"""Reflex state classes and the UI's turn/cancel registry."""

@@ -1,0 +1,218 @@
+"""Dashboard state.
+
+``ChatState`` holds the finished transcript, status and controls. ``StreamState`` is
+a small state of its own for what changes every 30-50 ms (the reply being streamed,
+the interim user words, the audio queue), so only its readers re-render and an
+update carries only the newest segments: the reply streams as a window of its last
+few segments (``seg_base`` + ``seg_tail``); the browser component keeps the list.
+Turn work runs in tasks owned by :mod:`voiceclaw_app.states.turns`, which update
+these states with ``app.modify_state``; handlers here never block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import reflex as rx
+
+from ..db import repo
+
+STATUS_WORDS = ("warming up", "idle", "listening", "thinking", "speaking", "error")
+
+
+class ChatState(rx.State):
+    conversation_id: str = ""
+    messages: list[dict[str, str]] = []
+    status: str = "idle"
+    notice: str = ""
+    error: str = ""
+    muted: bool = False
+    input_mode: str = "hands_free"
+    draft: str = ""
+    conversations: list[dict[str, str]] = []
+    #: the mic is on (hands-free) or the button is held (push-to-talk)
+    mic_on: bool = False
+    taken_over: bool = False
+    last_audio_ids: list[str] = []
+    engines: dict[str, str] = {}
+
+    @rx.event
+    def set_draft(self, value: str):
+        self.draft = value
+
+    @rx.event
+    def set_muted(self, value: bool):
+        self.muted = bool(value)
+
+    @rx.event
+    async def set_input_mode(self, value: str):
+        if value not in ("push_to_talk", "hands_free"):
+            return
+        self.input_mode = value
+        settings = await asyncio.to_thread(repo.load_settings)
+        if settings.input_mode != value:
+            await asyncio.to_thread(repo.save_settings, settings.replace(input_mode=value))
+
+    @rx.event(background=True)
+    async def on_load(self):
+        """Load the conversation list and settings; report engine warm-up until ready."""
+        from . import services
+
+        settings = await services.load_settings()
+        convs = await asyncio.to_thread(repo.list_conversations, "", 50)
+        async with self:
+            self.input_mode = settings.input_mode
+            self.conversations = [_conv_row(c) for c in convs]
+            if self.conversation_id:
+                msgs = await asyncio.to_thread(repo.list_messages, self.conversation_id)
+                self.messages = [_msg_row(m) for m in msgs]
+        for _ in range(600):
+            status = services.engine_status()
+            warming = [k for k, v in status.items() if v == "warming"]
+            async with self:
+                self.engines = status
+                if warming and self.status in ("idle", "warming up"):
+                    self.status = "warming up"
+                elif not warming and self.status == "warming up":
+                    self.status = "idle"
+            if not warming:
+                return
+            await asyncio.sleep(1.0)
+
+    @rx.event
+    async def send_text(self, form: dict | None = None):
+        text = (form or {}).get("text", self.draft) if isinstance(form, dict) else self.draft
+        text = (text or "").strip()
+        if not text:
+            return
+        self.draft = ""
+        from . import turns
+
+        turns.start_turn(self.router.session.client_token, text, speak=not self.muted, spoken_input=False, conversation_id=self.conversation_id)
+
+    @rx.event
+    async def stop(self):
+        """Stop button: cancel the turn, stop playback and the mic."""
+        from . import turns
+
+        token = self.router.session.client_token
+        turns.interrupt(token, reason="stop")
+        self.mic_on = False
+        stream = await self.get_state(StreamState)
+        stream.stop_seq += 1
+        if self.status in ("thinking", "speaking", "listening"):
+            self.status = "idle"
+
+    @rx.event
+    async def new_conversation(self):
+        from . import turns
+
+        turns.interrupt(self.router.session.client_token, reason="new")
+        self.conversation_id = ""
+        self.messages = []
+        self.last_audio_ids = []
+        stream = await self.get_state(StreamState)
+        stream.reset_turn("")
+
+    @rx.event
+    async def pick_conversation(self, conversation_id: str):
+        msgs = await asyncio.to_thread(repo.list_messages, conversation_id)
+        self.conversation_id = conversation_id
+        self.messages = [_msg_row(m) for m in msgs]
+        last = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
+        self.last_audio_ids = list(last["audio_ids"]) if last else []
+
+    @rx.event
+    async def replay_last(self):
+        from . import services
+
+        store = services.audio_store()
+        urls = [store.url_for(a) for a in self.last_audio_ids if store.path_for(a) is not None]
+        if not urls:
+            self.notice = "No audio to replay."
+            return
+        stream = await self.get_state(StreamState)
+        stream.audio_turn = f"replay-{rx.State.__name__}-{len(urls)}-{stream.stop_seq}-{id(urls)}"
+        stream.audio_urls = urls
+
+    # ---- reports from the browser components (small payloads) ----------
+    @rx.event
+    def on_mic_event(self, payload: str):
+        """The mic component: listening / stopped / error:<message> / taken_over."""
+        if payload == "listening":
+            self.mic_on = True
+            self.taken_over = False
+            self.error = ""
+            if self.status in ("idle", "error", "warming up"):
+                self.status = "listening"
+        elif payload == "stopped":
+            self.mic_on = False
+            if self.status == "listening":
+                self.status = "idle"
+        elif payload == "taken_over":
+            self.mic_on = False
+            self.taken_over = True
+            self.notice = "The microphone was taken over by another tab."
+            if self.status == "listening":
+                self.status = "idle"
+        elif payload.startswith("error:"):
+            self.mic_on = False
+            self.error = payload[6:].strip()
+            self.status = "error"
+
+    @rx.event
+    def on_audio_event(self, payload: str):
+        """The audio queue: {"event": "first_playing"|"chunk"|"ended"|"stopped", ...}."""
+        from . import turns
+
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return
+        token = self.router.session.client_token
+        kind = data.get("event")
+        turns.audio_report(token, data)
+        if kind in ("first_playing", "chunk") and self.status in ("thinking", "listening", "idle"):
+            self.status = "speaking"
+        elif kind in ("ended", "stopped") and self.status == "speaking":
+            self.status = "listening" if self.mic_on else "idle"
+
+
+class StreamState(rx.State):
+    """What streams: kept small; each update carries only the newest pieces."""
+
+    turn_id: str = ""
+    streaming: bool = False
+    user_interim: str = ""
+    seg_base: int = 0
+    seg_tail: list[str] = []
+    audio_turn: str = ""
+    audio_urls: list[str] = []
+    stop_seq: int = 0
+    cue: str = ""
+
+    def reset_turn(self, turn_id: str) -> None:
+        self.turn_id = turn_id
+        self.streaming = bool(turn_id)
+        self.seg_base = 0
+        self.seg_tail = []
+        if turn_id:
+            self.audio_turn = turn_id
+            self.audio_urls = []
+
+
+def _msg_row(m: dict) -> dict[str, str]:
+    return {
+        "id": str(m.get("id") or ""),
+        "role": m["role"],
+        "content": m["content"],
+        "interrupted": "1" if m.get("interrupted") else "",
+        "error": m.get("error") or "",
+    }
+
+
+def _conv_row(c: dict) -> dict[str, str]:
+    import time
+
+    return {"id": c["id"], "title": c["title"], "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(c["updated_at"]))}

@@ -1,0 +1,119 @@
+"""Process-level services for the UI: settings, keys, the turn runner, engines.
+
+Only the UI layer imports this; it reaches the pipeline and the provider factory,
+never the other way round. Runners are cached per settings snapshot so HTTP
+connections and loaded models are reused across turns (settings apply to the next
+turn: a changed snapshot builds a new runner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any
+
+from ..config import VoiceSettings, data_dir
+from ..db import repo
+from ..pipeline.audio_store import AudioStore
+from ..providers.base import ChatMessage
+from ..secrets import KeyStore
+
+log = logging.getLogger("voiceclaw.app")
+
+_runner_cache: dict[str, Any] = {}
+_audio_store: AudioStore | None = None
+
+
+def audio_store() -> AudioStore:
+    global _audio_store
+    if _audio_store is None:
+        _audio_store = AudioStore(data_dir() / "audio")
+    return _audio_store
+
+
+def key_store() -> KeyStore:
+    return KeyStore()
+
+
+async def load_settings() -> VoiceSettings:
+    return await asyncio.to_thread(repo.load_settings)
+
+
+def _snapshot_key(settings: VoiceSettings, keys: Any) -> str:
+    raw = json.dumps(settings.to_dict(), sort_keys=True) + "|" + "|".join(
+        f"{k}:{hashlib.sha256(str(getattr(keys, k)).encode()).hexdigest()}" for k in sorted(keys.status())
+    )
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+async def get_runner(settings: VoiceSettings):
+    """A TurnRunner for these settings (cached; built off the event loop)."""
+    keys = await asyncio.to_thread(key_store().load)
+    key = _snapshot_key(settings, keys)
+    runner = _runner_cache.get(key)
+    if runner is not None:
+        return runner
+    from ..pipeline.turn import TurnRunner  # the pipeline's orchestrator
+    from ..providers.factory import build_llm, build_tts
+
+    llm = await asyncio.to_thread(build_llm, settings, keys)
+    tts = await asyncio.to_thread(build_tts, settings, keys)
+    runner = TurnRunner(llm=llm, tts=tts, audio_store=audio_store(), settings=settings)
+    old = list(_runner_cache.values())
+    _runner_cache.clear()
+    _runner_cache[key] = runner
+    for r in old:  # release the previous snapshot's connections
+        close = getattr(getattr(r, "llm", None), "aclose", None)
+        if close is not None:
+            asyncio.create_task(_quiet(close()))
+    return runner
+
+
+async def build_listener(settings: VoiceSettings):
+    keys = await asyncio.to_thread(key_store().load)
+    from ..providers.factory import build_listener as _build
+
+    result = _build(settings, keys)
+    if asyncio.iscoroutine(result):
+        result = await result
+    return result
+
+
+async def _quiet(coro) -> None:
+    try:
+        await coro
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+async def history_for(conversation_id: str, settings: VoiceSettings) -> list[ChatMessage]:
+    """Bounded recent history for the LLM (the runner adds the system prompt)."""
+    if not conversation_id:
+        return []
+    pairs = await asyncio.to_thread(repo.recent_history, conversation_id, settings.llm_history_turns)
+    return [ChatMessage(role=r, content=c) for r, c in pairs]  # type: ignore[arg-type]
+
+
+def engine_status() -> dict[str, str]:
+    try:
+        from ..providers import engines
+    except ImportError:
+        return {}
+    try:
+        return dict(engines.engine_status())
+    except Exception as exc:  # pragma: no cover
+        return {"engines": f"error: {exc}"}
+
+
+def start_engine_warmup() -> None:
+    try:
+        from ..providers import engines
+    except ImportError:
+        log.info("embedded engines module not available; no warm-up")
+        return
+    try:
+        engines.start_warmup()
+    except Exception:
+        log.exception("engine warm-up failed to start")

@@ -1,0 +1,201 @@
+"""Settings page state: the form, validation messages, key status, tests, preview.
+
+API keys never enter this state (it is pickled to disk/Redis): a key typed in the
+form goes straight from the submit event to the encrypted key store, and the page
+only learns "set / not set".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from urllib.parse import urlparse
+
+import reflex as rx
+
+from ..config import PRESETS, SettingsError, VoiceSettings
+from ..db import repo
+from ..secrets import KEY_ENV
+from . import services
+
+KEY_NAMES = list(KEY_ENV)
+
+
+def to_form(settings: VoiceSettings) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in settings.to_dict().items():
+        if isinstance(v, bool):
+            out[k] = "on" if v else "off"
+        elif isinstance(v, dict):
+            out[k] = json.dumps(v) if v else ""
+        else:
+            out[k] = str(v)
+    return out
+
+
+class SettingsState(rx.State):
+    values: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    message: str = ""
+    key_status: dict[str, str] = {}
+    test_results: dict[str, str] = {}
+    form_version: int = 0
+    preview_url: str = ""
+    preview_error: str = ""
+
+    async def _reload(self) -> None:
+        settings = await asyncio.to_thread(repo.load_settings)
+        keys = await asyncio.to_thread(services.key_store().load)
+        self.values = to_form(settings)
+        self.key_status = {k: ("set" if v else "not set") for k, v in keys.status().items()}
+        self.form_version += 1
+
+    @rx.event
+    async def on_load(self):
+        self.errors = {}
+        self.message = ""
+        await self._reload()
+
+    @rx.event
+    async def save(self, form: dict):
+        form = dict(form or {})
+        keys = {k: str(form.pop(k, "") or "").strip() for k in KEY_NAMES}
+        for k in ("speculative", "fallback_to_local"):
+            form[k] = "on" if form.get(k) in ("on", True, "true") else "off"
+        current = await asyncio.to_thread(repo.load_settings)
+        try:
+            settings = VoiceSettings.from_dict(form, base=current)
+        except SettingsError as exc:
+            self.errors = dict(exc.errors)
+            self.message = f"Not saved: {len(exc.errors)} field(s) need attention."
+            return
+        await asyncio.to_thread(repo.save_settings, settings)
+        store = services.key_store()
+        for name, value in keys.items():
+            if value:
+                await asyncio.to_thread(store.set, name, value)
+        self.errors = {}
+        self.message = "Saved. The next turn uses these settings."
+        await self._reload()
+
+    @rx.event
+    async def apply_preset(self, name: str):
+        if name not in PRESETS:
+            return
+        current = await asyncio.to_thread(repo.load_settings)
+        try:
+            settings = VoiceSettings.from_dict(PRESETS[name], base=current)
+        except SettingsError as exc:
+            self.errors = dict(exc.errors)
+            return
+        await asyncio.to_thread(repo.save_settings, settings)
+        self.errors = {}
+        self.message = f"Preset '{name.replace('_', ' ')}' applied and saved."
+        await self._reload()
+
+    @rx.event
+    async def clear_key(self, name: str):
+        if name in KEY_NAMES:
+            await asyncio.to_thread(services.key_store().set, name, None)
+            self.message = "Key removed (an environment variable may still provide one)."
+            await self._reload()
+
+    @rx.event(background=True)
+    async def test_connection(self, provider: str):
+        async with self:
+            self.test_results = {**self.test_results, provider: "testing…"}
+        result = await _test_provider(provider)
+        async with self:
+            self.test_results = {**self.test_results, provider: result}
+
+    @rx.event(background=True)
+    async def preview_voice(self):
+        async with self:
+            self.preview_error = ""
+            self.preview_url = ""
+        settings = await services.load_settings()
+        try:
+            url = await _preview(settings)
+        except Exception as exc:
+            async with self:
+                self.preview_error = getattr(exc, "user_message", None) or f"Preview failed: {exc}"
+            return
+        async with self:
+            self.preview_url = url
+
+
+async def _tcp_connect_ms(url: str) -> float:
+    p = urlparse(url)
+    host = p.hostname or "localhost"
+    port = p.port or (443 if p.scheme == "https" else 80)
+    t0 = time.perf_counter()
+    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=p.scheme == "https"), timeout=5)
+    writer.close()
+    return (time.perf_counter() - t0) * 1000
+
+
+async def _test_provider(provider: str) -> str:
+    from ..providers.base import CancelToken, ChatMessage, LLMRequest, ProviderError
+
+    settings = await services.load_settings()
+    keys = await asyncio.to_thread(services.key_store().load)
+    try:
+        from ..providers import factory
+    except ImportError:
+        return "The provider factory is not available in this build."
+    try:
+        if provider == "llm":
+            parts = []
+            if settings.llm_base_url:
+                parts.append(f"reachable, connect {await _tcp_connect_ms(settings.llm_base_url):.0f} ms")
+            llm = await asyncio.to_thread(factory.build_llm, settings, keys)
+            req = LLMRequest(messages=[ChatMessage("user", "Say OK.")], model=settings.llm_model_voice, headers=dict(settings.llm_headers), read_timeout_s=min(30, settings.llm_read_timeout_s), max_tokens=8)
+            t0 = time.perf_counter()
+            first = None
+            async for _ in llm.stream(req, CancelToken()):
+                first = (time.perf_counter() - t0) * 1000
+                break
+            parts.append("key accepted" if settings.llm_base_url else "embedded model answers")
+            parts.append(f"first token {first:.0f} ms" if first is not None else "no tokens")
+            return "OK: " + ", ".join(parts)
+        if provider == "tts":
+            tts = await asyncio.to_thread(factory.build_tts, settings, keys)
+            if tts is None:
+                return "Speech output is off (no TTS configured)."
+            t0 = time.perf_counter()
+            clip = await tts.synthesize("Testing.", voice=settings.tts_voice, speed=settings.tts_speed, cancel=CancelToken())
+            return f"OK: {settings.tts_provider} TTS answered, first audio {(time.perf_counter() - t0) * 1000:.0f} ms ({clip.duration_ms:.0f} ms of audio)"
+        if provider == "stt":
+            if settings.stt_provider == "deepgram":
+                import os
+
+                url = os.environ.get("VOICECLAW_DEEPGRAM_URL", "https://api.deepgram.com")
+                ms = await _tcp_connect_ms(url.replace("wss://", "https://").replace("ws://", "http://"))
+                listener = await services.build_listener(settings)
+                await listener.aclose()
+                return f"OK: Deepgram reachable, connect {ms:.0f} ms, key {'set' if keys.deepgram_api_key else 'not set'}"
+            listener = await services.build_listener(settings)
+            await listener.aclose()
+            return "OK: embedded speech recognition ready"
+        return "Unknown provider."
+    except ProviderError as exc:
+        return f"Failed: {exc.user_message}"
+    except (OSError, asyncio.TimeoutError) as exc:
+        return f"Failed: not reachable ({type(exc).__name__})."
+    except Exception as exc:
+        return f"Failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+async def _preview(settings: VoiceSettings) -> str:
+    from ..providers.base import CancelToken
+    from ..providers import factory
+
+    keys = await asyncio.to_thread(services.key_store().load)
+    tts = await asyncio.to_thread(factory.build_tts, settings, keys)
+    if tts is None:
+        raise RuntimeError("Speech output is off (no TTS configured).")
+    text = f"Hi, I'm {settings.assistant_name}. This is how I sound at this speed."
+    clip = await tts.synthesize(text, voice=settings.tts_voice, speed=settings.tts_speed, cancel=CancelToken())
+    stored = await asyncio.to_thread(services.audio_store().save, clip)
+    return stored.url

@@ -1,0 +1,370 @@
+"""Turn tasks and their cancel handles, keyed by the tab's client token.
+
+A turn (typed or spoken) runs as its own asyncio task that iterates the pipeline's
+``TurnRunner.run`` and pushes updates into the tab's Reflex state through a *sink*
+(``app.modify_state`` in the app; a fake in tests). Tokens are batched every ~40 ms
+into segments. Cancel handles live in this module's registry (one process; with
+several workers the voice socket and its turns live in the same worker, which is
+the one that owns the tab's mic socket).
+
+Persistence: the user message when final; the assistant message created unfinished
+and updated per audio chunk; on barge-in/stop the stored reply is cut to the chunks
+the browser actually started playing and marked interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from ..db import repo
+from ..pipeline.timing import TurnMarks, now_ms
+from ..providers.base import CancelToken
+from . import services
+from .chat import ChatState, StreamState, _conv_row, _msg_row
+
+log = logging.getLogger("voiceclaw.turns")
+
+FLUSH_S = 0.04  # token batching interval
+TAIL = 8  # segments carried per update
+ECHO_GUARD_MS = 300.0
+
+
+# ---------------------------------------------------------------- sinks
+class ReflexSink:
+    """Applies a function to (StreamState, ChatState) of a tab via ``app.modify_state``."""
+
+    @contextlib.asynccontextmanager
+    async def states(self, token: str) -> AsyncIterator[tuple[StreamState, ChatState]]:
+        import reflex as rx
+
+        from ..voiceclaw_app import app
+
+        async with app.modify_state(rx.BaseStateToken(ident=token, cls=StreamState)) as root:
+            stream = await root.get_state(StreamState)
+            chat = await root.get_state(ChatState)
+            yield stream, chat
+
+
+_sink: Any = ReflexSink()
+
+
+def set_sink(sink: Any) -> None:
+    """Tests swap the sink for an in-memory one."""
+    global _sink
+    _sink = sink
+
+
+# ---------------------------------------------------------------- registry
+@dataclass
+class ActiveTurn:
+    turn_id: str
+    token: str
+    conversation_id: str
+    speak: bool
+    cancel: CancelToken = field(default_factory=CancelToken)
+    task: asyncio.Task | None = None
+    marks: TurnMarks = field(default_factory=TurnMarks)
+    message_id: int | None = None
+    segments: list[str] = field(default_factory=list)
+    pending: str = ""
+    reply_text: str = ""
+    chunks: list[tuple[str, str]] = field(default_factory=list)  # (audio_id, text) in order
+    played: int = 0
+    playback_started_ms: float | None = None
+    interrupted: bool = False
+    done: bool = False
+    error: str = ""
+
+
+ACTIVE: dict[str, ActiveTurn] = {}
+#: turn_id -> (timing row id, origin ms) for a playback report after the turn ended
+FINISHED_TIMINGS: dict[str, tuple[int, float, str]] = {}
+#: client token -> coroutine function sending a JSON message on the tab's mic socket
+VOICE_SENDERS: dict[str, Callable[[dict], Awaitable[None]]] = {}
+
+
+def active(token: str) -> ActiveTurn | None:
+    t = ACTIVE.get(token)
+    return t if t is not None and not t.done else None
+
+
+def in_echo_guard(token: str) -> bool:
+    t = active(token)
+    if t is None or t.playback_started_ms is None:
+        return False
+    return now_ms() - t.playback_started_ms < ECHO_GUARD_MS
+
+
+def interrupt(token: str, reason: str = "barge_in") -> bool:
+    """Cancel the tab's running turn (barge-in, stop, new conversation)."""
+    t = active(token)
+    if t is None:
+        return False
+    t.interrupted = True
+    t.cancel.cancel()
+    if t.task is not None and not t.task.done():
+        t.task.cancel()
+    log.info("turn %s interrupted (%s) after %d played chunk(s)", t.turn_id, reason, t.played)
+    return True
+
+
+def audio_report(token: str, data: dict) -> None:
+    """Playback reports from the browser's audio queue."""
+    turn_id = str(data.get("turn", ""))
+    kind = data.get("event")
+    t = ACTIVE.get(token)
+    if t is not None and t.turn_id == turn_id:
+        if kind in ("first_playing", "chunk"):
+            t.played = max(t.played, int(data.get("index", 0)) + 1)
+            if t.playback_started_ms is None:
+                t.playback_started_ms = now_ms()
+        if kind == "first_playing" and data.get("server_ms") is not None:
+            t.marks.mark("first_audio_playing", float(data["server_ms"]))
+            if t.done:
+                _late_playing(turn_id, float(data["server_ms"]))
+        if kind in ("stopped",) and data.get("played") is not None:
+            t.played = max(t.played, int(data["played"]))
+    elif kind == "first_playing" and data.get("server_ms") is not None:
+        _late_playing(turn_id, float(data["server_ms"]))
+
+
+def _late_playing(turn_id: str, server_ms: float) -> None:
+    info = FINISHED_TIMINGS.get(turn_id)
+    if info is None:
+        return
+    timing_id, origin, _ = info
+    if timing_id:
+        asyncio.get_running_loop().run_in_executor(None, repo.set_first_audio_playing, timing_id, server_ms - origin)
+
+
+# ---------------------------------------------------------------- starting turns
+def start_turn(
+    token: str,
+    text: str,
+    *,
+    speak: bool,
+    spoken_input: bool,
+    conversation_id: str = "",
+    marks: TurnMarks | None = None,
+    prepared: Any = None,
+) -> ActiveTurn:
+    interrupt(token, reason="new turn")
+    turn = ActiveTurn(turn_id=secrets.token_hex(6), token=token, conversation_id=conversation_id, speak=speak, marks=marks or TurnMarks())
+    if turn.marks.stt_final is None:
+        turn.marks.mark("stt_final")
+    ACTIVE[token] = turn
+    turn.task = asyncio.get_running_loop().create_task(_run(turn, text, spoken_input, prepared))
+    return turn
+
+
+async def prepare_for(token: str, conversation_id: str) -> Any:
+    """At speech start: build the request early and warm connections/models."""
+    settings = await services.load_settings()
+    runner = await services.get_runner(settings)
+    history = await services.history_for(conversation_id, settings)
+    prepared = runner.prepare(history, conversation_id or "new", spoken=True)
+    asyncio.get_running_loop().create_task(_warm(runner))
+    return prepared
+
+
+async def _warm(runner: Any) -> None:
+    try:
+        await runner.warm()
+    except Exception:
+        log.debug("warm-up failed", exc_info=True)
+
+
+async def notify(token: str, fn: Callable[[StreamState, ChatState], None]) -> None:
+    try:
+        async with _sink.states(token) as (stream, chat):
+            fn(stream, chat)
+    except Exception:
+        log.exception("state update failed")
+
+
+# ---------------------------------------------------------------- the turn
+async def _run(turn: ActiveTurn, text: str, spoken_input: bool, prepared: Any) -> None:
+    token = turn.token
+    error = ""
+    flusher: asyncio.Task | None = None
+    try:
+        settings = await services.load_settings()
+        if not turn.conversation_id:
+            conv = await asyncio.to_thread(repo.create_conversation)
+            turn.conversation_id = conv.id
+        history = None if prepared is not None else await services.history_for(turn.conversation_id, settings)
+        user = await asyncio.to_thread(repo.add_user_message, turn.conversation_id, text, spoken_input)
+        reply = await asyncio.to_thread(repo.start_assistant_message, turn.conversation_id, turn.speak)
+        turn.message_id = reply.id
+        convs = await asyncio.to_thread(repo.list_conversations, "", 50)
+
+        def begin(stream: StreamState, chat: ChatState) -> None:
+            chat.conversation_id = turn.conversation_id
+            chat.messages = chat.messages + [_msg_row({"id": user.id, "role": "user", "content": text})]
+            chat.status = "thinking"
+            chat.notice = ""
+            chat.error = ""
+            chat.conversations = [_conv_row(c) for c in convs]
+            stream.user_interim = ""
+            stream.reset_turn(turn.turn_id)
+
+        await notify(token, begin)
+        runner = await services.get_runner(settings)
+        if prepared is None:
+            prepared = runner.prepare(history or [], turn.conversation_id, spoken=turn.speak)
+        flusher = asyncio.get_running_loop().create_task(_flush_loop(turn))
+        gen = runner.run(prepared, text, marks=turn.marks, cancel=turn.cancel, speak=turn.speak)
+        try:
+            async for ev in gen:
+                await _on_event(turn, ev)
+        finally:
+            with contextlib.suppress(Exception):
+                await gen.aclose()
+    except asyncio.CancelledError:
+        turn.interrupted = True
+    except Exception as exc:  # the runner reports provider failures as TurnError; this is a bug or setup issue
+        log.exception("turn failed")
+        error = f"The turn failed: {type(exc).__name__}: {exc}"[:300]
+    finally:
+        turn.done = True
+        if flusher is not None:
+            flusher.cancel()
+        await asyncio.shield(_finish(turn, error))
+
+
+async def _flush_loop(turn: ActiveTurn) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_S)
+        if turn.pending:
+            await _flush(turn)
+
+
+async def _flush(turn: ActiveTurn) -> None:
+    if not turn.pending:
+        return
+    turn.segments.append(turn.pending)
+    turn.pending = ""
+    segs = list(turn.segments)
+
+    def apply(stream: StreamState, chat: ChatState) -> None:
+        if stream.turn_id != turn.turn_id:
+            return
+        base = max(0, len(segs) - TAIL)
+        stream.seg_base = base
+        stream.seg_tail = segs[base:]
+
+    await notify(turn.token, apply)
+
+
+async def _on_event(turn: ActiveTurn, ev: Any) -> None:
+    kind = type(ev).__name__
+    if kind == "LLMToken":
+        turn.pending += ev.text
+        turn.reply_text += ev.text
+    elif kind == "AudioReady":
+        turn.chunks.append((ev.audio_id, ev.text))
+        await _flush(turn)
+        url = ev.url
+
+        def apply(stream: StreamState, chat: ChatState) -> None:
+            if stream.audio_turn == turn.turn_id:
+                stream.audio_urls = stream.audio_urls + [url]
+
+        await notify(turn.token, apply)
+        if turn.message_id is not None:
+            await asyncio.to_thread(repo.update_assistant_message, turn.message_id, turn.reply_text, [a for a, _ in turn.chunks])
+    elif kind == "StillWorking":
+        n = int(ev.waited_ms)
+
+        def apply(stream: StreamState, chat: ChatState) -> None:
+            stream.cue = f"still_working:{n}"
+            chat.notice = "Still working…"
+
+        await notify(turn.token, apply)
+    elif kind == "TurnNotice":
+        msg = ev.message
+
+        def apply(stream: StreamState, chat: ChatState) -> None:
+            chat.notice = msg
+
+        await notify(turn.token, apply)
+    elif kind == "TurnDone":
+        turn.reply_text = ev.reply_text or turn.reply_text
+    elif kind == "TurnError":
+        turn.reply_text = ev.reply_text or turn.reply_text
+        turn.error = ev.message
+        if ev.audio_url:
+            url = ev.audio_url
+
+            def apply(stream: StreamState, chat: ChatState) -> None:
+                if stream.audio_turn == turn.turn_id:
+                    stream.audio_urls = stream.audio_urls + [url]
+
+            await notify(turn.token, apply)
+
+
+def _stored_reply(turn: ActiveTurn) -> str:
+    """What the history keeps: interrupted spoken replies end at the last played chunk."""
+    if turn.interrupted and turn.speak:
+        played = [t.strip() for _, t in turn.chunks[: turn.played] if t.strip()]
+        return " ".join(played)
+    return turn.reply_text.strip()
+
+
+async def _finish(turn: ActiveTurn, error: str) -> None:
+    error = error or turn.error
+    if turn.pending:
+        turn.segments.append(turn.pending)
+        turn.pending = ""
+    turn.marks.mark("turn_done")
+    content = _stored_reply(turn)
+    timing_id = 0
+    try:
+        if turn.message_id is not None:
+            await asyncio.to_thread(
+                repo.update_assistant_message,
+                turn.message_id,
+                content,
+                [a for a, _ in turn.chunks],
+                finished=True,
+                interrupted=turn.interrupted,
+                error=error,
+            )
+            timing_id = await asyncio.to_thread(repo.save_timing, turn.conversation_id, turn.message_id, turn.marks, turn.marks.speech_end is not None)
+    except Exception:
+        log.exception("could not store the turn")
+    origin = turn.marks.origin() or 0.0
+    FINISHED_TIMINGS[turn.turn_id] = (timing_id, origin, turn.conversation_id)
+    if len(FINISHED_TIMINGS) > 200:
+        for k in list(FINISHED_TIMINGS)[:100]:
+            FINISHED_TIMINGS.pop(k, None)
+    stages = turn.marks.stages()
+    log.info("turn %s done interrupted=%s chunks=%d played=%d stages=%s", turn.turn_id, turn.interrupted, len(turn.chunks), turn.played, stages)
+    audio_ids = [a for a, _ in turn.chunks]
+    has_audio = bool(turn.chunks) and not turn.interrupted
+
+    def apply(stream: StreamState, chat: ChatState) -> None:
+        row = _msg_row({"id": turn.message_id, "role": "assistant", "content": content, "interrupted": turn.interrupted, "error": error})
+        if content or error or turn.interrupted:
+            chat.messages = chat.messages + [row]
+        chat.last_audio_ids = audio_ids
+        if error:
+            chat.error = error
+        if stream.turn_id == turn.turn_id:
+            stream.streaming = False
+            stream.turn_id = ""
+        if turn.interrupted:
+            chat.status = "listening" if chat.mic_on else "idle"
+        elif error and not has_audio:
+            chat.status = "error"
+        elif not has_audio or chat.status not in ("speaking", "thinking"):
+            chat.status = "listening" if chat.mic_on else "idle"
+        elif chat.status == "thinking" and has_audio:
+            chat.status = "speaking"
+
+    await notify(turn.token, apply)

@@ -1,0 +1,50 @@
+"""The Reflex app: pages, the mic WebSocket and the audio route, startup tasks."""
+
+import asyncio
+import logging
+
+import reflex as rx
+from starlette.applications import Starlette
+from starlette.routing import Route, WebSocketRoute
+
+from .db import repo
+from .pages.dashboard import dashboard
+from .pages.history import history
+from .pages.settings import settings_page
+from .server.audio import audio_route
+from .server.ws_voice import ws_voice
+from .states import services
+from .states.chat import ChatState
+from .states.history import HistoryState
+from .states.settings import SettingsState
+
+log = logging.getLogger("voiceclaw.app")
+
+api = Starlette(
+    routes=[
+        Route("/audio/{id}.wav", audio_route, methods=["GET", "HEAD"]),
+        WebSocketRoute("/ws/voice", ws_voice),
+    ]
+)
+
+
+async def startup() -> None:
+    """Mark replies a crash left unfinished as interrupted; warm the embedded engines."""
+    try:
+        n = await asyncio.to_thread(repo.recover_unfinished)
+        if n:
+            log.warning("marked %d unfinished repl%s interrupted", n, "y" if n == 1 else "ies")
+    except Exception:
+        log.exception("startup recovery failed (has `reflex db migrate` run?)")
+    services.start_engine_warmup()
+
+
+app = rx.App(
+    api_transformer=api,
+    stylesheets=["/voiceclaw.css"],
+    theme=rx.theme(accent_color="teal", radius="medium"),
+)
+app.register_lifespan_task(startup)
+app.add_page(dashboard, route="/", title="VoiceClaw", on_load=ChatState.on_load)
+app.add_page(settings_page, route="/settings", title="VoiceClaw · Settings", on_load=SettingsState.on_load)
+app.add_page(history, route="/history", title="VoiceClaw · History", on_load=HistoryState.on_load)
