@@ -1,0 +1,60 @@
+"""``python -m voiceclaw_app.bench SCENARIO [--json] [--runs N]``: one JSON object per run.
+
+Scenarios: ``pipeline`` (text turns against local protocol servers), ``local``
+(embedded engines, voice to first audio), ``cloud`` (Deepgram/LLM/TTS protocol
+servers with the guide's latency profile), ``browser`` (true V2V in Chromium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import logging
+import os
+import sys
+
+
+def _scenario(name: str):
+    if name == "pipeline":
+        from .pipeline import run_pipeline
+
+        return run_pipeline
+    if name == "local":
+        from .local import run_local
+
+        return run_local
+    if name == "cloud":
+        from .cloud import run_cloud
+
+        return run_cloud
+    if name == "browser":
+        from .browser import run_browser
+
+        return run_browser
+    raise SystemExit(f"unknown scenario {name!r} (pipeline, local, cloud, browser)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m voiceclaw_app.bench", description=__doc__)
+    parser.add_argument("scenario", choices=["pipeline", "local", "cloud", "browser"])
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+    parser.add_argument("--runs", type=int, default=None, help="number of turns (scenario default otherwise)")
+    args = parser.parse_args(argv)
+    # The protocol test servers live in tests/; make the repo root importable.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr)
+    fn = _scenario(args.scenario)
+    kwargs = {"runs": args.runs} if args.runs is not None else {}
+    result = fn(**kwargs)
+    if inspect.isawaitable(result):
+        result = asyncio.run(result)
+    print(json.dumps(result, indent=None if args.json else 2))
+    return 0 if not result.get("errors") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
