@@ -140,7 +140,7 @@ class LocalLlamaLLM(LLM):
             try:
                 llm = Llama(
                     model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads, n_batch=256, verbose=False,
+                    n_threads_batch=self.n_threads, n_batch=256, last_n_tokens_size=256, verbose=False,
                 )
             except Exception as exc:  # llama.cpp raises ValueError on an unreadable file
                 package = LOCAL_GGUF_ENV if self._model_path is None and path.name != "gemma-3-270m-q4_k_m.gguf" else GEMMA_PACKAGE
@@ -237,7 +237,7 @@ class LocalLlamaLLM(LLM):
             prompt = self._fit(dialogue.for_reply, request.messages, max_tokens)
             stream = self._llm.create_completion(
                 prompt, max_tokens=max_tokens, temperature=temperature, top_p=0.9, top_k=40,
-                repeat_penalty=1.1, stop=dialogue.stops(), stream=True,
+                repeat_penalty=1.15, stop=dialogue.stops(), stream=True,
             )
             first = True
             for chunk in stream:

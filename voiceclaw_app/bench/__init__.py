@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m voiceclaw_app.bench SCENARIO --json``."""
