@@ -1,0 +1,633 @@
+"""Deepgram speech-to-text: a live streaming :class:`Listener` and a pre-recorded fallback.
+
+Built on ``deepgram-sdk`` (v4+ API: ``AsyncDeepgramClient.listen.v1.connect`` and
+``listen.v1.media.transcribe_file``). The SDK takes a custom
+:class:`DeepgramClientEnvironment`, so ``VOICECLAW_DEEPGRAM_URL`` points both the
+WebSocket and the HTTP calls anywhere (the tests' local server speaks the protocol).
+The SDK has no reconnect layer, so reconnection is done here.
+
+How a voice session uses Deepgram, and why:
+
+* **The socket opens when the session starts** (:meth:`DeepgramListener.start`), not
+  at first speech: the TLS + WebSocket handshake would otherwise land in the turn.
+* **Hands-free silence is not streamed** (Deepgram bills streamed audio). Frames are
+  sent while voiced and for ``silence_stream_ms`` after (enough for endpointing and
+  ``UtteranceEnd`` to fire); then ``KeepAlive`` every few seconds holds the socket
+  open (Deepgram closes it after ~10 s without data). A short pre-roll buffer is sent
+  when speech resumes so word onsets are not clipped.
+* **Preemptive generation**: every ``is_final`` segment produces a
+  :class:`PreliminaryTranscript` (all final segments so far); the session may start
+  the LLM on it and must drop that work if the user keeps talking.
+  ``speech_final`` (endpointing) or ``UtteranceEnd`` produces the :class:`EndOfTurn`.
+  Deepgram's ``speech_final`` result carries only the last segment, so final segments
+  are concatenated here.
+* ``speech_end_ms`` is the end of the last word, mapped from Deepgram's audio
+  seconds to the monotonic clock of the frames that carried it.
+* **Push-to-talk release** sends ``Finalize``; the result marked ``from_finalize``
+  ends the turn at once (no endpointing wait).
+* **Reconnect**: audio not yet covered by an ``is_final`` result is kept and replayed
+  on a new socket if the connection drops, so words already spoken are not lost
+  (and words already final are kept, not re-sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+from .base import (
+    AudioClip,
+    AuthError,
+    CancelToken,
+    ConnectError,
+    EndOfTurn,
+    InterimTranscript,
+    Listener,
+    ListenEvent,
+    ListenNotice,
+    PreliminaryTranscript,
+    ProtocolError,
+    ProviderError,
+    ProviderTimeout,
+    SpeechStarted,
+    StreamDropped,
+    STT,
+    STTCapabilities,
+    Transcript,
+    error_for_status,
+)
+
+try:
+    import numpy as _np
+except ImportError:  # pragma: no cover
+    _np = None
+
+log = logging.getLogger("voiceclaw.stt.deepgram")
+
+DEFAULT_URL = "https://api.deepgram.com"
+SERVICE = "Deepgram speech-to-text service"
+SAMPLE_RATE = 16000
+
+
+def deepgram_url_from_env() -> str:
+    """``VOICECLAW_DEEPGRAM_URL`` (http(s) or ws(s), with or without ``/v1``), else the real service."""
+    return os.environ.get("VOICECLAW_DEEPGRAM_URL", "").strip() or DEFAULT_URL
+
+
+def deepgram_environment(url: str):
+    """The SDK environment for a base URL: both the REST (http) and the live (ws) hosts."""
+    from deepgram.environment import DeepgramClientEnvironment
+
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    secure = parts.scheme in ("https", "wss")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    http = f"{'https' if secure else 'http'}://{parts.netloc}{path}"
+    ws = f"{'wss' if secure else 'ws'}://{parts.netloc}{path}"
+    return DeepgramClientEnvironment(base=http, production=ws, agent=ws, agent_rest=http)
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1000.0
+
+
+def rms16(pcm: bytes) -> float:
+    """RMS level of 16-bit mono PCM (cheap: ~10 µs per 20 ms frame with numpy)."""
+    n = len(pcm) // 2
+    if n == 0:
+        return 0.0
+    if _np is not None:
+        a = _np.frombuffer(pcm[: 2 * n], dtype="<i2").astype(_np.float32)
+        return float(_np.sqrt(_np.mean(a * a)))
+    import array
+
+    a = array.array("h", pcm[: 2 * n])
+    return math.sqrt(sum(v * v for v in a) / n)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    for attr in ("status_code", "status"):
+        v = getattr(exc, attr, None)
+        if isinstance(v, int):
+            return v
+    resp = getattr(exc, "response", None)
+    v = getattr(resp, "status_code", None) or getattr(resp, "status", None)
+    return v if isinstance(v, int) else None
+
+
+def map_error(exc: BaseException) -> ProviderError:
+    """SDK / websockets / socket exceptions -> typed errors with plain messages."""
+    if isinstance(exc, ProviderError):
+        return exc
+    status = _status_of(exc)
+    if status is not None:
+        return error_for_status(SERVICE, status, detail=str(getattr(exc, "body", ""))[:200])
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ProviderTimeout(f"The {SERVICE} did not answer in time.", retryable=True)
+    if isinstance(exc, (ConnectionRefusedError, OSError)):
+        return ConnectError(f"Could not connect to the {SERVICE}: check VOICECLAW_DEEPGRAM_URL and the network.", retryable=True, detail=type(exc).__name__)
+    name = type(exc).__name__
+    if "ConnectionClosed" in name:
+        return StreamDropped(f"The connection to the {SERVICE} dropped.", retryable=True, detail=str(exc)[:200])
+    return ProtocolError(f"The {SERVICE} sent something unexpected.", detail=f"{name}: {exc}"[:200])
+
+
+@dataclass(frozen=True)
+class DeepgramOptions:
+    """The ``/v1/listen`` query parameters a voice session uses."""
+
+    model: str = "nova-3"
+    language: str = "en"
+    sample_rate: int = SAMPLE_RATE
+    endpointing_ms: int = 300  # silence before speech_final (Deepgram recommends 300-500 for dialogue)
+    utterance_end_ms: int = 1000  # Deepgram's minimum; the fallback end of turn when noise defeats endpointing
+    interim_results: bool = True
+    smart_format: bool = True
+    vad_events: bool = True
+
+    def query(self) -> dict[str, str]:
+        """As the SDK's ``connect()`` keyword arguments (strings: the SDK does not lower-case bools)."""
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        return {
+            "model": self.model,
+            "language": self.language,
+            "encoding": "linear16",
+            "sample_rate": str(self.sample_rate),
+            "channels": "1",
+            "interim_results": b(self.interim_results),
+            "endpointing": str(self.endpointing_ms) if self.endpointing_ms > 0 else "false",
+            "utterance_end_ms": str(self.utterance_end_ms),
+            "vad_events": b(self.vad_events),
+            "smart_format": b(self.smart_format),
+        }
+
+
+def _client(api_key: str, url: str):
+    from deepgram import AsyncDeepgramClient
+
+    return AsyncDeepgramClient(api_key=api_key or "not-set", environment=deepgram_environment(url))
+
+
+def _as_dict(msg: Any) -> dict:
+    if isinstance(msg, dict):
+        return msg
+    dump = getattr(msg, "model_dump", None) or getattr(msg, "dict", None)
+    return dump() if dump else {}
+
+
+class _Frame:
+    """One pushed frame, and where it sits in the current connection's audio clock."""
+
+    __slots__ = ("pcm", "t_ms", "conn", "start_s", "end_s")
+
+    def __init__(self, pcm: bytes, t_ms: float) -> None:
+        self.pcm, self.t_ms = pcm, t_ms
+        self.conn, self.start_s, self.end_s = -1, 0.0, 0.0
+
+
+_FINALIZE, _CLOSE, _RECONNECT = object(), object(), object()
+_END = object()
+
+
+class DeepgramListener(Listener):
+    """A live ``/v1/listen`` session fed with the mic frames.
+
+    ``push(pcm, t_ms)``: ``t_ms`` is the monotonic ms at which the frame's last sample
+    was captured/received (the clock of :mod:`voiceclaw_app.pipeline.timing`).
+    ``vad``: an optional ``pcm16 -> bool`` speech detector (e.g. the server's Silero
+    VAD); it gates what is streamed and, being local, usually reports barge-in before
+    Deepgram's ``SpeechStarted`` does. Without it a cheap energy gate is used for
+    streaming decisions only.
+    """
+
+    name = "deepgram"
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        url: str | None = None,
+        options: DeepgramOptions | None = None,
+        hands_free: bool = True,
+        vad: Callable[[bytes], bool] | None = None,
+        energy_threshold: float = 300.0,
+        silence_stream_ms: float | None = None,
+        preroll_ms: float = 300.0,
+        keepalive_s: float = 4.0,
+        max_reconnects: int = 3,
+        connect_timeout_s: float = 5.0,
+        finalize_timeout_s: float = 2.0,
+        replay_limit_s: float = 30.0,
+    ):
+        self._api_key = str(api_key or "")
+        self.url = url or deepgram_url_from_env()
+        self.options = options or DeepgramOptions()
+        self.hands_free = hands_free
+        self.vad = vad
+        self.energy_threshold = energy_threshold
+        # keep streaming long enough after speech for speech_final and UtteranceEnd to arrive
+        self.silence_stream_ms = silence_stream_ms if silence_stream_ms is not None else max(self.options.endpointing_ms, self.options.utterance_end_ms) + 500.0
+        self.preroll_frames = max(1, int(preroll_ms / 20))
+        self.keepalive_s = keepalive_s
+        self.max_reconnects = max_reconnects
+        self.connect_timeout_s = connect_timeout_s
+        self.finalize_timeout_s = finalize_timeout_s
+        self.replay_limit_s = replay_limit_s
+
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._q: asyncio.Queue = asyncio.Queue()  # frames and control items for the writer
+        self._started = False
+        self._closing = False
+        self._closed = asyncio.Event()
+        self.failed: ProviderError | None = None
+        self._sock: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._conn_id = 0
+        self._conn_audio_s = 0.0
+        self._reader_task: asyncio.Task | None = None
+        self._writer_task: asyncio.Task | None = None
+        self._finalize_timer: asyncio.Task | None = None
+        self._last_send = 0.0
+        # audio bookkeeping
+        self._unfinal: deque[_Frame] = deque()  # sent, not yet covered by an is_final result
+        self._recent: deque[_Frame] = deque(maxlen=3000)  # for mapping audio seconds -> t_ms
+        self._preroll: deque[tuple[bytes, float]] = deque(maxlen=self.preroll_frames)
+        self._last_voiced_t = -math.inf
+        self._voiced_run = 0
+        # transcript state of the current turn
+        self._finals: list[str] = []
+        self._interim = ""
+        self._speech_end_ms: float | None = None
+        self._announced = False
+        self._finalizing = False
+        # counters for tests and the benchmark
+        self.stats = {"frames_pushed": 0, "frames_sent": 0, "keepalives": 0, "reconnects": 0, "replayed_frames": 0}
+
+    @classmethod
+    def from_settings(cls, settings, keys, **kw) -> "DeepgramListener":
+        opts = DeepgramOptions(language=(settings.stt_language or "en"), endpointing_ms=int(settings.vad_silence_ms), utterance_end_ms=max(1000, int(settings.vad_silence_ms) + 500))
+        kw.setdefault("hands_free", settings.input_mode == "hands_free")
+        return cls(api_key=keys.deepgram_api_key, options=opts, **kw)
+
+    def __repr__(self) -> str:
+        return f"DeepgramListener(url={self.url!r}, model={self.options.model!r})"
+
+    # ------------------------------------------------------------ connection
+    async def start(self) -> None:
+        """Open the socket now (session start). Raises :class:`ProviderError` (e.g. a bad key)."""
+        if self._started:
+            return
+        if not self._api_key and urlsplit(self.url).netloc.endswith("deepgram.com"):
+            raise AuthError("No Deepgram API key is set: add it on the settings page or set DEEPGRAM_API_KEY.")
+        self._started = True
+        try:
+            await self._connect()
+        except BaseException:
+            self._started = False
+            raise
+        self._writer_task = asyncio.create_task(self._writer(), name="deepgram-writer")
+
+    async def _connect(self) -> None:
+        stack = contextlib.AsyncExitStack()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                sock = await stack.enter_async_context(_client(self._api_key, self.url).listen.v1.connect(**self.options.query()))
+        except BaseException as exc:
+            await stack.aclose()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise map_error(exc) from exc
+        self._stack, self._sock = stack, sock
+        self._conn_id += 1
+        self._conn_audio_s = 0.0
+        self._last_send = time.monotonic()
+        self._reader_task = asyncio.create_task(self._reader(sock, self._conn_id), name="deepgram-reader")
+
+    async def _drop_connection(self) -> None:
+        stack, self._stack, self._sock = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await stack.aclose()
+
+    async def _reconnect(self) -> None:
+        """New socket, then replay the audio no final result covered yet."""
+        await self._drop_connection()
+        delays = (0.05, 0.3, 1.0, 2.0)
+        last: ProviderError | None = None
+        for attempt in range(self.max_reconnects):
+            await asyncio.sleep(delays[min(attempt, len(delays) - 1)])
+            try:
+                await self._connect()
+            except ProviderError as exc:
+                last = exc
+                if not exc.retryable:
+                    break
+                continue
+            self.stats["reconnects"] += 1
+            self._interim = ""
+            frames = list(self._unfinal)
+            self._unfinal.clear()
+            log.info("Deepgram socket reconnected; replaying %d frames", len(frames))
+            for f in frames:
+                await self._send_frame(f)
+            self.stats["replayed_frames"] += len(frames)
+            return
+        raise last or StreamDropped(f"The connection to the {SERVICE} dropped and could not be re-opened.")
+
+    # ------------------------------------------------------------ writer
+    async def _send_frame(self, f: _Frame) -> None:
+        dur = len(f.pcm) / 2 / self.options.sample_rate
+        f.conn, f.start_s, f.end_s = self._conn_id, self._conn_audio_s, self._conn_audio_s + dur
+        self._conn_audio_s += dur
+        self._unfinal.append(f)
+        self._recent.append(f)
+        while self._unfinal and f.end_s - self._unfinal[0].end_s > self.replay_limit_s:
+            self._unfinal.popleft()
+        await self._sock.send_media(f.pcm)
+        self._last_send = time.monotonic()
+        self.stats["frames_sent"] += 1
+
+    async def _writer(self) -> None:
+        """The only coroutine that writes to the socket (keeps frame order across reconnects)."""
+        tick = max(0.05, min(0.5, self.keepalive_s / 2))
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(self._q.get(), tick)
+                except asyncio.TimeoutError:
+                    item = None
+                try:
+                    if item is _RECONNECT:
+                        if not self._reader_alive():
+                            await self._reconnect()
+                        continue
+                    if self._sock is None or not self._reader_alive():
+                        await self._reconnect()
+                    if item is _CLOSE:
+                        await self._sock.send_close_stream()
+                        return
+                    if item is _FINALIZE:
+                        await self._sock.send_finalize()
+                        self._last_send = time.monotonic()
+                    elif isinstance(item, _Frame):
+                        await self._send_frame(item)
+                    elif time.monotonic() - self._last_send >= self.keepalive_s:
+                        await self._sock.send_keep_alive()
+                        self._last_send = time.monotonic()
+                        self.stats["keepalives"] += 1
+                except ProviderError:
+                    raise
+                except Exception as exc:  # the socket died under a send: reconnect and replay
+                    if self._closing and item is _CLOSE:
+                        return
+                    log.info("Deepgram send failed (%s); reconnecting", type(exc).__name__)
+                    await self._reconnect()
+                    if item is _FINALIZE:
+                        await self._sock.send_finalize()
+        except ProviderError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            raise
+
+    def _reader_alive(self) -> bool:
+        return self._reader_task is not None and not self._reader_task.done()
+
+    def _fail(self, exc: ProviderError) -> None:
+        if self.failed is None and not self._closing:
+            self.failed = exc
+            log.warning("Deepgram session failed: %s", exc.user_message)
+            self._events.put_nowait(ListenNotice(exc.user_message, kind="error"))
+            self._events.put_nowait(_END)
+
+    # ------------------------------------------------------------ reader
+    async def _reader(self, sock, conn_id: int) -> None:
+        try:
+            while True:
+                msg = await sock.recv()
+                if isinstance(msg, (bytes, bytearray)):
+                    continue
+                self._handle(_as_dict(msg), conn_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._closing:
+                self._closed.set()
+                return
+            log.info("Deepgram socket ended (%s)", type(exc).__name__)
+            if conn_id == self._conn_id:
+                self._q.put_nowait(_RECONNECT)
+
+    def _t_of(self, audio_s: float, conn_id: int) -> float | None:
+        """Monotonic ms of a point in a connection's audio timeline."""
+        for f in reversed(self._recent):
+            if f.conn != conn_id:
+                continue
+            if f.start_s - 1e-6 <= audio_s <= f.end_s + 1e-6 or audio_s > f.end_s:
+                return f.t_ms - max(0.0, f.end_s - audio_s) * 1000.0 + max(0.0, audio_s - f.end_s) * 1000.0
+        return None
+
+    def _handle(self, m: dict, conn_id: int) -> None:
+        kind = m.get("type")
+        if kind == "Results":
+            self._on_results(m, conn_id)
+        elif kind == "SpeechStarted":
+            t = self._t_of(float(m.get("timestamp") or 0.0), conn_id)
+            if not self._announced:
+                self._announced = True
+                self._events.put_nowait(SpeechStarted(t_ms=t if t is not None else now_ms(), source="stt"))
+        elif kind == "UtteranceEnd":
+            if self._finals:
+                self._end_turn()
+        elif kind == "Metadata":
+            self._closed.set()
+        elif kind == "Error":
+            log.warning("Deepgram error message: %s", str(m.get("description", ""))[:200])
+
+    def _on_results(self, m: dict, conn_id: int) -> None:
+        alts = (m.get("channel") or {}).get("alternatives") or [{}]
+        alt = alts[0] or {}
+        text = (alt.get("transcript") or "").strip()
+        is_final = bool(m.get("is_final"))
+        if not is_final:
+            if text:
+                self._interim = text
+                self._events.put_nowait(InterimTranscript(" ".join(self._finals + [text])))
+            return
+        end_s = float(m.get("start") or 0.0) + float(m.get("duration") or 0.0)
+        # the audio up to here is final: no need to replay it after a reconnect
+        while self._unfinal and self._unfinal[0].conn == conn_id and self._unfinal[0].end_s <= end_s + 1e-6:
+            self._unfinal.popleft()
+        self._interim = ""
+        if text:
+            self._finals.append(text)
+            words = alt.get("words") or []
+            last_end = float(words[-1].get("end", end_s)) if words else end_s
+            t = self._t_of(last_end, conn_id)
+            self._speech_end_ms = t if t is not None else self._last_voiced_t
+        if m.get("speech_final") or (self._finalizing and m.get("from_finalize")):
+            self._end_turn()
+        elif text:
+            self._events.put_nowait(PreliminaryTranscript(" ".join(self._finals), speech_end_ms=self._speech_end_ms))
+
+    def _end_turn(self, *, with_interim: bool = False) -> None:
+        parts = self._finals + ([self._interim] if with_interim and self._interim else [])
+        text = " ".join(parts).strip()
+        finalizing = self._finalizing
+        self._finalizing = False
+        if self._finalize_timer is not None:
+            self._finalize_timer.cancel()
+            self._finalize_timer = None
+        if text:
+            t = now_ms()
+            end = self._speech_end_ms if self._speech_end_ms is not None else (self._last_voiced_t if self._last_voiced_t > -math.inf else t)
+            self._events.put_nowait(EndOfTurn(text=text, speech_end_ms=end, eot_ms=t, stt_final_ms=t))
+        elif finalizing:
+            self._events.put_nowait(ListenNotice("No speech was recognized.", kind="empty"))
+        self._finals, self._interim, self._speech_end_ms = [], "", None
+        self._announced = False
+
+    # ------------------------------------------------------------ Listener API
+    def _voiced(self, pcm16: bytes) -> bool:
+        if self.vad is not None:
+            return bool(self.vad(pcm16))
+        return rms16(pcm16) > self.energy_threshold
+
+    async def push(self, pcm16: bytes, t_ms: float) -> None:
+        if not self._started:
+            await self.start()
+        if self.failed is not None or self._closing:
+            return
+        self.stats["frames_pushed"] += 1
+        voiced = self._voiced(pcm16)
+        if voiced:
+            self._voiced_run += 1
+            if self.vad is not None and not self._announced and self._voiced_run >= 2:
+                # our own VAD saw speech: report barge-in now rather than wait for Deepgram
+                self._announced = True
+                self._events.put_nowait(SpeechStarted(t_ms=t_ms - 20.0 * self._voiced_run, source="vad"))
+            if self._last_voiced_t == -math.inf or t_ms - self._last_voiced_t > self.silence_stream_ms:
+                for pcm, t in self._preroll:  # the onset just before the gate opened
+                    self._q.put_nowait(_Frame(pcm, t))
+                self._preroll.clear()
+            self._last_voiced_t = t_ms
+        else:
+            self._voiced_run = 0
+        streaming = (not self.hands_free) or voiced or (t_ms - self._last_voiced_t <= self.silence_stream_ms) or bool(self._finals) or self._finalizing
+        if streaming:
+            self._q.put_nowait(_Frame(pcm16, t_ms))
+        else:
+            self._preroll.append((pcm16, t_ms))
+
+    def events(self) -> AsyncIterator[ListenEvent]:
+        return self._iter_events()
+
+    async def _iter_events(self) -> AsyncIterator[ListenEvent]:
+        while True:
+            ev = await self._events.get()
+            if ev is _END:
+                return
+            yield ev
+
+    async def finish_utterance(self) -> None:
+        """Push-to-talk released: Finalize now; the ``from_finalize`` result ends the turn."""
+        if not self._started or self.failed is not None:
+            return
+        for pcm, t in self._preroll:
+            self._q.put_nowait(_Frame(pcm, t))
+        self._preroll.clear()
+        self._finalizing = True
+        self._q.put_nowait(_FINALIZE)
+        if self._finalize_timer is not None:
+            self._finalize_timer.cancel()
+        self._finalize_timer = asyncio.create_task(self._finalize_deadline())
+
+    async def _finalize_deadline(self) -> None:
+        await asyncio.sleep(self.finalize_timeout_s)
+        self._finalize_timer = None
+        if self._finalizing:
+            log.info("no from_finalize result within %.1fs; ending the turn with what we have", self.finalize_timeout_s)
+            self._end_turn(with_interim=True)
+
+    async def aclose(self) -> None:
+        """CloseStream (Deepgram flushes and sends Metadata), then close the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._finalize_timer is not None:
+            self._finalize_timer.cancel()
+        if self._writer_task is not None and not self._writer_task.done():
+            self._q.put_nowait(_CLOSE)
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(2.0):
+                    await self._writer_task
+                    await self._closed.wait()
+            self._writer_task.cancel()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader_task
+        await self._drop_connection()
+        self._events.put_nowait(_END)
+
+
+class DeepgramSTT(STT):
+    """Pre-recorded ``POST /v1/listen`` for a whole clip: the fallback path when streaming is off."""
+
+    name = "deepgram"
+    capabilities = STTCapabilities(streaming=False, interim_results=False)
+
+    def __init__(self, *, api_key: str, url: str | None = None, model: str = "nova-3", smart_format: bool = True, timeout_s: float = 15.0, max_retries: int = 2):
+        self._api_key = str(api_key or "")
+        self.url = url or deepgram_url_from_env()
+        self.model = model
+        self.smart_format = smart_format
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self._dg = None
+
+    def __repr__(self) -> str:
+        return f"DeepgramSTT(url={self.url!r}, model={self.model!r})"
+
+    @classmethod
+    def from_settings(cls, settings, keys, **kw) -> "DeepgramSTT":
+        return cls(api_key=keys.deepgram_api_key, **kw)
+
+    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None) -> Transcript:
+        if not self._api_key and urlsplit(self.url).netloc.endswith("deepgram.com"):
+            raise AuthError("No Deepgram API key is set: add it on the settings page or set DEEPGRAM_API_KEY.")
+        if self._dg is None:
+            self._dg = _client(self._api_key, self.url)
+        wav = AudioClip.from_pcm16(pcm16, sample_rate).wav
+        attempt = 0
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    resp = await self._dg.listen.v1.media.transcribe_file(
+                        request=wav, model=self.model, language=language, smart_format=self.smart_format,
+                        request_options={"timeout": self.timeout_s, "max_retries": 0},
+                    )
+                break
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                err = map_error(exc)
+                if not err.retryable or attempt >= self.max_retries or (cancel is not None and cancel.cancelled):
+                    raise err from exc
+                attempt += 1
+                await asyncio.sleep(0.2 * attempt)
+        data = _as_dict(resp)
+        try:
+            alt = data["results"]["channels"][0]["alternatives"][0]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ProtocolError(f"The {SERVICE} answered without a transcript.") from exc
+        return Transcript(text=(alt.get("transcript") or "").strip(), is_final=True, language=language)
