@@ -52,8 +52,10 @@ _lock = threading.Lock()  # two warm-ups must not join the same file at once
 
 
 def models_root(base: Path | None = None) -> Path:
-    """``<data_dir>/models``: the one place assembled weights are written."""
-    root = (base if base is not None else data_dir()) / "models"
+    """``<data_dir>/models`` (or ``VOICECLAW_MODEL_DIR``): the one place assembled weights
+    are written. Tests use a throwaway data dir but share the assembled models."""
+    override = os.environ.get("VOICECLAW_MODEL_DIR") if base is None else None
+    root = Path(override) if override else (base if base is not None else data_dir()) / "models"
     root.mkdir(parents=True, exist_ok=True)
     return root
 
