@@ -56,7 +56,8 @@ async def get_runner(settings: VoiceSettings):
     if runner is not None:
         return runner
     from ..pipeline.turn import TurnRunner  # the pipeline's orchestrator
-    from ..providers.factory import build_llm, build_tts
+
+    build_llm, build_tts = _builders()
 
     llm = await asyncio.to_thread(build_llm, settings, keys)
     tts = await asyncio.to_thread(build_tts, settings, keys)
@@ -69,6 +70,32 @@ async def get_runner(settings: VoiceSettings):
         if close is not None:
             asyncio.create_task(_quiet(close()))
     return runner
+
+
+def _builders():
+    """The provider factory's builders; a minimal local/OpenAI-compatible set until it lands."""
+    try:
+        from ..providers.factory import build_llm, build_tts
+
+        return build_llm, build_tts
+    except ImportError:
+        pass
+
+    def build_llm(settings: VoiceSettings, keys: Any):
+        if settings.uses_local_llm:
+            from ..providers import engines
+
+            return engines.get_llm()
+        from ..providers.openai_llm import OpenAICompatLLM
+
+        return OpenAICompatLLM(settings.llm_base_url, str(keys.llm_api_key), settings.llm_headers)
+
+    def build_tts(settings: VoiceSettings, keys: Any):
+        from ..providers import engines
+
+        return engines.get_tts()
+
+    return build_llm, build_tts
 
 
 async def build_listener(settings: VoiceSettings):
