@@ -1,5 +1,10 @@
 """Command line: ``python -m voiceclaw_app.cli SUBCOMMAND``.
 
+``ask "text"`` runs one text turn through the configured providers (env vars),
+printing the reply as it streams and the stage timings; ``--speak DIR`` also
+writes each chunk's audio. ``doctor`` checks each configured provider and says in
+plain words what is wrong.
+
 ``transcribe FILE.wav`` prints the transcript and ``speak "text" -o FILE.wav`` writes
 spoken audio, with the configured engines: the embedded ones unless
 ``VOICECLAW_STT=deepgram`` / ``VOICECLAW_TTS=openai`` (with their API keys) say
@@ -109,6 +114,91 @@ def cmd_speak(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    """One text turn through the configured providers, streamed to the terminal."""
+    from .pipeline.audio_store import AudioStore
+    from .pipeline.events import AudioReady, LLMToken, StillWorking, TurnDone, TurnError, TurnNotice
+    from .pipeline.turn import TurnRunner
+    from .providers.factory import build_llm, build_tts
+    from .secrets import KeyStore
+
+    settings = VoiceSettings.from_env()
+    keys = KeyStore().load()
+    out_dir = Path(args.speak) if args.speak else None
+
+    async def run() -> int:
+        llm = build_llm(settings, keys)
+        tts = build_tts(settings, keys) if out_dir else None
+        store = AudioStore(out_dir if out_dir else Path(tempfile_dir()))
+        runner = TurnRunner(llm=llm, tts=tts, audio_store=store, settings=settings)
+        rc = 0
+        try:
+            await runner.warm()
+            async for ev in runner.run(runner.prepare([], "cli"), args.text, speak=out_dir is not None):
+                if isinstance(ev, LLMToken):
+                    print(ev.text, end="", flush=True)
+                elif isinstance(ev, StillWorking):
+                    print(f"\n[still working after {ev.waited_ms / 1000:.1f} s]", file=sys.stderr)
+                elif isinstance(ev, TurnNotice):
+                    print(f"\n[{ev.message}]", file=sys.stderr)
+                elif isinstance(ev, AudioReady):
+                    print(f"\n[audio {ev.seq}: {store.root / (ev.audio_id + '.wav')} ({ev.duration_ms / 1000:.2f} s)]", file=sys.stderr)
+                elif isinstance(ev, (TurnDone, TurnError)):
+                    print()
+                    if isinstance(ev, TurnError):
+                        print(f"Error: {ev.message}", file=sys.stderr)
+                        rc = 1
+                    stages = ", ".join(f"{k} {v:.0f} ms" for k, v in ev.marks.stages().items())
+                    print(f"timings: {stages}", file=sys.stderr)
+        finally:
+            await llm.aclose()
+            if tts is not None:
+                await tts.aclose()
+        return rc
+
+    return asyncio.run(run())
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="voiceclaw-ask-")
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check every configured provider; exit 1 if any is not usable."""
+    from .pipeline.diagnostics import check_llm, check_stt, check_tts
+    from .providers.factory import build_llm, build_stt, build_tts
+    from .secrets import KeyStore
+
+    settings = VoiceSettings.from_env()
+    problems = settings.problems()
+    for field_name, message in problems.items():
+        print(f"settings: {field_name}: {message}")
+    keys = KeyStore().load()
+
+    async def run() -> bool:
+        ok = not problems
+        checks = [
+            ("LLM", lambda: check_llm(build_llm(settings, keys), settings.llm_model_voice, headers=settings.llm_headers)),
+            ("TTS", lambda: check_tts(build_tts(settings, keys), settings.tts_voice, settings.tts_speed)),
+            ("STT", lambda: check_stt(build_stt(settings, keys), settings.stt_language)),
+        ]
+        for label, make in checks:
+            try:
+                result = await make()
+            except ProviderError as exc:
+                print(f"{label}: FAIL - {exc.user_message}")
+                ok = False
+                continue
+            timing = f" (connect {result.connect_ms:.0f} ms)" if result.connect_ms is not None else ""
+            print(f"{label} [{result.provider}]: {'ok' if result.ok else 'FAIL'} - {result.message}{timing}")
+            ok = ok and result.ok
+        return ok
+
+    return 0 if asyncio.run(run()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m voiceclaw_app.cli", description="VoiceClaw command line tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the WAV file to write")
     p.add_argument("--speed", type=float, default=None, help="speech speed (default: the tts_speed setting)")
     p.set_defaults(func=cmd_speak)
+
+    p = sub.add_parser("ask", help="run one text turn through the configured providers")
+    p.add_argument("text")
+    p.add_argument("--speak", metavar="DIR", default=None, help="also write each chunk's audio (WAV) into DIR")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("doctor", help="check each configured provider and explain what is wrong")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
