@@ -1,0 +1,155 @@
+"""The UI's turn driver: token batching into segments, persistence, barge-in cut, delta size."""
+
+import asyncio
+import contextlib
+import json
+
+import pytest
+
+from voiceclaw_app.pipeline.events import AudioReady, LLMToken, TurnDone, UserText
+from voiceclaw_app.pipeline.timing import TurnMarks
+
+
+class FakeStream:
+    def __init__(self):
+        self.turn_id = ""
+        self.streaming = False
+        self.user_interim = ""
+        self.seg_base = 0
+        self.seg_tail: list[str] = []
+        self.audio_turn = ""
+        self.audio_urls: list[str] = []
+        self.stop_seq = 0
+        self.cue = ""
+        self.updates: list[int] = []  # bytes of each update's streaming payload
+
+    def reset_turn(self, turn_id):
+        self.turn_id = turn_id
+        self.streaming = bool(turn_id)
+        self.seg_base = 0
+        self.seg_tail = []
+        if turn_id:
+            self.audio_turn = turn_id
+            self.audio_urls = []
+
+
+class FakeChat:
+    def __init__(self):
+        self.conversation_id = ""
+        self.messages = []
+        self.status = "idle"
+        self.notice = ""
+        self.error = ""
+        self.muted = False
+        self.mic_on = False
+        self.conversations = []
+        self.last_audio_ids = []
+
+
+class FakeSink:
+    def __init__(self):
+        self.stream = FakeStream()
+        self.chat = FakeChat()
+
+    @contextlib.asynccontextmanager
+    async def states(self, token):
+        yield self.stream, self.chat
+        self.stream.updates.append(len(json.dumps(self.stream.seg_tail)))
+
+
+class FakeRunner:
+    def __init__(self, tokens, chunks, token_delay=0.002, chunk_delay=0.0):
+        self.tokens = tokens
+        self.chunks = chunks
+        self.token_delay = token_delay
+        self.chunk_delay = chunk_delay
+
+    def prepare(self, history, conversation_id, spoken=True):
+        return {"history": history}
+
+    async def warm(self):
+        pass
+
+    async def run(self, prepared, user_text, *, marks=None, cancel=None, speak=True):
+        marks = marks or TurnMarks()
+        yield UserText(user_text)
+        for t in self.tokens:
+            await asyncio.sleep(self.token_delay)
+            if cancel is not None and cancel.cancelled:
+                return
+            yield LLMToken(t)
+        for i, (aid, text) in enumerate(self.chunks):
+            await asyncio.sleep(self.chunk_delay)
+            yield AudioReady(i, aid, f"/audio/{aid}.wav", 500.0, text)
+        marks.mark("turn_done")
+        yield TurnDone("".join(self.tokens), marks, len(self.chunks))
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOICECLAW_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("VOICECLAW_DATABASE_URL", f"sqlite:///{tmp_path / 'ui.db'}")
+    from voiceclaw_app.db import repo
+    from voiceclaw_app.states import services, turns
+
+    repo.create_all()
+    sink = FakeSink()
+    turns.set_sink(sink)
+    holder = {}
+
+    async def fake_get_runner(settings):
+        return holder["runner"]
+
+    monkeypatch.setattr(services, "get_runner", fake_get_runner)
+    yield sink, holder, turns, repo
+    turns.set_sink(turns.ReflexSink())
+    turns.ACTIVE.clear()
+
+
+async def test_typed_turn_streams_in_segments_and_is_stored(env):
+    sink, holder, turns, repo = env
+    tokens = [f" word{i}" for i in range(400)]
+    holder["runner"] = FakeRunner(tokens, [("aaaaaaaaaa", "first part."), ("bbbbbbbbbb", "second part.")])
+    turn = turns.start_turn("tok-123456789", "hello there", speak=True, spoken_input=False)
+    await turn.task
+    # batched: far fewer updates than tokens, each carrying a bounded window
+    assert len(sink.stream.updates) < len(tokens) / 3
+    assert max(sink.stream.updates) < 8 * 2000
+    assert "".join(turn.segments) == "".join(tokens)
+    assert sink.stream.audio_urls == ["/audio/aaaaaaaaaa.wav", "/audio/bbbbbbbbbb.wav"]
+    assert [m["role"] for m in sink.chat.messages] == ["user", "assistant"]
+    msgs = repo.list_messages(sink.chat.conversation_id)
+    assert msgs[1]["content"] == "".join(tokens).strip()
+    assert msgs[1]["finished"] and not msgs[1]["interrupted"]
+    assert msgs[1]["audio_ids"] == ["aaaaaaaaaa", "bbbbbbbbbb"]
+    assert repo.timings_for(sink.chat.conversation_id)[0]["turn_done"] is not None
+
+
+async def test_barge_in_keeps_only_played_chunks(env):
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], [("c1c1c1c1c1", "One."), ("c2c2c2c2c2", "Two."), ("c3c3c3c3c3", "Three.")], chunk_delay=0.05)
+    turn = turns.start_turn("tok-abcdefgh", "count", speak=True, spoken_input=True, marks=TurnMarks(speech_end=1.0, stt_final=2.0))
+    while len(turn.chunks) < 2:
+        await asyncio.sleep(0.01)
+    turns.audio_report("tok-abcdefgh", {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": 500.0})
+    assert turns.interrupt("tok-abcdefgh")
+    with contextlib.suppress(asyncio.CancelledError):
+        await turn.task
+    msgs = repo.list_messages(sink.chat.conversation_id)
+    assert msgs[-1]["content"] == "One."
+    assert msgs[-1]["interrupted"]
+    assert sink.chat.messages[-1]["interrupted"] == "1"
+    assert turns.active("tok-abcdefgh") is None
+
+
+async def test_a_new_turn_cancels_the_previous_one(env):
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner([f" t{i}" for i in range(200)], [], token_delay=0.01)
+    first = turns.start_turn("tok-samesame", "one", speak=False, spoken_input=False)
+    await asyncio.sleep(0.1)
+    holder["runner"] = FakeRunner([" ok"], [])
+    second = turns.start_turn("tok-samesame", "two", speak=False, spoken_input=False, conversation_id=first.conversation_id or "")
+    with contextlib.suppress(asyncio.CancelledError):
+        await first.task
+    await second.task
+    assert first.interrupted and not second.interrupted
