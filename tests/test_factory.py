@@ -1,0 +1,44 @@
+"""The provider factory: settings choose local vs cloud, per call (no restart needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.servers.deepgram import FakeDeepgramServer
+from voiceclaw_app.config import VoiceSettings
+from voiceclaw_app.providers.deepgram_stt import DeepgramListener, DeepgramSTT
+from voiceclaw_app.providers.factory import build_listener, build_llm, build_stt, build_tts
+from voiceclaw_app.providers.fallback import FallbackListener, FallbackTTS
+from voiceclaw_app.providers.openai_llm import OpenAICompatLLM
+from voiceclaw_app.providers.openai_tts import OpenAITTS
+from voiceclaw_app.secrets import ProviderKeys, Secret
+
+KEYS = ProviderKeys(llm_api_key=Secret("gw"), deepgram_api_key=Secret("dg"), openai_api_key=Secret("sk"))
+
+
+def test_cloud_llm_and_tts_from_settings(monkeypatch):
+    monkeypatch.setenv("VOICECLAW_TTS_BASE_URL", "http://127.0.0.1:9/v1")
+    s = VoiceSettings(llm_base_url="http://gateway:18789/v1", llm_model_voice="openclaw:main", llm_headers={"x-openclaw-agent-id": "voice"}, tts_provider="openai", tts_model="tts-1", tts_voice="nova")
+    llm = build_llm(s, KEYS)
+    assert isinstance(llm, OpenAICompatLLM) and llm.base_url == "http://gateway:18789/v1" and llm.headers == {"x-openclaw-agent-id": "voice"}
+    tts = build_tts(s, KEYS)
+    assert isinstance(tts, FallbackTTS) and isinstance(tts.primary, OpenAITTS)
+    assert (tts.primary.base_url, tts.primary.model, tts.primary.default_voice) == ("http://127.0.0.1:9/v1", "tts-1", "nova")
+    plain = build_tts(s.replace(fallback_to_local=False), KEYS)
+    assert isinstance(plain, OpenAITTS)
+    assert isinstance(build_stt(s.replace(stt_provider="deepgram"), KEYS), DeepgramSTT)
+
+
+@pytest.mark.asyncio
+async def test_deepgram_listener_is_started_at_session_start(monkeypatch):
+    async with FakeDeepgramServer(api_key="dg") as srv:
+        monkeypatch.setenv("VOICECLAW_DEEPGRAM_URL", srv.url)
+        s = VoiceSettings(stt_provider="deepgram", vad_silence_ms=400, input_mode="push_to_talk", fallback_to_local=False)
+        lst = await build_listener(s, KEYS)
+        assert isinstance(lst, DeepgramListener) and not lst.hands_free
+        assert len(srv.sessions) == 1 and srv.sessions[0].query["endpointing"] == "400"
+        await lst.aclose()
+        wrapped = await build_listener(s.replace(fallback_to_local=True), KEYS)
+        assert isinstance(wrapped, FallbackListener) and not wrapped.switched
+        assert len(srv.sessions) == 2
+        await wrapped.aclose()

@@ -1,0 +1,124 @@
+"""Build the configured providers from :class:`VoiceSettings` + :class:`ProviderKeys`.
+
+The one place that chooses local vs cloud, so switching a provider on the settings
+page takes effect at the next turn / voice session without a restart (callers
+build from the current settings snapshot; nothing here is cached except the
+embedded engines, which :mod:`.engines` loads once per process).
+
+* LLM: ``llm_base_url`` set -> :class:`OpenAICompatLLM` (gateway, OpenAI, Ollama...);
+  empty -> the embedded local LLM.
+* TTS: ``tts_provider`` ``openai`` -> :class:`OpenAITTS` (``VOICECLAW_TTS_BASE_URL``),
+  wrapped in :class:`FallbackTTS` when ``fallback_to_local``; ``local`` -> Piper.
+* STT (whole clip): ``stt_provider`` ``deepgram`` -> pre-recorded ``/v1/listen``; else Whisper.
+* Listener (live session): ``deepgram`` -> :class:`DeepgramListener` (socket opened
+  here, at session start), wrapped in :class:`FallbackListener` when
+  ``fallback_to_local``; ``local`` -> the embedded VAD + Whisper listener.
+
+The embedded engines are imported lazily, inside the ``_local_*`` functions only, so
+cloud-only deployments never load model runtimes and the names live in one place.
+``build_llm``/``build_tts``/``build_stt`` are synchronous (the UI calls them in a
+worker thread: loading a local model blocks); ``build_listener`` is async (it opens
+the Deepgram socket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ..config import VoiceSettings
+from ..secrets import ProviderKeys
+from .base import LLM, STT, TTS, EngineUnavailable, Listener
+
+
+# ------------------------------------------------------------------ embedded engines (lazy)
+def _local_llm(settings: VoiceSettings) -> LLM:
+    from . import engines
+
+    return engines.get_llm()
+
+
+def _local_tts(settings: VoiceSettings) -> TTS:
+    from . import engines
+
+    return engines.get_tts()
+
+
+async def _local_tts_async(settings: VoiceSettings) -> TTS:
+    """For the fallback path, which runs on the event loop: load in a thread."""
+    from . import engines
+
+    return await engines.aget_engine("tts")  # type: ignore[return-value]
+
+
+def _local_stt(settings: VoiceSettings) -> STT:
+    from . import engines
+
+    return engines.get_stt()
+
+
+async def _local_listener(settings: VoiceSettings) -> Listener:
+    """The embedded VAD + Whisper listener (written in the embedded-engines issue)."""
+    try:
+        from .local_listener import LocalListener  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise EngineUnavailable("The built-in speech recognition is not available in this installation.") from exc
+    build = getattr(LocalListener, "from_settings", None)
+    listener = build(settings) if build is not None else LocalListener(settings=settings)
+    if asyncio.iscoroutine(listener):
+        listener = await listener
+    start = getattr(listener, "start", None)
+    if start is not None:
+        await start()
+    return listener
+
+
+# ------------------------------------------------------------------ builders
+def build_llm(settings: VoiceSettings, keys: ProviderKeys) -> LLM:
+    if settings.uses_local_llm:
+        return _local_llm(settings)
+    from .openai_llm import OpenAICompatLLM
+
+    return OpenAICompatLLM(settings.llm_base_url, str(keys.llm_api_key or ""), dict(settings.llm_headers))
+
+
+def build_tts(settings: VoiceSettings, keys: ProviderKeys) -> TTS:
+    if settings.tts_provider != "openai":
+        return _local_tts(settings)
+    from .openai_tts import OpenAITTS
+
+    cloud = OpenAITTS.from_settings(settings, keys)
+    if not settings.fallback_to_local:
+        return cloud
+    from .fallback import FallbackTTS
+
+    return FallbackTTS(cloud, lambda: _local_tts_async(settings))
+
+
+def build_stt(settings: VoiceSettings, keys: ProviderKeys) -> STT:
+    if settings.stt_provider != "deepgram":
+        return _local_stt(settings)
+    from .deepgram_stt import DeepgramSTT
+
+    return DeepgramSTT.from_settings(settings, keys)
+
+
+async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener_options: Any) -> Listener:
+    """A started live listener for one voice session (the Deepgram socket is open on return).
+
+    Raises :class:`ProviderError` with a plain message when neither the cloud nor (if
+    allowed) the embedded listener can start.
+    """
+    if settings.stt_provider != "deepgram":
+        return await _local_listener(settings)
+    from .deepgram_stt import DeepgramListener
+
+    cloud = DeepgramListener.from_settings(settings, keys, **listener_options)
+    if not settings.fallback_to_local:
+        await cloud.start()
+        return cloud
+    from .fallback import FallbackListener
+
+    listener = FallbackListener(cloud, lambda: _local_listener(settings))
+    await listener.start()
+    return listener
