@@ -219,7 +219,7 @@ class DeepgramListener(Listener):
         options: DeepgramOptions | None = None,
         hands_free: bool = True,
         vad: Callable[[bytes], bool] | None = None,
-        energy_threshold: float = 300.0,
+        energy_threshold: float = 100.0,
         silence_stream_ms: float | None = None,
         preroll_ms: float = 300.0,
         keepalive_s: float = 4.0,
