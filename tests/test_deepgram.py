@@ -243,7 +243,7 @@ async def test_push_to_talk_release_sends_finalize_and_ends_turn_at_once():
         t_release = time.monotonic()
         await lst.finish_utterance()
         events = await collect_until(lst, (EndOfTurn,))
-        assert time.monotonic() - t_release < 0.25
+        assert time.monotonic() - t_release < 0.5  # without Finalize no result would come at all
         assert events[-1].text == "Turn on the lights."
         s = srv.sessions[0]
         assert s.finalizes == 1

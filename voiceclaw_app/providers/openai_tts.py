@@ -31,8 +31,12 @@ import weakref
 from typing import AsyncIterator
 from urllib.parse import urlparse
 
-import httpx2
 import openai
+
+try:  # openai >= 3 runs on httpx2; older releases on httpx (same API for what we use)
+    import httpx2
+except ImportError:  # pragma: no cover - depends on the installed SDK generation
+    import httpx as httpx2  # type: ignore[no-redef]
 
 from .base import (
     AudioClip,
