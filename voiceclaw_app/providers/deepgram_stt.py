@@ -93,7 +93,10 @@ def deepgram_environment(url: str):
         path = path[:-3]
     http = f"{'https' if secure else 'http'}://{parts.netloc}{path}"
     ws = f"{'wss' if secure else 'ws'}://{parts.netloc}{path}"
-    return DeepgramClientEnvironment(base=http, production=ws, agent=ws, agent_rest=http)
+    try:
+        return DeepgramClientEnvironment(base=http, production=ws, agent=ws, agent_rest=http)
+    except TypeError:  # SDK generations before the agent REST host
+        return DeepgramClientEnvironment(base=http, production=ws, agent=ws)
 
 
 def now_ms() -> float:
@@ -205,8 +208,8 @@ class DeepgramListener(Listener):
     was captured/received (the clock of :mod:`voiceclaw_app.pipeline.timing`).
     ``vad``: an optional ``pcm16 -> bool`` speech detector (e.g. the server's Silero
     VAD); it gates what is streamed and, being local, usually reports barge-in before
-    Deepgram's ``SpeechStarted`` does. Without it a cheap energy gate is used for
-    streaming decisions only.
+    Deepgram's ``SpeechStarted`` does (after ``vad_min_speech_ms`` of voice). Without
+    it a cheap energy gate is used for streaming decisions only.
     """
 
     name = "deepgram"
@@ -227,6 +230,7 @@ class DeepgramListener(Listener):
         connect_timeout_s: float = 5.0,
         finalize_timeout_s: float = 2.0,
         replay_limit_s: float = 30.0,
+        vad_min_speech_ms: float = 60.0,
     ):
         self._api_key = str(api_key or "")
         self.url = url or deepgram_url_from_env()
@@ -242,6 +246,7 @@ class DeepgramListener(Listener):
         self.connect_timeout_s = connect_timeout_s
         self.finalize_timeout_s = finalize_timeout_s
         self.replay_limit_s = replay_limit_s
+        self.vad_min_frames = max(1, round(vad_min_speech_ms / 20.0))
 
         self._events: asyncio.Queue = asyncio.Queue()
         self._q: asyncio.Queue = asyncio.Queue()  # frames and control items for the writer
@@ -511,7 +516,7 @@ class DeepgramListener(Listener):
         voiced = self._voiced(pcm16)
         if voiced:
             self._voiced_run += 1
-            if self.vad is not None and not self._announced and self._voiced_run >= 2:
+            if self.vad is not None and not self._announced and self._voiced_run >= self.vad_min_frames:
                 # our own VAD saw speech: report barge-in now rather than wait for Deepgram
                 self._announced = True
                 self._events.put_nowait(SpeechStarted(t_ms=t_ms - 20.0 * self._voiced_run, source="vad"))
