@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tests.servers.deepgram import FakeDeepgramServer
@@ -42,3 +44,43 @@ async def test_deepgram_listener_is_started_at_session_start(monkeypatch):
         assert isinstance(wrapped, FallbackListener) and not wrapped.switched
         assert len(srv.sessions) == 2
         await wrapped.aclose()
+
+
+@pytest.mark.asyncio
+async def test_local_listener_vad_then_whisper_engine():
+    """The local path: silero VAD ends the turn, the STT engine (a tiny real STT here) transcribes."""
+    import json
+    import wave
+    from pathlib import Path
+
+    from voiceclaw_app.providers import engines
+    from voiceclaw_app.providers.base import STT, EndOfTurn, SpeechStarted, Transcript
+
+    class LengthSTT(STT):
+        async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None):
+            return Transcript(text=f"{len(pcm16) // 32} ms of speech")
+
+    fx = Path(__file__).parent / "fixtures" / "q_capital"
+    with wave.open(str(fx.with_suffix(".wav"))) as w:
+        pcm = w.readframes(w.getnframes())
+    last = json.loads(fx.with_suffix(".json").read_text())["last_voiced_sample"]
+    engines.reset_for_tests()
+    engines.configure(factories={"stt": LengthSTT})
+    try:
+        lst = await build_listener(VoiceSettings(stt_provider="local", vad_silence_ms=400), KEYS)
+        pcm += b"\x00\x00" * 16000
+        for k in range(0, len(pcm), 640):
+            await lst.push(pcm[k : k + 640], (k + 640) / 32.0)
+        events = []
+        async with asyncio.timeout(10):
+            async for ev in lst.events():
+                events.append(ev)
+                if isinstance(ev, EndOfTurn):
+                    break
+        assert isinstance(events[0], SpeechStarted) and events[0].source == "vad"
+        eot = events[-1]
+        assert eot.text.endswith("ms of speech")
+        assert abs(eot.speech_end_ms - last / 16.0) <= 120  # the VAD decides it, window-accurate
+        await lst.aclose()
+    finally:
+        engines.reset_for_tests()
