@@ -237,3 +237,23 @@ async def test_marks_keep_an_earlier_speech_end(server, tmp_path):
     events = await run_all(make_runner(server, tmp_path), marks=marks)
     rel = events[-1].marks.relative()
     assert rel["speech_end"] == 0 and rel["first_audio_ready"] > 0
+
+
+async def test_streaming_tts_hands_over_the_first_piece_before_the_chunk_is_complete(server, tmp_path):
+    from tests.servers.openai_speech import FakeSpeechServer, SpeechBehavior
+    from voiceclaw_app.providers.openai_tts import OpenAITTS
+
+    async with FakeSpeechServer(SpeechBehavior(ttfb_s=0.05, realtime_factor=2.0), api_key="k") as speech:
+        tts = OpenAITTS(base_url=speech.base_url, api_key="k")
+        events = await run_all(make_runner(server, tmp_path, tts=tts))
+    audio = [e for e in events if isinstance(e, AudioReady)]
+    first_chunk_parts = [a for a in audio if a.seq == audio[0].seq]
+    assert len(first_chunk_parts) == 2 and [a.part for a in first_chunk_parts] == [0, 1]
+    assert first_chunk_parts[0].text and first_chunk_parts[1].text == ""
+    assert 300 <= first_chunk_parts[0].duration_ms < 400  # the first ~300 ms, not the whole clause
+    order = [(a.seq, a.part) for a in audio]
+    assert order == sorted(order)
+    chunks = [e.text for e in events if isinstance(e, ChunkText)]
+    assert [a.text for a in audio if a.part == 0] == chunks
+    done = events[-1]
+    assert isinstance(done, TurnDone) and done.spoken_chunks == len(chunks)

@@ -7,7 +7,8 @@ figure includes HTTP, parsing, chunking, scheduling, WAV writing and event hops.
 
 ``overhead`` = measured time to first audio ready minus the ideal critical path:
 first token + the first chunk's remaining tokens (up to the token that completes
-it) + TTS first byte + the transfer of the first chunk's audio.
+it) + TTS first byte + the transfer of the first playable piece of its audio (the
+streaming TTS client hands over a chunk's first 300 ms as soon as they arrive).
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ class UncachedTTS(TTSCache):
 
 
 def transfer_s(text: str) -> float:
-    """When the speech server's last audio byte leaves, after its first (it writes 20 ms
-    slices paced at 5x real time, the last slice without waiting)."""
+    """How long after its first byte the speech server has sent the first playable
+    piece of this text's audio (the streaming client hands over the first
+    ``FIRST_PIECE_MS``; the server writes 20 ms slices paced at 5x real time)."""
     from tests.servers.openai_speech import MS_PER_CHAR, SAMPLE_RATE
+    from ..providers.openai_tts import FIRST_PIECE_MS
 
     n_bytes = 2 * int(max(0.2, len(text) * MS_PER_CHAR / 1000.0) * SAMPLE_RATE)
+    n_bytes = min(n_bytes, 2 * SAMPLE_RATE * FIRST_PIECE_MS // 1000)
     bytes_per_s = SAMPLE_RATE * 2 * TTS_REALTIME
     step = max(2, int(bytes_per_s * 0.020) & ~1)
     return ((n_bytes - 1) // step) * step / bytes_per_s

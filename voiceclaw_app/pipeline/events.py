@@ -38,13 +38,20 @@ class ChunkText:
 
 @dataclass(frozen=True)
 class AudioReady:
-    """Chunk ``seq`` is fully synthesized and served at ``url``; delivered strictly in order."""
+    """A playable piece of chunk ``seq``'s audio, served at ``url``; strictly in order.
+
+    Streaming TTS hands a chunk over in pieces (``part`` 0, 1, ...) so playback starts
+    on its first few hundred ms; other providers give one piece per chunk. ``text`` is
+    the chunk's original text on its first piece and empty on the rest, so the text
+    of the pieces played so far is what the user heard (barge-in bookkeeping).
+    """
 
     seq: int
     audio_id: str
     url: str
     duration_ms: float
-    text: str  # the original text this audio speaks (for "keep what was played")
+    text: str
+    part: int = 0
 
 
 @dataclass(frozen=True)

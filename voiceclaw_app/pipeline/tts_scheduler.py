@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from ..providers.base import TTS, CancelToken, ProviderError
+from ..providers.base import TTS, AudioClip, CancelToken, ProviderError
 from .audio_store import AudioStore, StoredAudio
 from .text import Chunk
 
@@ -43,8 +43,6 @@ class TTSCache:
         path = self.store.path_for(audio_id)
         if path is None:
             return None
-        from ..providers.base import AudioClip
-
         clip = AudioClip.from_wav(path.read_bytes())
         return StoredAudio(audio_id, self.store.url_for(audio_id), path, clip.duration_ms)
 
@@ -67,9 +65,19 @@ async def synthesize_cached(tts: TTS, cache: TTSCache | None, store: AudioStore,
 
 @dataclass(frozen=True)
 class ChunkAudio:
+    """One playable piece of a chunk's audio (``part`` 0, 1, ...), or its failure.
+
+    Streaming providers hand over a chunk in pieces so playback starts early; the
+    pieces play back to back.
+    """
+
     chunk: Chunk
     audio: StoredAudio | None  # None with ``error`` set when synthesis failed
     error: ProviderError | None = None
+    part: int = 0
+
+
+_DONE = object()
 
 
 class TTSScheduler:
@@ -81,17 +89,18 @@ class TTSScheduler:
         self.cancel = cancel
         self.cache = cache
         self._sem = asyncio.Semaphore(max(1, parallel))
-        self._queue: asyncio.Queue[asyncio.Task[ChunkAudio] | None] = asyncio.Queue()
-        self._tasks: list[asyncio.Task[ChunkAudio]] = []
+        self._queue: asyncio.Queue[asyncio.Queue | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
         self._on_first_request = on_first_request
         self._closed = False
 
     def submit(self, chunk: Chunk) -> None:
         if self._closed or self.cancel.cancelled:
             return
-        task = asyncio.create_task(self._synthesize(chunk), name=f"tts-chunk-{chunk.seq}")
+        pieces: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(self._synthesize(chunk, pieces), name=f"tts-chunk-{chunk.seq}")
         self._tasks.append(task)
-        self._queue.put_nowait(task)
+        self._queue.put_nowait(pieces)
 
     def close(self) -> None:
         """No more chunks will come."""
@@ -100,15 +109,18 @@ class TTSScheduler:
             self._queue.put_nowait(None)
 
     async def results(self) -> AsyncIterator[ChunkAudio]:
-        """Audio in submission order, as soon as each (and all before it) is ready."""
+        """Audio pieces in submission order, each as soon as it (and all before it) is ready."""
         while True:
-            task = await self._queue.get()
-            if task is None:
+            pieces = await self._queue.get()
+            if pieces is None:
                 return
-            result = await task
-            if self.cancel.cancelled:
-                return
-            yield result
+            while True:
+                item = await pieces.get()
+                if item is _DONE:
+                    break
+                if self.cancel.cancelled:
+                    return
+                yield item
 
     async def aclose(self) -> None:
         """Cancel everything still running and wait until it has stopped."""
@@ -123,18 +135,43 @@ class TTSScheduler:
     def running(self) -> int:
         return sum(1 for t in self._tasks if not t.done())
 
-    async def _synthesize(self, chunk: Chunk) -> ChunkAudio:
-        async with self._sem:
+    async def _synthesize(self, chunk: Chunk, out: asyncio.Queue) -> None:
+        try:
+            async with self._sem:
+                if self.cancel.cancelled:
+                    return
+                if self._on_first_request is not None:
+                    self._on_first_request()
+                    self._on_first_request = None
+                try:
+                    await self._pieces(chunk, out)
+                except ProviderError as exc:
+                    out.put_nowait(ChunkAudio(chunk, None, exc))
+                except Exception as exc:  # an engine bug must end in a message, not a stuck turn
+                    log.exception("TTS failed on chunk %d", chunk.seq)
+                    out.put_nowait(ChunkAudio(chunk, None, ProviderError(f"Speech synthesis failed ({type(exc).__name__}).")))
+        finally:
+            out.put_nowait(_DONE)
+
+    async def _pieces(self, chunk: Chunk, out: asyncio.Queue) -> None:
+        if not self.tts.capabilities.streaming:
+            audio = await synthesize_cached(self.tts, self.cache, self.store, chunk.speech, voice=self.voice, speed=self.speed, cancel=self.cancel)
+            if audio is not None and not self.cancel.cancelled:
+                out.put_nowait(ChunkAudio(chunk, audio))
+            return
+        identity = self.tts.cache_identity(self.voice, self.speed)
+        if self.cache is not None:
+            hit = self.cache.get(identity, chunk.speech)
+            if hit is not None:
+                out.put_nowait(ChunkAudio(chunk, hit))
+                return
+        clips: list[AudioClip] = []
+        async for clip in self.tts.synthesize_stream(chunk.speech, voice=self.voice, speed=self.speed, cancel=self.cancel):
             if self.cancel.cancelled:
-                return ChunkAudio(chunk, None)
-            if self._on_first_request is not None:
-                self._on_first_request()
-                self._on_first_request = None
-            try:
-                audio = await synthesize_cached(self.tts, self.cache, self.store, chunk.speech, voice=self.voice, speed=self.speed, cancel=self.cancel)
-            except ProviderError as exc:
-                return ChunkAudio(chunk, None, exc)
-            except Exception as exc:  # an engine bug must end in a message, not a stuck turn
-                log.exception("TTS failed on chunk %d", chunk.seq)
-                return ChunkAudio(chunk, None, ProviderError(f"Speech synthesis failed ({type(exc).__name__})."))
-            return ChunkAudio(chunk, audio)
+                return
+            out.put_nowait(ChunkAudio(chunk, self.store.save(clip), part=len(clips)))
+            clips.append(clip)
+        if clips and self.cache is not None and not self.cancel.cancelled:
+            # the whole chunk, joined, so a repeat of this phrase is instant
+            whole = b"".join(c.pcm16() for c in clips)
+            self.cache.put(identity, chunk.speech, AudioClip.from_pcm16(whole, clips[0].sample_rate))

@@ -236,6 +236,8 @@ class _Turn:
             return
         async for result in self.scheduler.results():
             if result.error is not None:
+                for notice in self.runner.tts.drain_notices():
+                    self.queue.put_nowait(TurnNotice(notice))
                 if self.tts_error is None:
                     self.tts_error = result.error
                     self.queue.put_nowait(TurnNotice(f"{result.error.user_message} The rest of the reply is text only."))
@@ -243,9 +245,12 @@ class _Turn:
             if result.audio is None or self.tts_error is not None:
                 continue
             self.marks.mark("first_audio_ready")
-            self.spoken_chunks += 1
+            if result.part == 0:
+                self.spoken_chunks += 1
             a = result.audio
-            self.queue.put_nowait(AudioReady(result.chunk.seq, a.audio_id, a.url, a.duration_ms, result.chunk.text))
+            self.queue.put_nowait(AudioReady(result.chunk.seq, a.audio_id, a.url, a.duration_ms, result.chunk.text if result.part == 0 else "", result.part))
+            for notice in self.runner.tts.drain_notices():
+                self.queue.put_nowait(TurnNotice(notice))
 
     async def _watchdog(self) -> None:
         """Say "still working" after ~2 s without a token (tools, slow upstream)."""

@@ -185,6 +185,11 @@ class AudioClip:
         frames = len(pcm) // (2 * channels)
         return cls(buf.getvalue(), sample_rate, 1000.0 * frames / sample_rate)
 
+    def pcm16(self) -> bytes:
+        """The clip's samples without the WAV header."""
+        with wave.open(io.BytesIO(self.wav), "rb") as w:
+            return w.readframes(w.getnframes())
+
     @classmethod
     def from_wav(cls, data: bytes) -> "AudioClip":
         with wave.open(io.BytesIO(data), "rb") as w:
@@ -208,6 +213,19 @@ class TTS(abc.ABC):
     @abc.abstractmethod
     async def synthesize(self, text: str, *, voice: str, speed: float, cancel: CancelToken) -> AudioClip:
         """Return the whole chunk's audio; raise :class:`ProviderError` on failure."""
+
+    async def synthesize_stream(self, text: str, *, voice: str, speed: float, cancel: CancelToken) -> AsyncIterator[AudioClip]:
+        """The chunk's audio in playable pieces, the first as early as possible.
+
+        Streaming providers (``capabilities.streaming``) override this so playback can
+        start on the first few hundred ms of a chunk instead of waiting for all of
+        it; pieces play back to back. The default is one piece: :meth:`synthesize`.
+        """
+        yield await self.synthesize(text, voice=voice, speed=speed, cancel=cancel)
+
+    def drain_notices(self) -> list[str]:
+        """Sentences for the user since the last call (e.g. "switched to the built-in voice")."""
+        return []
 
     def cache_identity(self, voice: str, speed: float) -> tuple[str, str, float]:
         """The (provider, voice, speed) part of the TTS cache key."""

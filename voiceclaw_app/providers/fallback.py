@@ -121,6 +121,30 @@ class FallbackTTS(TTS):
         fallback = await self._get_fallback()
         return await fallback.synthesize(text, voice=self.fallback_voice, speed=speed, cancel=cancel)
 
+    async def synthesize_stream(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AsyncIterator[AudioClip]:
+        """Stream from the cloud; on failure the embedded voice takes over. If part of
+        this chunk was already handed over, its rest is dropped (repeating its start
+        would be heard) and the following chunks use the embedded voice."""
+        if not self._using_fallback:
+            handed = False
+            try:
+                async for clip in self.primary.synthesize_stream(text, voice=voice, speed=speed, cancel=cancel):
+                    handed = True
+                    yield clip
+                return
+            except ProviderError as exc:
+                if not self.enabled or (cancel is not None and cancel.cancelled):
+                    raise
+                if not self._using_fallback:
+                    self._using_fallback = True
+                    self.fallbacks += 1
+                    log.warning("cloud TTS failed (%s); embedded voice takes over for this turn", exc.kind)
+                    self._notice(f"{exc.user_message} Using the built-in voice for the rest of this reply.")
+                if handed:
+                    return
+        fallback = await self._get_fallback()
+        yield await fallback.synthesize(text, voice=self.fallback_voice, speed=speed, cancel=cancel)
+
     async def warm(self) -> None:
         """Speech started: a new turn tries the cloud first; warm its connection."""
         self.new_turn()

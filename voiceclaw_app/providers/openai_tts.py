@@ -64,6 +64,8 @@ READ_TIMEOUT_S = 10.0  # time to first byte and between bytes
 TOTAL_TIMEOUT_S = 30.0  # a whole chunk (chunks are a sentence or two)
 MAX_RETRIES = 2
 BACKOFF_S = (0.2, 0.6)
+#: a chunk's first piece is handed to the player once this much audio is here
+FIRST_PIECE_MS = 300
 MAX_RETRY_AFTER_S = 3.0  # honour Retry-After, but a voice reply cannot wait minutes
 
 _pool: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, tuple[openai.AsyncOpenAI, httpx2.AsyncClient]]]" = weakref.WeakKeyDictionary()
@@ -272,6 +274,46 @@ class OpenAITTS(TTS):
                     raise ProtocolError(f"The {self.service} ended the audio before its WAV header was complete.")
         except (openai.OpenAIError, httpx2.HTTPError, TimeoutError, OSError) as exc:
             raise self._map_error(exc) from exc
+
+    async def synthesize_stream(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AsyncIterator[AudioClip]:
+        """The chunk's audio as it arrives: its first :data:`FIRST_PIECE_MS` as soon as
+        they are here (playback starts on them), then the rest when complete.
+
+        Transient failures are retried only until the first piece was handed over;
+        after that, repeating the chunk's start would be heard, so the error stands.
+        """
+        cancel = cancel or CancelToken()
+        attempt = 0
+        started = time.monotonic()
+        while True:
+            meta: dict = {}
+            buf = bytearray()
+            handed = False
+            try:
+                async for pcm in self.stream_pcm(text, voice=voice, speed=speed, cancel=cancel, meta=meta):
+                    buf += pcm
+                    rate = meta.get("sample_rate", PCM_SAMPLE_RATE)
+                    if not handed and len(buf) >= 2 * rate * FIRST_PIECE_MS // 1000:
+                        piece, buf = bytes(buf), bytearray()
+                        handed = True
+                        yield AudioClip.from_pcm16(piece, rate)
+                if cancel.cancelled:
+                    return
+                if not handed and not buf:
+                    raise ProtocolError(f"The {self.service} returned no audio.", retryable=True)
+                if buf:
+                    yield AudioClip.from_pcm16(bytes(buf), meta.get("sample_rate", PCM_SAMPLE_RATE))
+                return
+            except ProviderError as exc:
+                if handed or not exc.retryable or attempt >= self.max_retries or cancel.cancelled:
+                    raise
+                delay = self.backoff_s[min(attempt, len(self.backoff_s) - 1)] * (1 + 0.2 * random.random())
+                if exc.retry_after_s is not None:
+                    delay = max(delay, min(exc.retry_after_s, MAX_RETRY_AFTER_S))
+                if time.monotonic() - started + delay > self.total_timeout_s:
+                    raise
+                attempt += 1
+                await asyncio.sleep(delay)
 
     async def synthesize(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AudioClip:
         """The chunk's whole audio as a WAV clip, retrying transient failures.
