@@ -2,7 +2,7 @@
 
 The packaged Gemma is the *base* model: no instruction tuning and no chat template
 in the file, so chat formatting gives garbage. It does continue a dialogue well:
-the prompt is a persona line, three short example exchanges, then the conversation
+the prompt is a persona line, four short example exchanges, then the conversation
 as ``User:`` / ``<Name>:`` lines ending with ``<Name>:``; generation stops at the
 next ``User:`` line or a blank line. Replies are short and coherent, not smart.
 
@@ -73,8 +73,10 @@ class DialoguePrompt:
             f"{n} answers in one or two short, polite sentences.\n\n"
             f"User: Hi, who are you?\n"
             f"{n}: I'm {n}, your voice assistant. How can I help?\n"
-            f"User: What's a good name for a cat?\n"
-            f"{n}: How about Whiskers? It's a classic.\n"
+            f"User: What's the capital of Italy?\n"
+            f"{n}: Rome is the capital of Italy.\n"
+            f"User: Can you suggest something for lunch?\n"
+            f"{n}: How about a warm bowl of tomato soup with fresh bread?\n"
             f"User: Thanks, that's all for now.\n"
             f"{n}: You're welcome. Have a nice day!\n"
         )
@@ -116,12 +118,17 @@ class LocalLlamaLLM(LLM):
         system_prompt: str = "",
         data_base: Path | None = None,
         temperature: float = 0.7,
+        max_history_turns: int = 2,
     ) -> None:
         self.n_threads = n_threads or env_threads("VOICECLAW_LLM_THREADS", 2)
         self.n_ctx = n_ctx
         self.assistant_name = assistant_name
         self.system_prompt = system_prompt  # what warm() evaluates ahead of the first turn
         self.temperature = temperature
+        # Measured: with 8 past exchanges in view the base model copies its own
+        # earlier replies ("I'm looking for a ..." to every question); with 2 it
+        # answers each question. Chat-template models get the full history.
+        self.max_history_turns = max_history_turns
         self._model_path = model_path
         self._data_base = data_base
         self._llm = None
@@ -183,7 +190,7 @@ class LocalLlamaLLM(LLM):
         self.load()
         if self._chat:
             return 0
-        prompt = self._dialogue(messages).for_prefill([m for m in messages if m.role != "system"])
+        prompt = self._dialogue(messages).for_prefill(self._recent([m for m in messages if m.role != "system"]))
         with self._lock:
             llm = self._llm
             tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
@@ -206,9 +213,21 @@ class LocalLlamaLLM(LLM):
         system = next((m.content for m in messages if m.role == "system"), "")
         return DialoguePrompt(persona_name(messages, self.assistant_name), system)
 
+    def _recent(self, convo: list[ChatMessage]) -> list[ChatMessage]:
+        """The last ``max_history_turns`` exchanges, plus a trailing new user line.
+
+        Prefill (history only) and reply (history + new line) cut the history the
+        same way, so the prefilled tokens are a prefix of the reply prompt.
+        """
+        keep = 2 * max(0, self.max_history_turns)
+        if convo and convo[-1].role == "user":
+            past = convo[:-1]
+            return (past[-keep:] if keep else []) + [convo[-1]]
+        return convo[-keep:] if keep else []
+
     def _fit(self, prompt_for: Callable[[list[ChatMessage]], str], messages: list[ChatMessage], max_tokens: int) -> str:
         """Drop the oldest exchanges until the prompt fits the context window."""
-        convo = [m for m in messages if m.role != "system"]
+        convo = self._recent([m for m in messages if m.role != "system"])
         while True:
             prompt = prompt_for(convo)
             n = len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False))

@@ -86,7 +86,7 @@ class LocalWhisperSTT(STT):
     capabilities = STTCapabilities(streaming=False, interim_results=False)
 
     def __init__(self, *, cpu_threads: int | None = None, model_dir: Path | None = None, data_base: Path | None = None) -> None:
-        self.cpu_threads = cpu_threads or env_threads("VOICECLAW_STT_THREADS", 2)
+        self.cpu_threads = cpu_threads or env_threads("VOICECLAW_STT_THREADS", 1)
         self._model_dir = model_dir
         self._data_base = data_base
         self._model = None
