@@ -277,7 +277,9 @@ class OpenAITTS(TTS):
 
     async def synthesize_stream(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AsyncIterator[AudioClip]:
         """The chunk's audio as it arrives: its first :data:`FIRST_PIECE_MS` as soon as
-        they are here (playback starts on them), then the rest when complete.
+        they are here (playback starts on them), then pieces twice as long as the one
+        before, then the rest. Doubling keeps each piece ahead of playback whenever the
+        service is at least ~1.5x real time, with few files per chunk.
 
         Transient failures are retried only until the first piece was handed over;
         after that, repeating the chunk's start would be heard, so the error stands.
@@ -289,13 +291,15 @@ class OpenAITTS(TTS):
             meta: dict = {}
             buf = bytearray()
             handed = False
+            piece_ms = FIRST_PIECE_MS
             try:
                 async for pcm in self.stream_pcm(text, voice=voice, speed=speed, cancel=cancel, meta=meta):
                     buf += pcm
                     rate = meta.get("sample_rate", PCM_SAMPLE_RATE)
-                    if not handed and len(buf) >= 2 * rate * FIRST_PIECE_MS // 1000:
+                    if len(buf) >= 2 * rate * piece_ms // 1000:
                         piece, buf = bytes(buf), bytearray()
                         handed = True
+                        piece_ms *= 2
                         yield AudioClip.from_pcm16(piece, rate)
                 if cancel.cancelled:
                     return
