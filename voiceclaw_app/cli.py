@@ -165,6 +165,11 @@ def tempfile_dir() -> str:
     return tempfile.mkdtemp(prefix="voiceclaw-ask-")
 
 
+def _configured(provider):
+    """The configured provider itself, not a fallback wrapper's stand-in."""
+    return getattr(provider, "primary", provider)
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check every configured provider; exit 1 if any is not usable."""
     from .pipeline.diagnostics import check_llm, check_stt, check_tts
@@ -181,7 +186,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         ok = not problems
         checks = [
             ("LLM", lambda: check_llm(build_llm(settings, keys), settings.llm_model_voice, headers=settings.llm_headers)),
-            ("TTS", lambda: check_tts(build_tts(settings, keys), settings.tts_voice, settings.tts_speed)),
+            # check the configured service itself, not the embedded voice that would stand in for it
+            ("TTS", lambda: check_tts(_configured(build_tts(settings, keys)), settings.tts_voice, settings.tts_speed)),
             ("STT", lambda: check_stt(build_stt(settings, keys), settings.stt_language)),
         ]
         for label, make in checks:

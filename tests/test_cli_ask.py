@@ -1,0 +1,70 @@
+"""`cli ask` and `cli doctor` as a person runs them, against the local protocol servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from tests.servers.openai_chat import ChatBehavior, FakeChatServer
+from tests.servers.openai_speech import FakeSpeechServer, SpeechBehavior
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    full = {**os.environ, **env}
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "voiceclaw_app.cli", *args, cwd=ROOT, env=full, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+def cloud_env(chat: FakeChatServer, speech: FakeSpeechServer, tmp_path: Path, llm_key: str = "tok") -> dict[str, str]:
+    return {
+        "VOICECLAW_DATA_DIR": str(tmp_path / "data"),
+        "VOICECLAW_LLM_BASE_URL": chat.base_url,
+        "VOICECLAW_LLM_API_KEY": llm_key,
+        "VOICECLAW_LLM_MODEL": "openclaw:voice",
+        "VOICECLAW_LLM_HEADERS": '{"x-openclaw-agent-id": "voice"}',
+        "VOICECLAW_TTS": "openai",
+        "OPENAI_API_KEY": "sk-test",
+        "VOICECLAW_TTS_BASE_URL": speech.base_url,
+        "VOICECLAW_STT": "deepgram",
+        "DEEPGRAM_API_KEY": "",
+    }
+
+
+async def test_ask_streams_the_reply_and_writes_audio(tmp_path):
+    reply = "Sure, here is **your** answer. It has `two` sentences."
+    async with FakeChatServer(ChatBehavior(reply=reply, ttft_s=0.05), api_key="tok", gateway=True) as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=0.02, realtime_factor=20), api_key="sk-test") as speech:
+        rc, out, err = await run_cli("ask", "What's up?", "--speak", str(tmp_path / "audio"), env=cloud_env(chat, speech, tmp_path))
+        assert rc == 0, err
+        assert out.strip() == reply  # the original text, as the transcript shows it
+        assert "timings:" in err and "llm_first_token" in err
+        wavs = sorted((tmp_path / "audio").glob("*.wav"))
+        assert wavs and all(w.read_bytes()[:4] == b"RIFF" for w in wavs)
+        assert [b["input"] for b in speech.bodies] == ["Sure, here is your answer.", "It has two sentences."]
+        assert chat.bodies[0]["model"] == "openclaw:voice" and chat.requests[-1].headers["x-openclaw-agent-id"] == "voice"
+
+
+async def test_ask_explains_a_rejected_key(tmp_path):
+    async with FakeChatServer(ChatBehavior(reply="x"), api_key="right", gateway=True) as chat, FakeSpeechServer(api_key="sk-test") as speech:
+        rc, out, err = await run_cli("ask", "hi", env=cloud_env(chat, speech, tmp_path, llm_key="wrong"))
+        assert rc == 1
+        assert "The LLM gateway rejected the API key (HTTP 401)." in err
+        assert "wrong" not in out + err  # the key itself is never printed
+
+
+async def test_doctor_reports_each_provider_in_plain_words(tmp_path):
+    async with FakeChatServer(ChatBehavior(reply="ready", ttft_s=0.01), api_key="tok", gateway=True) as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=0.01), api_key="sk-test") as speech:
+        env = cloud_env(chat, speech, tmp_path)
+        rc, out, err = await run_cli("doctor", env=env)
+        assert "LLM [openai-compatible]: ok" in out and "first token after" in out
+        assert "TTS [" in out and "ok - Speaks" in out
+        assert "STT" in out and "Deepgram" in out  # no Deepgram key: said plainly
+        assert rc == 1
+        rc, out, err = await run_cli("doctor", env={**env, "VOICECLAW_LLM_API_KEY": "bad", "OPENAI_API_KEY": "sk-bad"})
+        assert rc == 1
+        assert "LLM [openai-compatible]: FAIL - The LLM gateway rejected the API key (HTTP 401)." in out
+        assert "rejected the API key" in out.split("TTS", 1)[1]
