@@ -268,14 +268,20 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return prev[-1] / len(ref)
 
 
-async def run_local(runs: int | None = None, silence_ms: int | None = None, *, verbose: bool = False) -> dict[str, Any]:
-    """Run the benchmark; returns the contract JSON object (``scenario`` = ``local``)."""
+async def run_local(runs: int | None = None, silence_ms: int | None = None, *, speculative: bool | None = None, prefill: bool = True, verbose: bool = False) -> dict[str, Any]:
+    """Run the benchmark; returns the contract JSON object (``scenario`` = ``local``).
+
+    ``speculative=False`` / ``prefill=False`` switch the overlaps off, to measure
+    what each one buys.
+    """
     from ..providers import engines
 
     runs = runs or DEFAULT_RUNS
     settings = VoiceSettings.from_env().replace(llm_base_url="", stt_provider="local", tts_provider="local")
     if silence_ms is not None:
         settings = settings.replace(vad_silence_ms=int(silence_ms))
+    if speculative is not None:
+        settings = settings.replace(speculative=bool(speculative))
     engines.configure(settings)
     t_load = time.monotonic()
     engines.start_warmup(settings=settings).join()
@@ -295,7 +301,7 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, v
             fx = fixtures[r % len(fixtures)]
             prepared = runner.prepare(history, "bench-local")
             detector = SileroTurnDetector(silence_ms=settings.vad_silence_ms, min_speech_ms=settings.vad_min_speech_ms, max_utterance_s=settings.max_utterance_s)
-            driver = SpeculativeTurnDriver(stt=stt, runner=runner, prepared=prepared, settings=settings, llm_prefill=llm.prefill)
+            driver = SpeculativeTurnDriver(stt=stt, runner=runner, prepared=prepared, settings=settings, llm_prefill=llm.prefill if prefill else None)
             try:
                 res = await play_fixture(fx, driver=driver, detector=detector, frame_ms=(20, 32)[r % 2], rng=rng)
             except Exception as exc:  # a benchmark reports failures, it does not stop at the first
@@ -320,6 +326,7 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, v
         "measured": "first_audio_ready - speech_end (fixture's last voiced sample), server side",
         "vad_silence_ms": settings.vad_silence_ms,
         "speculative": settings.speculative,
+        "prefill": prefill,
         "speculative_reused": sum(1 for r in results if r.get("speculative_reused")),
         "stt_wer": round(statistics.fmean(wers), 3) if wers else None,
         "engine_load_s": round(load_s, 1),
@@ -334,10 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench local", description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=None)
     p.add_argument("--silence-ms", type=int, default=None)
+    p.add_argument("--no-speculative", action="store_true", help="no work before the end of turn is decided")
+    p.add_argument("--no-prefill", action="store_true", help="no LLM prefill while the user speaks")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("-v", "--verbose", action="store_true", help="print each run as it finishes")
     args = p.parse_args(argv)
-    result = asyncio.run(run_local(args.runs, args.silence_ms, verbose=args.verbose))
+    result = asyncio.run(run_local(args.runs, args.silence_ms, speculative=False if args.no_speculative else None, prefill=not args.no_prefill, verbose=args.verbose))
     print(json.dumps(result, indent=None if args.json else 2))
     return 0 if result["errors"] == 0 else 1
 
