@@ -28,7 +28,7 @@ KEY_ENV = {
     "openai_api_key": "OPENAI_API_KEY",
 }
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: set() holds it while _read()/_fernet() take it again
 
 
 class Secret(str):
