@@ -155,8 +155,11 @@ def wait_ready(page, timeout_s: float = 180) -> None:
 
 
 def listener_available() -> bool:
+    """A streaming listener exists for the default (local) speech-to-text."""
+    import importlib.util
+
     try:
         from voiceclaw_app.providers.factory import build_listener  # noqa: F401
     except ImportError:
         return False
-    return True
+    return importlib.util.find_spec("voiceclaw_app.providers.local_listener") is not None
