@@ -92,7 +92,7 @@ def test_settings_validation_save_and_keys_never_leak(app_server, launch_browser
         pages_html.append(page.content())
     assert not any(SECRET in h for h in pages_html), "a key reached a page"
     assert received and not any(SECRET in f for f in received), "a key came back in a websocket frame"
-    db = data / "e2e.db"
+    db = data / "voiceclaw.db"
     if db.exists():
         con = sqlite3.connect(db)
         dump = "\n".join(con.iterdump())
