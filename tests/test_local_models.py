@@ -37,7 +37,17 @@ def _small_copy(src: Path, dst: Path, keep: int) -> None:
         dst.write_bytes(fh.read(keep))
 
 
-def test_whisper_is_assembled_once_then_reused(tmp_path):
+@pytest.fixture(scope="module")
+def assembled(tmp_path_factory):
+    """One joined Whisper copy shared by the tests below (145 MB), removed afterwards."""
+    base = tmp_path_factory.mktemp("whisper-data")
+    whisper_model_dir(base)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_whisper_is_assembled_once_then_reused(assembled):
+    tmp_path = assembled
     first = whisper_model_dir(tmp_path)
     model = first / "model.bin"
     assert model.stat().st_size == WHISPER_MODEL_SIZE
@@ -49,7 +59,8 @@ def test_whisper_is_assembled_once_then_reused(tmp_path):
     assert model.stat().st_mtime_ns == mtime
 
 
-def test_damaged_cached_whisper_is_rebuilt_from_the_packages(tmp_path):
+def test_damaged_cached_whisper_is_rebuilt_from_the_packages(assembled):
+    tmp_path = assembled
     model = whisper_model_dir(tmp_path) / "model.bin"
     with model.open("r+b") as fh:
         fh.truncate(1000)
@@ -98,10 +109,10 @@ def test_gemma_override_that_does_not_exist(monkeypatch, tmp_path):
     assert "VOICECLAW_LOCAL_GGUF" in err.value.user_message
 
 
-def test_gemma_assembles_into_the_data_dir(tmp_path):
-    path = gemma_gguf_path(tmp_path)
-    assert path.parent == tmp_path / "models" and path.stat().st_size > 200_000_000
-    assert gemma_gguf_path(tmp_path) == path
+def test_gemma_assembles_into_the_data_dir():
+    path = gemma_gguf_path()  # the shared models folder, which the LLM tests use too
+    assert path.parent == local_models.models_root() and path.stat().st_size > 200_000_000
+    assert gemma_gguf_path() == path
 
 
 def test_piper_truncated_voice_names_its_package(tmp_path):
@@ -203,7 +214,8 @@ def test_warmup_returns_at_once_and_loads_each_engine_once(registry):
     assert mem["process_rss_mb"] > 10 and mem["stt_load_ms"] is not None
 
 
-def test_data_dir_layout_is_documented_in_markers(tmp_path):
+def test_data_dir_layout_is_documented_in_markers(assembled):
+    tmp_path = assembled
     whisper_model_dir(tmp_path)
     marker = json.loads((tmp_path / "models" / "whisper-base" / ".verified.json").read_text())
     assert any(k.startswith("model.bin:") for k in marker["verified"])
