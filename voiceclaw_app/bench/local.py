@@ -308,6 +308,7 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
                 res = {"fixture": fx.name, "error": f"{type(exc).__name__}: {exc}", "time_to_first_audio_ms": None, "stages_ms": {}}
             finally:
                 await driver.aclose()
+                detector.close()
             results.append(res)
             if verbose:
                 print(json.dumps(res), flush=True)

@@ -84,7 +84,12 @@ class _VadProcess:
             proc = self._ensure()
             try:
                 proc.stdin.write(_HEADER.pack(op, ctx, len(payload)) + payload)
-                reply = proc.stdout.read(reply_size)
+                reply = b""
+                while len(reply) < reply_size:  # a pipe read may return part of the reply
+                    part = proc.stdout.read(reply_size - len(reply))
+                    if not part:
+                        break
+                    reply += part
             except (BrokenPipeError, OSError) as exc:
                 reply, err = b"", exc
             else:
