@@ -31,12 +31,26 @@ def _session() -> Session:
 
 
 # ---------------------------------------------------------------- conversations
-def create_conversation(title: str = "New conversation") -> Conversation:
+def create_conversation(title: str = "New conversation", conversation_id: str | None = None) -> Conversation:
     with _session() as s:
-        conv = Conversation(title=title[:200])
+        conv = Conversation(title=title[:200]) if not conversation_id else Conversation(id=conversation_id, title=title[:200])
         s.add(conv)
         s.commit()
         return conv
+
+
+def ensure_conversation(conversation_id: str | None) -> Conversation:
+    """The conversation with this id, created on its first message.
+
+    A voice turn's request is built (and its gateway session key chosen) while the
+    user is still speaking, before anything is stored: the id is picked then and
+    the row written only once there are words to keep.
+    """
+    if conversation_id:
+        existing = get_conversation(conversation_id)
+        if existing is not None:
+            return existing
+    return create_conversation(conversation_id=conversation_id or None)
 
 
 def get_conversation(conversation_id: str) -> Conversation | None:

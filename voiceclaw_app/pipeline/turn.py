@@ -93,9 +93,13 @@ class TurnRunner:
     def prepare(self, history: list[ChatMessage], conversation_id: str, spoken: bool = True) -> PreparedRequest:
         return build_request(self.settings, history, conversation_id, spoken)
 
-    async def warm(self) -> None:
-        """Warm connections/models when the user starts speaking; never fails the turn."""
+    async def warm(self, prepared: PreparedRequest | None = None) -> None:
+        """When the user starts speaking: warm connections and models, and let the LLM
+        evaluate the request's prefix (history) now rather than after the last word.
+        Never fails the turn."""
         coros = [self.llm.warm()] + ([self.tts.warm()] if self.tts is not None else [])
+        if prepared is not None:
+            coros.append(self.llm.prefill(prepared.base.messages))
         for result in await asyncio.gather(*coros, return_exceptions=True):
             if isinstance(result, Exception):
                 log.debug("warm-up failed: %s", result)

@@ -127,6 +127,8 @@ class LocalListener(Listener):
                 self._spec = _Speculation(ev.pcm, self._spawn(self._preliminary(ev, cancel)), cancel)
             elif isinstance(ev, sv.SpeechResumed):
                 self._drop_speculation()
+                # speaking again after a pause: a turn started on that pause is stale
+                self._q.put_nowait(SpeechStarted(t_ms=ev.t_ms, source="vad"))
             elif isinstance(ev, sv.MaxLengthCut):
                 self._q.put_nowait(ListenNotice(ev.message, kind="max_length"))
             elif isinstance(ev, sv.EndOfTurn):

@@ -19,7 +19,10 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ..pipeline.timing import TurnMarks, now_ms
+from ..db.models import new_id
+from ..pipeline.preemptive import TurnStarter
+from ..pipeline.timing import now_ms
+from ..providers.base import EndOfTurn, InterimTranscript, ListenNotice, SpeechStarted
 from ..states import services, turns
 
 log = logging.getLogger("voiceclaw.ws")
@@ -37,10 +40,12 @@ class VoiceSession:
         self._starting: asyncio.Task | None = None
         self._buffer: list[tuple[bytes, float]] = []
         self._events_task: asyncio.Task | None = None
-        self._prepare_task: asyncio.Task | None = None
+        self.starter: TurnStarter | None = None
+        self._fresh_conversation = ""
         self._send_lock = asyncio.Lock()
         self.closed = False
         self.samples = 0
+        self.conversation_id = ""
 
     async def send(self, msg: dict) -> None:
         if self.closed:
@@ -61,6 +66,7 @@ class VoiceSession:
             await self.send({"type": "error", "message": msg})
             return
         self.listener = listener
+        self.starter = TurnStarter(self._prepare, speculative=settings.speculative)
         self._events_task = asyncio.get_running_loop().create_task(self._consume(listener))
         buffered, self._buffer = self._buffer, []
         for pcm, t in buffered:
@@ -91,6 +97,10 @@ class VoiceSession:
         if self._events_task is not None:
             self._events_task.cancel()
             self._events_task = None
+        starter, self.starter = self.starter, None
+        if starter is not None:
+            with contextlib.suppress(Exception):
+                await starter.aclose()
         if listener is not None:
             with contextlib.suppress(Exception):
                 await listener.aclose()
@@ -107,16 +117,26 @@ class VoiceSession:
             msg = getattr(exc, "user_message", None) or f"Listening failed: {exc}"
             await turns.notify(self.token, lambda s, c: _set_error(c, msg))
 
+    async def _prepare(self) -> tuple[Any, Any]:
+        """At speech start (TurnStarter): runner + request for this tab's conversation.
+
+        A tab with no conversation yet gets its id now, so the gateway session key
+        (history mode "server") is fixed before the first word is stored."""
+        conv, muted = await _conversation_and_mute(self.token)
+        if not conv:
+            self._fresh_conversation = self._fresh_conversation or new_id()
+            conv = self._fresh_conversation
+        self.conversation_id = conv
+        if self.starter is not None:
+            self.starter.speak = not muted
+        return await turns.prepare_runner(conv)
+
     async def _on_listen_event(self, ev: Any) -> None:
-        kind = type(ev).__name__
         token = self.token
-        if kind == "SpeechStarted":
+        if isinstance(ev, SpeechStarted):
             if turns.active(token) is not None and not turns.in_echo_guard(token):
                 await self.barge_in()
-            if turns.active(token) is None:
-                conv = await _conversation_of(token)
-                self._prepare_task = asyncio.get_running_loop().create_task(turns.prepare_for(token, conv))
-        elif kind == "InterimTranscript":
+        elif isinstance(ev, InterimTranscript):
             text = ev.text
 
             def apply(stream, chat) -> None:
@@ -125,22 +145,23 @@ class VoiceSession:
                     chat.status = "listening"
 
             await turns.notify(token, apply)
-        elif kind == "EndOfTurn":
-            text = (ev.text or "").strip()
-            prepared = None
-            if self._prepare_task is not None:
-                if self._prepare_task.done() and not self._prepare_task.cancelled() and self._prepare_task.exception() is None:
-                    prepared = self._prepare_task.result()
-                self._prepare_task = None
-            if not text:
-                await turns.notify(token, lambda s, c: setattr(s, "user_interim", ""))
-                return
-            marks = TurnMarks(speech_end=ev.speech_end_ms, eot_decided=ev.eot_ms, stt_final=ev.stt_final_ms)
-            conv, muted = await _conversation_and_mute(token)
-            turns.start_turn(token, text, speak=not muted, spoken_input=True, conversation_id=conv, marks=marks, prepared=prepared)
-        elif kind == "ListenNotice":
+        elif isinstance(ev, ListenNotice):
             msg = ev.message
             await turns.notify(token, lambda s, c: setattr(c, "notice", msg))
+        elif isinstance(ev, EndOfTurn) and not (ev.text or "").strip():
+            await turns.notify(token, lambda s, c: setattr(s, "user_interim", ""))
+        if self.starter is None:
+            return
+        try:
+            committed = await self.starter.handle(ev)
+        except Exception as exc:  # settings or provider set-up failed: say so, keep listening
+            log.exception("could not start the turn")
+            msg = getattr(exc, "user_message", None) or f"Could not start the turn: {exc}"
+            await turns.notify(token, lambda s, c: _set_error(c, msg))
+            return
+        if committed is not None:
+            self._fresh_conversation = ""
+            turns.start_turn(token, committed.text, speak=self.starter.speak, spoken_input=True, conversation_id=self.conversation_id, early=committed.turn)
 
     async def barge_in(self) -> None:
         await self.send({"type": "barge_in", "server_time_ms": now_ms()})
@@ -192,11 +213,6 @@ def _mark_taken_over(stream, chat) -> None:
     chat.notice = "The microphone was taken over by another tab."
     if chat.status == "listening":
         chat.status = "idle"
-
-
-async def _conversation_of(token: str) -> str:
-    conv, _ = await _conversation_and_mute(token)
-    return conv
 
 
 async def _conversation_and_mute(token: str) -> tuple[str, bool]:

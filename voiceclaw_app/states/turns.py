@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from ..db import repo
+from ..pipeline.preemptive import EarlyTurn
 from ..pipeline.timing import TurnMarks, now_ms
 from ..providers.base import CancelToken
 from . import services
@@ -152,29 +153,40 @@ def start_turn(
     conversation_id: str = "",
     marks: TurnMarks | None = None,
     prepared: Any = None,
+    early: EarlyTurn | None = None,
 ) -> ActiveTurn:
+    """Run a turn for the tab; ``early`` is a turn the voice session already started
+    at the pause (its held-back events are shown now)."""
     interrupt(token, reason="new turn")
-    turn = ActiveTurn(turn_id=secrets.token_hex(6), token=token, conversation_id=conversation_id, speak=speak, marks=marks or TurnMarks())
+    turn = ActiveTurn(turn_id=secrets.token_hex(6), token=token, conversation_id=conversation_id, speak=speak, marks=early.marks if early is not None else marks or TurnMarks())
+    if early is not None:
+        turn.cancel = early.cancel
     if turn.marks.stt_final is None:
         turn.marks.mark("stt_final")
     ACTIVE[token] = turn
-    turn.task = asyncio.get_running_loop().create_task(_run(turn, text, spoken_input, prepared))
+    turn.task = asyncio.get_running_loop().create_task(_run(turn, text, spoken_input, prepared, early))
     return turn
 
 
-async def prepare_for(token: str, conversation_id: str) -> Any:
-    """At speech start: build the request early and warm connections/models."""
+async def prepare_runner(conversation_id: str) -> tuple[Any, Any]:
+    """At speech start: the runner and the request (settings + bounded history), and
+    providers warmed for it in the background (connections, the local LLM's prompt)."""
     settings = await services.load_settings()
     runner = await services.get_runner(settings)
     history = await services.history_for(conversation_id, settings)
-    prepared = runner.prepare(history, conversation_id or "new", spoken=True)
-    asyncio.get_running_loop().create_task(_warm(runner))
-    return prepared
+    prepared = runner.prepare(history, conversation_id, spoken=True)
+    task = asyncio.get_running_loop().create_task(_warm(runner, prepared))
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+    return runner, prepared
 
 
-async def _warm(runner: Any) -> None:
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+async def _warm(runner: Any, prepared: Any) -> None:
     try:
-        await runner.warm()
+        await runner.warm(prepared)
     except Exception:
         log.debug("warm-up failed", exc_info=True)
 
@@ -188,16 +200,15 @@ async def notify(token: str, fn: Callable[[StreamState, ChatState], None]) -> No
 
 
 # ---------------------------------------------------------------- the turn
-async def _run(turn: ActiveTurn, text: str, spoken_input: bool, prepared: Any) -> None:
+async def _run(turn: ActiveTurn, text: str, spoken_input: bool, prepared: Any, early: EarlyTurn | None = None) -> None:
     token = turn.token
     error = ""
     flusher: asyncio.Task | None = None
     try:
         settings = await services.load_settings()
-        if not turn.conversation_id:
-            conv = await asyncio.to_thread(repo.create_conversation)
-            turn.conversation_id = conv.id
-        history = None if prepared is not None else await services.history_for(turn.conversation_id, settings)
+        conv = await asyncio.to_thread(repo.ensure_conversation, turn.conversation_id)
+        turn.conversation_id = conv.id
+        history = None if prepared is not None or early is not None else await services.history_for(turn.conversation_id, settings)
         user = await asyncio.to_thread(repo.add_user_message, turn.conversation_id, text, spoken_input)
         reply = await asyncio.to_thread(repo.start_assistant_message, turn.conversation_id, turn.speak)
         turn.message_id = reply.id
@@ -214,11 +225,14 @@ async def _run(turn: ActiveTurn, text: str, spoken_input: bool, prepared: Any) -
             stream.reset_turn(turn.turn_id)
 
         await notify(token, begin)
-        runner = await services.get_runner(settings)
-        if prepared is None:
-            prepared = runner.prepare(history or [], turn.conversation_id, spoken=turn.speak)
         flusher = asyncio.get_running_loop().create_task(_flush_loop(turn))
-        gen = runner.run(prepared, text, marks=turn.marks, cancel=turn.cancel, speak=turn.speak)
+        if early is not None:
+            gen = early.events()
+        else:
+            runner = await services.get_runner(settings)
+            if prepared is None:
+                prepared = runner.prepare(history or [], turn.conversation_id, spoken=turn.speak)
+            gen = runner.run(prepared, text, marks=turn.marks, cancel=turn.cancel, speak=turn.speak)
         try:
             async for ev in gen:
                 await _on_event(turn, ev)
