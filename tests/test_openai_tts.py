@@ -14,7 +14,7 @@ import wave
 import pytest
 
 from tests.servers.openai_speech import MS_PER_CHAR, SAMPLE_RATE, FakeSpeechServer, SpeechBehavior
-from voiceclaw_app.providers.base import AuthError, BadRequestError, CancelToken, ProviderTimeout, RateLimitError, ServerError, StreamDropped
+from voiceclaw_app.providers.base import AuthError, BadRequestError, CancelToken, ProviderTimeout, ServerError, StreamDropped
 from voiceclaw_app.providers.openai_tts import OpenAITTS, tts_base_url_from_env
 
 KEY = "sk-test-123"

@@ -6,7 +6,6 @@ The app/browser helpers are shared with the browser benchmark.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -55,12 +54,3 @@ def launch_browser():
 def screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def listener_available() -> bool:
-    """A streaming listener exists for the default (local) speech-to-text."""
-    try:
-        from voiceclaw_app.providers.factory import build_listener  # noqa: F401
-    except ImportError:
-        return False
-    return importlib.util.find_spec("voiceclaw_app.providers.local_listener") is not None

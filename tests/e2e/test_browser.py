@@ -3,13 +3,14 @@ spoken turn and barge-in through the fake microphone."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
 
 import pytest
 
-from .conftest import build_mic_wav, listener_available, screenshot, wait_ready
+from .conftest import build_mic_wav, screenshot, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -29,6 +30,10 @@ def _poll(fn, timeout_s: float, step: float = 0.25):
 
 def _settings_loaded(page) -> None:
     page.wait_for_function("document.querySelector('#tts_parallel') && document.querySelector('#tts_parallel').value !== ''", timeout=15000)
+
+
+def _saved(page) -> None:
+    page.wait_for_function("document.querySelector('#settings-message') && document.querySelector('#settings-message').innerText.includes('Saved')", timeout=10000)
 
 
 def _played(page) -> int:
@@ -77,7 +82,7 @@ def test_settings_validation_save_and_keys_never_leak(app_server, launch_browser
     page.fill("#llm_headers", "")
     page.fill("#openai_api_key", SECRET)
     page.click("#save-settings")
-    page.wait_for_function("document.querySelector('#settings-message') && document.querySelector('#settings-message').innerText.includes('Saved')", timeout=10000)
+    _saved(page)
     assert page.text_content("#key-status-openai_api_key").strip() == "set"
     assert page.input_value("#openai_api_key") == ""
     screenshot(page, "settings")
@@ -127,14 +132,10 @@ def test_history_shows_turns_and_waterfall(app_server, launch_browser):
     assert dl.value.suggested_filename.endswith(".md")
 
 
-needs_listener = pytest.mark.skipif(not listener_available(), reason="no streaming listener (providers.factory) in this build")
-
-
-@needs_listener
 def test_spoken_turn_hands_free(app_server, launch_browser, tmp_path):
     base, _, _ = app_server
     wav = tmp_path / "mic.wav"
-    info = build_mic_wav([("q_capital", 20.0)], wav, lead_silence_s=1.5)
+    build_mic_wav([("q_capital", 20.0)], wav, lead_silence_s=1.5)
     page = launch_browser(wav).new_page()
     page.goto(base + "/")
     wait_ready(page)
@@ -153,19 +154,48 @@ def test_spoken_turn_hands_free(app_server, launch_browser, tmp_path):
     assert "voice-to-voice" in page.text_content("#latency-waterfall")
 
 
-@needs_listener
 def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, tmp_path):
     base, _, _ = app_server
     wav = tmp_path / "mic.wav"
     # a question that invites a long answer, a pause long enough for the reply to start, then an interruption
-    build_mic_wav([("q_music", 5.0), ("q_time", 20.0)], wav, lead_silence_s=1.5)
+    # the second question starts ~2 s after the first ends: the reply (first audio ~1 s
+    # after speech end) is playing then, past the 300 ms self-echo guard
+    build_mic_wav([("q_music", 2.0), ("q_time", 20.0)], wav, lead_silence_s=1.5)
     page = launch_browser(wav).new_page()
+    # a slow voice makes even a one-sentence reply long enough to interrupt
+    page.goto(base + "/settings")
+    _settings_loaded(page)
+    page.fill("#tts_speed", "0.5")
+    page.click("#save-settings")
+    _saved(page)
     page.goto(base + "/")
     wait_ready(page)
-    # make the reply long enough to interrupt: no limit issues, ask for more words via the prompt
     page.click("#voice-button")
     assert _poll(lambda: _played(page) >= 1, 60), "the first reply never played"
     stopped = _poll(lambda: page.get_attribute("#audio-queue", "data-state") == "stopped" or page.query_selector(".vc-interrupted"), 40)
     assert stopped, "playback was not interrupted"
     assert _poll(lambda: page.query_selector("#transcript .vc-interrupted"), 30), "the reply was not marked interrupted"
+    played = _played(page)
     page.click("#stop-button")
+    # the history keeps the reply up to the last chunk actually played, marked interrupted
+    base_dir = app_server[1]
+    rows = _poll(lambda: _interrupted_replies(base_dir), 15)
+    assert rows, "no interrupted reply stored"
+    content, audio_ids = rows[0]
+    assert len(json.loads(audio_ids)) >= 1
+    assert played >= 1 and (content.strip() or played == 0)
+    page.goto(base + "/settings")
+    _settings_loaded(page)
+    page.fill("#tts_speed", "1")
+    page.click("#save-settings")
+    _saved(page)
+
+
+def _interrupted_replies(data_dir):
+    import sqlite3
+
+    db = sqlite3.connect(str(data_dir / "voiceclaw.db"))
+    try:
+        return db.execute("select content, audio_ids from vc_message where role='assistant' and interrupted=1 order by id").fetchall()
+    finally:
+        db.close()

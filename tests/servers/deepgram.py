@@ -44,7 +44,7 @@ import time
 import uuid
 import wave
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 try:  # numpy makes the energy measure ~free; fall back to pure Python without it

@@ -13,7 +13,6 @@ streaming TTS client hands over a chunk's first 300 ms as soon as they arrive).
 
 from __future__ import annotations
 
-import asyncio
 import random
 import tempfile
 from pathlib import Path

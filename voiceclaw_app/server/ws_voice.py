@@ -134,7 +134,7 @@ class VoiceSession:
     async def _on_listen_event(self, ev: Any) -> None:
         token = self.token
         if isinstance(ev, SpeechStarted):
-            if turns.active(token) is not None and not turns.in_echo_guard(token):
+            if turns.speaking(token) and not turns.in_echo_guard(token):
                 await self.barge_in()
         elif isinstance(ev, InterimTranscript):
             text = ev.text

@@ -80,6 +80,7 @@ class ActiveTurn:
     interrupted: bool = False
     done: bool = False
     error: str = ""
+    playing: bool = False  # the browser is playing this turn's audio (may outlive the turn)
 
 
 ACTIVE: dict[str, ActiveTurn] = {}
@@ -94,8 +95,16 @@ def active(token: str) -> ActiveTurn | None:
     return t if t is not None and not t.done else None
 
 
+def speaking(token: str) -> bool:
+    """The assistant is producing or playing a reply: the server finishes a turn
+    (all audio synthesized) seconds before the browser has played it."""
+    t = ACTIVE.get(token)
+    return t is not None and (not t.done or t.playing)
+
+
 def in_echo_guard(token: str) -> bool:
-    t = active(token)
+    """Within the first ~300 ms of playback: a speech start then is likely our own voice."""
+    t = ACTIVE.get(token)
     if t is None or t.playback_started_ms is None:
         return False
     return now_ms() - t.playback_started_ms < ECHO_GUARD_MS
@@ -128,10 +137,37 @@ def audio_report(token: str, data: dict) -> None:
             t.marks.mark("first_audio_playing", float(data["server_ms"]))
             if t.done:
                 _late_playing(turn_id, float(data["server_ms"]))
+        if kind == "first_playing":
+            t.playing = True
+        if kind in ("stopped", "ended"):
+            t.playing = False
         if kind in ("stopped",) and data.get("played") is not None:
             t.played = max(t.played, int(data["played"]))
+            if t.done and t.speak and not t.interrupted:
+                # playback stopped mid-reply after the turn finished synthesizing
+                # (barge-in, Stop): keep what was played, marked interrupted
+                t.interrupted = True
+                task = asyncio.get_running_loop().create_task(_store_cut(t))
+                _BACKGROUND.add(task)
+                task.add_done_callback(_BACKGROUND.discard)
     elif kind == "first_playing" and data.get("server_ms") is not None:
         _late_playing(turn_id, float(data["server_ms"]))
+
+
+async def _store_cut(turn: ActiveTurn) -> None:
+    """Keep the reply up to the last chunk played, marked interrupted, in the DB and on the page."""
+    content = _stored_reply(turn)
+    if turn.message_id is not None:
+        try:
+            await asyncio.to_thread(repo.update_assistant_message, turn.message_id, content, [a for a, _ in turn.chunks], finished=True, interrupted=True)
+        except Exception:
+            log.exception("could not store the interrupted reply")
+    mid = str(turn.message_id or "")
+
+    def apply(stream: StreamState, chat: ChatState) -> None:
+        chat.messages = [({**m, "content": content, "interrupted": "1"} if m.get("id") == mid and m.get("role") == "assistant" else m) for m in chat.messages]
+
+    await notify(turn.token, apply)
 
 
 def _late_playing(turn_id: str, server_ms: float) -> None:
