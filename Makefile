@@ -58,8 +58,14 @@ data/.models-stamp: .venv/.deps-stamp
 	$(PY) -c "from voiceclaw_app.providers.local_models import whisper_model_dir, gemma_gguf_path, piper_voice_files as p; print(whisper_model_dir(), gemma_gguf_path(), p()[0])"
 	touch $@
 
+# Loopback only unless VOICECLAW_HOST says otherwise: browsers give the mic only to
+# https origins or localhost, so reach it from elsewhere through a TLS proxy or a
+# tunnel (see the README), which connects to this loopback port.
+VOICECLAW_HOST ?= 127.0.0.1
+PORT ?= 3000
+
 run: setup
-	$(PY) -m reflex run --env prod
+	$(PY) -m reflex run --env prod --backend-host $(VOICECLAW_HOST) --frontend-port $(PORT) --backend-port $(PORT)
 
 test: setup
 	@mkdir -p test-artifacts
