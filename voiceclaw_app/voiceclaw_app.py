@@ -37,6 +37,7 @@ async def startup() -> None:
     except Exception:
         log.exception("startup recovery failed (has `reflex db migrate` run?)")
     services.start_engine_warmup()
+    asyncio.get_running_loop().create_task(services.warm_default_runner())
 
 
 app = rx.App(

@@ -82,9 +82,11 @@ def build_request(settings: VoiceSettings, history: list[ChatMessage], conversat
 class TurnRunner:
     """Runs turns with one set of providers and settings (rebuild it when they change)."""
 
-    def __init__(self, *, llm: LLM, tts: TTS | None, audio_store: AudioStore, settings: VoiceSettings, cache: TTSCache | None = None, phrases: PhraseBook | None = None):
+    def __init__(self, *, llm: LLM, tts: TTS | None, audio_store: AudioStore, settings: VoiceSettings, cache: TTSCache | None = None, phrases: PhraseBook | None = None, speech_unavailable: str | None = None):
         self.llm = llm
         self.tts = tts
+        #: why there is no TTS (e.g. the voice's model files are damaged): said on spoken turns
+        self.speech_unavailable = speech_unavailable
         self.store = audio_store
         self.settings = settings
         self.cache = cache or TTSCache(audio_store)
@@ -109,6 +111,8 @@ class TurnRunner:
         cancel = cancel or CancelToken()
         marks.mark("stt_final")
         yield UserText(user_text)
+        if speak and self.tts is None and self.speech_unavailable:
+            yield TurnNotice(f"{self.speech_unavailable} Replies are text only for now.")
         turn = _Turn(self, prepared, user_text, marks, cancel, speak and self.tts is not None)
         finished = False
         try:

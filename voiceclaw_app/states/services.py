@@ -49,53 +49,54 @@ def _snapshot_key(settings: VoiceSettings, keys: Any) -> str:
 
 
 async def get_runner(settings: VoiceSettings):
-    """A TurnRunner for these settings (cached; built off the event loop)."""
+    """A TurnRunner for these settings (cached; built off the event loop).
+
+    A voice that cannot load (missing model files, no key) leaves text chat working:
+    the runner then has no TTS and each spoken turn says why.
+    """
+    from ..pipeline.turn import TurnRunner  # the pipeline's orchestrator
+    from ..providers.base import ProviderError
+    from ..providers.factory import build_llm, build_tts
+
     keys = await asyncio.to_thread(key_store().load)
     key = _snapshot_key(settings, keys)
     runner = _runner_cache.get(key)
     if runner is not None:
         return runner
-    from ..pipeline.turn import TurnRunner  # the pipeline's orchestrator
-
-    build_llm, build_tts = _builders()
-
     llm = await asyncio.to_thread(build_llm, settings, keys)
-    tts = await asyncio.to_thread(build_tts, settings, keys)
-    runner = TurnRunner(llm=llm, tts=tts, audio_store=audio_store(), settings=settings)
+    tts, problem = None, None
+    try:
+        tts = await asyncio.to_thread(build_tts, settings, keys)
+    except ProviderError as exc:
+        problem = exc.user_message
+        log.warning("no voice: %s", problem)
+    runner = TurnRunner(llm=llm, tts=tts, audio_store=audio_store(), settings=settings, speech_unavailable=problem)
     old = list(_runner_cache.values())
     _runner_cache.clear()
     _runner_cache[key] = runner
     for r in old:  # release the previous snapshot's connections
         close = getattr(getattr(r, "llm", None), "aclose", None)
         if close is not None:
-            asyncio.create_task(_quiet(close()))
+            _spawn(_quiet(close()))
+    _spawn(_quiet(runner.phrases.prefetch()))  # "one moment", apologies: ready before they are needed
     return runner
 
 
-def _builders():
-    """The provider factory's builders; a minimal local/OpenAI-compatible set until it lands."""
+_BACKGROUND: set[asyncio.Task] = set()
+
+
+def _spawn(coro) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+async def warm_default_runner() -> None:
+    """At startup: build the runner for the saved settings and synthesize the fixed phrases."""
     try:
-        from ..providers.factory import build_llm, build_tts
-
-        return build_llm, build_tts
-    except ImportError:
-        pass
-
-    def build_llm(settings: VoiceSettings, keys: Any):
-        if settings.uses_local_llm:
-            from ..providers import engines
-
-            return engines.get_llm()
-        from ..providers.openai_llm import OpenAICompatLLM
-
-        return OpenAICompatLLM(settings.llm_base_url, str(keys.llm_api_key), settings.llm_headers)
-
-    def build_tts(settings: VoiceSettings, keys: Any):
-        from ..providers import engines
-
-        return engines.get_tts()
-
-    return build_llm, build_tts
+        await get_runner(await load_settings())
+    except Exception:
+        log.exception("could not prepare the turn runner at startup")
 
 
 async def build_listener(settings: VoiceSettings):
