@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import wave
 from pathlib import Path
@@ -26,29 +25,17 @@ from .providers.base import STT, TTS, CancelToken, ProviderError
 
 
 def _make_stt(settings: VoiceSettings) -> STT:
-    if settings.stt_provider == "deepgram":
-        from .providers.deepgram_stt import DeepgramSTT
+    from .providers.factory import build_stt
+    from .secrets import KeyStore
 
-        key = os.environ.get("DEEPGRAM_API_KEY", "")
-        if key:
-            return DeepgramSTT(api_key=key, url=os.environ.get("VOICECLAW_DEEPGRAM_URL") or None)
-        print("DEEPGRAM_API_KEY is not set: using the embedded Whisper engine.", file=sys.stderr)
-    from .providers.local_stt import LocalWhisperSTT
-
-    return LocalWhisperSTT()
+    return build_stt(settings, KeyStore().load())
 
 
 def _make_tts(settings: VoiceSettings) -> TTS:
-    if settings.tts_provider == "openai":
-        from .providers.openai_tts import OpenAITTS
+    from .providers.factory import build_tts
+    from .secrets import KeyStore
 
-        key = os.environ.get("OPENAI_API_KEY", "")
-        if key:
-            return OpenAITTS(base_url=os.environ.get("VOICECLAW_TTS_BASE_URL") or None, api_key=key, model=settings.tts_model)
-        print("OPENAI_API_KEY is not set: using the embedded Piper engine.", file=sys.stderr)
-    from .providers.local_tts import LocalPiperTTS
-
-    return LocalPiperTTS()
+    return build_tts(settings, KeyStore().load())
 
 
 def read_wav(path: Path) -> tuple[bytes, int]:
@@ -74,7 +61,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     except (OSError, EOFError, ValueError, wave.Error) as exc:
         print(f"Cannot read {args.file}: {exc}", file=sys.stderr)
         return 2
-    stt = _make_stt(settings)
+    try:
+        stt = _make_stt(settings)
+    except ProviderError as exc:
+        print(exc.user_message, file=sys.stderr)
+        return 1
 
     async def run() -> str:
         try:
@@ -95,7 +86,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 def cmd_speak(args: argparse.Namespace) -> int:
     """Synthesize ``text`` to a WAV file."""
     settings = VoiceSettings.from_env()
-    tts = _make_tts(settings)
+    try:
+        tts = _make_tts(settings)
+    except ProviderError as exc:
+        print(exc.user_message, file=sys.stderr)
+        return 1
     speed = args.speed if args.speed is not None else settings.tts_speed
 
     async def run():
