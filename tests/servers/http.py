@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable
 
 
@@ -133,3 +133,47 @@ class RawHTTPServer:
                 writer.close()
             except Exception:
                 pass
+
+
+class FakeServer:
+    """What the fake OpenAI-style servers share: lifecycle, URLs, per-request behaviours.
+
+    Subclasses (dataclasses) have ``behavior`` (the default), ``queue`` (behaviours for
+    the next requests, consumed first), ``_http`` and an ``async _handle(req, out)``.
+    """
+
+    async def start(self):
+        self._http = await RawHTTPServer(self._handle).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._http:
+            await self._http.stop()
+
+    async def __aenter__(self):
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    @property
+    def base_url(self) -> str:
+        assert self._http is not None
+        return f"{self._http.url}/v1"
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted so far (to observe keep-alive reuse)."""
+        return self._http.connections if self._http else 0
+
+    @property
+    def requests(self) -> list[Request]:
+        return self._http.requests if self._http else []
+
+    def then(self, **changes):
+        """Queue a behaviour (the default one with ``changes``) for the next request."""
+        self.queue.append(replace(self.behavior, **changes))
+        return self
+
+    def next_behavior(self):
+        return self.queue.popleft() if self.queue else self.behavior

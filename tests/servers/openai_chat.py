@@ -16,10 +16,10 @@ import json
 import re
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
-from .http import RawHTTPServer, Request, Responder
+from .http import FakeServer, RawHTTPServer, Request, Responder
 
 GATEWAY_MODEL_RE = re.compile(r"^(openclaw|openclaw[:/].+|agent:.+)$")
 
@@ -61,7 +61,7 @@ def default_reply(messages: list[dict]) -> str:
 
 
 @dataclass
-class FakeChatServer:
+class FakeChatServer(FakeServer):
     """``/v1/chat/completions`` (SSE) and ``/v1/models``; ``await start()`` then ``base_url``."""
 
     behavior: ChatBehavior = field(default_factory=ChatBehavior)
@@ -73,37 +73,6 @@ class FakeChatServer:
     first_token_at: list[float] = field(default_factory=list)  # monotonic s, per request
     _http: RawHTTPServer | None = None
 
-    async def start(self) -> "FakeChatServer":
-        self._http = await RawHTTPServer(self._handle).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._http:
-            await self._http.stop()
-
-    async def __aenter__(self) -> "FakeChatServer":
-        return await self.start()
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        assert self._http is not None
-        return f"{self._http.url}/v1"
-
-    @property
-    def connections(self) -> int:
-        return self._http.connections if self._http else 0
-
-    @property
-    def requests(self) -> list[Request]:
-        return self._http.requests if self._http else []
-
-    def then(self, **changes) -> "FakeChatServer":
-        """Queue a behaviour for the next request (builder style)."""
-        self.queue.append(replace(self.behavior, **changes))
-        return self
 
     # ------------------------------------------------------------------
     async def _handle(self, req: Request, out: Responder) -> bool:
@@ -116,7 +85,7 @@ class FakeChatServer:
         if req.method != "POST" or not req.path.rstrip("/").endswith("/chat/completions"):
             await out.send(404, b'{"error":{"message":"Not found"}}')
             return True
-        b = self.queue.popleft() if self.queue else self.behavior
+        b = self.next_behavior()
         if b.stall_before_headers:
             await asyncio.sleep(3600)
         if not self._authorized(req):

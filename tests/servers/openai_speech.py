@@ -29,9 +29,9 @@ import math
 import struct
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from .http import RawHTTPServer, Request, Responder
+from .http import FakeServer, RawHTTPServer, Request, Responder
 
 SAMPLE_RATE = 24000  # what OpenAI's `pcm` format is: 24 kHz, 16-bit signed LE, mono
 MS_PER_CHAR = 65.0
@@ -79,7 +79,7 @@ def wav_header_streaming(sample_rate: int = SAMPLE_RATE) -> bytes:
 
 
 @dataclass
-class FakeSpeechServer:
+class FakeSpeechServer(FakeServer):
     """``POST /v1/audio/speech`` (+ ``GET /v1/models``); ``await start()`` then ``base_url``."""
 
     behavior: SpeechBehavior = field(default_factory=SpeechBehavior)
@@ -90,38 +90,6 @@ class FakeSpeechServer:
     _http: RawHTTPServer | None = None
     _cache: dict = field(default_factory=dict)
 
-    async def start(self) -> "FakeSpeechServer":
-        self._http = await RawHTTPServer(self._handle).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._http:
-            await self._http.stop()
-
-    async def __aenter__(self) -> "FakeSpeechServer":
-        return await self.start()
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        assert self._http is not None
-        return f"{self._http.url}/v1"
-
-    @property
-    def connections(self) -> int:
-        """TCP connections accepted so far (to observe keep-alive reuse)."""
-        return self._http.connections if self._http else 0
-
-    @property
-    def requests(self) -> list[Request]:
-        return self._http.requests if self._http else []
-
-    def then(self, **changes) -> "FakeSpeechServer":
-        """Queue a behaviour (the default one with ``changes``) for the next request."""
-        self.queue.append(replace(self.behavior, **changes))
-        return self
 
     def audio_for(self, text: str, speed: float = 1.0) -> bytes:
         key = (text, speed)
@@ -144,7 +112,7 @@ class FakeSpeechServer:
             return True
         if req.method != "POST" or not path.endswith("/audio/speech"):
             return await self._error(out, 404, f"Invalid URL ({req.method} {path})", "invalid_request_error")
-        b = self.queue.popleft() if self.queue else self.behavior
+        b = self.next_behavior()
         if b.stall_before_headers:
             await asyncio.sleep(3600)
             return False

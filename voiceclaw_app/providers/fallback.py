@@ -106,18 +106,23 @@ class FallbackTTS(TTS):
             except Exception:  # a UI callback must not break synthesis
                 log.exception("notice callback failed")
 
+    def _take_over(self, exc: ProviderError, cancel: CancelToken | None) -> None:
+        """The cloud failed: re-raise when falling back is off (or the turn is cancelled),
+        else switch to the embedded voice for the rest of the turn and say so once."""
+        if not self.enabled or (cancel is not None and cancel.cancelled):
+            raise exc
+        if not self._using_fallback:
+            self._using_fallback = True
+            self.fallbacks += 1
+            log.warning("cloud TTS failed (%s); embedded voice takes over for this turn", exc.kind)
+            self._notice(f"{exc.user_message} Using the built-in voice for the rest of this reply.")
+
     async def synthesize(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AudioClip:
         if not self._using_fallback:
             try:
                 return await self.primary.synthesize(text, voice=voice, speed=speed, cancel=cancel)
             except ProviderError as exc:
-                if not self.enabled or (cancel is not None and cancel.cancelled):
-                    raise
-                if not self._using_fallback:
-                    self._using_fallback = True
-                    self.fallbacks += 1
-                    log.warning("cloud TTS failed (%s); embedded voice takes over for this turn", exc.kind)
-                    self._notice(f"{exc.user_message} Using the built-in voice for the rest of this reply.")
+                self._take_over(exc, cancel)
         fallback = await self._get_fallback()
         return await fallback.synthesize(text, voice=self.fallback_voice, speed=speed, cancel=cancel)
 
@@ -133,13 +138,7 @@ class FallbackTTS(TTS):
                     yield clip
                 return
             except ProviderError as exc:
-                if not self.enabled or (cancel is not None and cancel.cancelled):
-                    raise
-                if not self._using_fallback:
-                    self._using_fallback = True
-                    self.fallbacks += 1
-                    log.warning("cloud TTS failed (%s); embedded voice takes over for this turn", exc.kind)
-                    self._notice(f"{exc.user_message} Using the built-in voice for the rest of this reply.")
+                self._take_over(exc, cancel)
                 if handed:
                     return
         fallback = await self._get_fallback()
