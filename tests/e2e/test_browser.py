@@ -112,6 +112,23 @@ def test_settings_validation_save_and_keys_never_leak(app_server, launch_browser
     page.wait_for_function("document.querySelector('#key-status-openai_api_key').innerText.trim() === 'not set'", timeout=10000)
 
 
+def test_settings_connection_tests_and_voice_preview(app_server, launch_browser):
+    base, _, _ = app_server
+    page = launch_browser().new_page()
+    page.goto(base + "/settings")
+    _settings_loaded(page)
+    page.click("#test-llm")
+    page.wait_for_function("document.querySelector('#test-result-llm').innerText.startsWith('OK')", timeout=60000)
+    assert "first token after" in page.text_content("#test-result-llm")
+    page.click("#test-tts")
+    page.wait_for_function("document.querySelector('#test-result-tts').innerText.startsWith('OK')", timeout=60000)
+    assert "Speaks" in page.text_content("#test-result-tts")
+    page.click("#preview-voice")
+    page.wait_for_selector("#preview-audio", timeout=60000)
+    src = page.get_attribute("#preview-audio", "src")
+    assert src and "/audio/" in src
+
+
 def test_history_shows_turns_and_waterfall(app_server, launch_browser):
     base, _, _ = app_server
     page = launch_browser().new_page()

@@ -136,36 +136,24 @@ async def _tcp_connect_ms(url: str) -> float:
 
 
 async def _test_provider(provider: str) -> str:
-    from ..providers.base import CancelToken, ChatMessage, LLMRequest, ProviderError
+    """The "test connection" buttons: reachability, key, connect and first-token times
+    (the same checks as ``python -m voiceclaw_app.cli doctor``)."""
+    from ..pipeline.diagnostics import check_llm, check_tts
+    from ..providers import factory
+    from ..providers.base import ProviderError
 
     settings = await services.load_settings()
     keys = await asyncio.to_thread(services.key_store().load)
     try:
-        from ..providers import factory
-    except ImportError:
-        return "The provider factory is not available in this build."
-    try:
-        if provider == "llm":
-            parts = []
-            if settings.llm_base_url:
-                parts.append(f"reachable, connect {await _tcp_connect_ms(settings.llm_base_url):.0f} ms")
-            llm = await asyncio.to_thread(factory.build_llm, settings, keys)
-            req = LLMRequest(messages=[ChatMessage("user", "Say OK.")], model=settings.llm_model_voice, headers=dict(settings.llm_headers), read_timeout_s=min(30, settings.llm_read_timeout_s), max_tokens=8)
-            t0 = time.perf_counter()
-            first = None
-            async for _ in llm.stream(req, CancelToken()):
-                first = (time.perf_counter() - t0) * 1000
-                break
-            parts.append("key accepted" if settings.llm_base_url else "embedded model answers")
-            parts.append(f"first token {first:.0f} ms" if first is not None else "no tokens")
-            return "OK: " + ", ".join(parts)
-        if provider == "tts":
-            tts = await asyncio.to_thread(factory.build_tts, settings, keys)
-            if tts is None:
-                return "Speech output is off (no TTS configured)."
-            t0 = time.perf_counter()
-            clip = await tts.synthesize("Testing.", voice=settings.tts_voice, speed=settings.tts_speed, cancel=CancelToken())
-            return f"OK: {settings.tts_provider} TTS answered, first audio {(time.perf_counter() - t0) * 1000:.0f} ms ({clip.duration_ms:.0f} ms of audio)"
+        if provider in ("llm", "tts"):
+            if provider == "llm":
+                llm = await asyncio.to_thread(factory.build_llm, settings, keys)
+                result = await check_llm(llm, settings.llm_model_voice, timeout_s=min(30, settings.llm_read_timeout_s), headers=settings.llm_headers)
+            else:
+                tts = await asyncio.to_thread(factory.build_tts, settings, keys)
+                result = await check_tts(getattr(tts, "primary", tts), settings.tts_voice, settings.tts_speed)
+            timing = f" (connect {result.connect_ms:.0f} ms)" if result.connect_ms is not None else ""
+            return f"{'OK' if result.ok else 'Failed'}: {result.message}{timing}"
         if provider == "stt":
             if settings.stt_provider == "deepgram":
                 import os
