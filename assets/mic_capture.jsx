@@ -180,10 +180,27 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
 
   useEffect(() => { send(JSON.stringify({ type: "mode", mode })); }, [mode]);
 
+  // A tab whose mic was taken over (or whose socket dropped) takes it back when the
+  // user presses the button here: the server then tells the other tab.
+  const ensureSocket = () => new Promise((resolve) => {
+    const ws = wsRef.current;
+    if (ws && ws.readyState === 1) return resolve(true);
+    if (!ws || ws.readyState > 1) connect();
+    const t0 = Date.now();
+    const poll = () => {
+      const w = wsRef.current;
+      if (w && w.readyState === 1) resolve(true);
+      else if (Date.now() - t0 > 3000) resolve(false);
+      else setTimeout(poll, 30);
+    };
+    poll();
+  });
+
   const pttDown = async () => {
     if (holdingRef.current) return;
     holdingRef.current = true;
     window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
+    await ensureSocket();
     send(JSON.stringify({ type: "ptt_start" }));
     const ok = await startCapture();
     if (!ok) { holdingRef.current = false; return; }
@@ -209,6 +226,7 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
   const onClick = async () => {
     if (mode === "push_to_talk") return;
     if (active) { stopCapture(true); return; }
+    await ensureSocket();
     const ok = await startCapture();
     if (ok) { setActive(true); emit("listening"); cue("start"); }
   };

@@ -129,6 +129,32 @@ def test_settings_connection_tests_and_voice_preview(app_server, launch_browser)
     assert src and "/audio/" in src
 
 
+def test_a_second_tab_takes_the_microphone_over(app_server, launch_browser, tmp_path):
+    base, _, _ = app_server
+    wav = tmp_path / "silence.wav"
+    build_mic_wav([], wav, lead_silence_s=30)
+    browser = launch_browser(wav)
+    first, second = browser.new_page(), browser.new_page()
+    for page in (first, second):
+        page.goto(base + "/")
+        wait_ready(page)
+    # opening the second tab took the mic over; pressing the button takes it back
+    assert _poll(lambda: "taken over by another tab" in _notice(first), 20), "the first tab was not told"
+    first.click("#voice-button")
+    assert _poll(lambda: "Listening" in first.text_content("#voice-button"), 20)
+    assert _poll(lambda: "taken over by another tab" in _notice(second), 20)
+    assert "taken over" not in _notice(first)
+    second.click("#voice-button")
+    assert _poll(lambda: "Listening" in second.text_content("#voice-button"), 20)
+    assert _poll(lambda: "taken over by another tab" in _notice(first), 20)
+    assert _poll(lambda: "Listening" not in first.text_content("#voice-button"), 10)
+
+
+def _notice(page) -> str:
+    el = page.query_selector("#notice")
+    return el.text_content() if el else ""
+
+
 def test_history_shows_turns_and_waterfall(app_server, launch_browser):
     base, _, _ = app_server
     page = launch_browser().new_page()

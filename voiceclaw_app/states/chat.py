@@ -142,6 +142,8 @@ class ChatState(rx.State):
         """The mic component: listening / stopped / error:<message> / taken_over."""
         if payload == "listening":
             self.mic_on = True
+            if self.taken_over:  # this tab took the mic back
+                self.notice = ""
             self.taken_over = False
             self.error = ""
             if self.status in ("idle", "error", "warming up"):
