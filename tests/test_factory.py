@@ -11,6 +11,7 @@ from voiceclaw_app.config import VoiceSettings
 from voiceclaw_app.providers.deepgram_stt import DeepgramListener, DeepgramSTT
 from voiceclaw_app.providers.factory import build_listener, build_llm, build_stt, build_tts
 from voiceclaw_app.providers.fallback import FallbackListener, FallbackTTS
+from voiceclaw_app.providers.local_listener import LocalListener
 from voiceclaw_app.providers.openai_llm import OpenAICompatLLM
 from voiceclaw_app.providers.openai_tts import OpenAITTS
 from voiceclaw_app.secrets import ProviderKeys, Secret
@@ -68,6 +69,7 @@ async def test_local_listener_vad_then_whisper_engine():
     engines.configure(factories={"stt": LengthSTT})
     try:
         lst = await build_listener(VoiceSettings(stt_provider="local", vad_silence_ms=400), KEYS)
+        assert isinstance(lst, LocalListener)
         pcm += b"\x00\x00" * 16000
         for k in range(0, len(pcm), 640):
             await lst.push(pcm[k : k + 640], (k + 640) / 32.0)

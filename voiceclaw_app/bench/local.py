@@ -1,20 +1,22 @@
-"""``bench local``: spoken fixtures through VAD -> STT -> LLM -> TTS on the embedded engines.
+"""``bench local``: spoken fixtures through the app's listener and turn path on the embedded engines.
 
 What it measures: ``time_to_first_audio_ms`` = first audio ready - speech end, where
 speech end is the fixture's *known* last voiced sample on the pacing clock (not the
-VAD's decision), so the end-of-turn silence wait is inside the figure: a longer
-``vad_silence_ms`` makes it worse. Audio produced speculatively before the turn was
-decided counts as ready only when the end of turn is decided.
+VAD's estimate), so the end-of-turn silence wait is inside the figure: a longer
+``vad_silence_ms`` makes it worse. Audio produced before the turn was committed
+counts as ready only when it is committed (the app holds it back until then).
 
-How the figure is beaten on 2 cores (see :class:`SpeculativeTurnDriver`):
+The turn path is the mic WebSocket's: frames go to :class:`LocalListener` (silero
+VAD + Whisper) and its events to the pipeline's :class:`TurnStarter`
+(:class:`~.drive.StarterSession`). How the figure is beaten on 2 cores:
 
-* llama.cpp prefills the history-bearing prompt as soon as speech starts;
-* at a short pause (~200 ms) the utterance so far is transcribed and the whole
-  turn (LLM -> chunker -> TTS, the pipeline's :class:`TurnRunner`) starts
-  speculatively while the silence wait still runs; if the end-of-turn audio is
-  byte-identical the speculative turn is kept, if the user speaks again it is
-  cancelled (LLM stops at the next token, TTS at the next sentence), so a wrong
-  guess costs at most one ~150 ms transcription;
+* at speech start the starter prepares the request and warms the providers; the
+  local LLM prefills the history-bearing prompt while the user speaks;
+* at a short pause (~200 ms) the listener transcribes the utterance so far
+  (``PreliminaryTranscript``) and the starter runs the whole turn (LLM -> chunker
+  -> TTS) early, its events held back; at the end of turn the listener reuses that
+  transcript when the audio did not change and the starter keeps the early turn
+  when the words hold; if the user speaks again both are dropped;
 * the chunker cuts the first clause alone, so TTS starts after a few words.
 
 Frames (20 or 32 ms, alternating by run) are paced at real time with
@@ -29,8 +31,6 @@ import re
 import statistics
 import tempfile
 import time
-import wave
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,218 +38,65 @@ import numpy as np
 
 from ..config import VoiceSettings
 from ..pipeline.audio_store import AudioStore
-from ..pipeline.events import AudioReady, TurnDone, TurnError
-from ..pipeline.timing import TurnMarks, now_ms
-from ..pipeline.tts_scheduler import TTSCache
-from ..pipeline.turn import PreparedRequest, TurnRunner
-from ..providers.base import STT, CancelToken, ChatMessage
-from ..providers.silero_vad import EndOfTurn, ShortPause, SileroTurnDetector, SpeechResumed, SpeechStart, VADEvent
+from ..pipeline.preemptive import TurnStarter
+from ..pipeline.timing import now_ms
+from ..pipeline.turn import TurnRunner
+from ..providers.base import ChatMessage
+from ..providers.local_listener import LocalListener
+from .drive import FIXTURES, SAMPLE_RATE, Fixture, StarterSession, TimedSTT, WarmingPrepare, dither, load_fixtures, paced
+from .pipeline import UncachedTTS
+from .stats import p50_p95, stages
 
-FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
-SAMPLE_RATE = 16000
+__all__ = ["FIXTURES", "Fixture", "load_fixtures", "play_fixture", "run_local", "word_error_rate"]
+
 DEFAULT_RUNS = 16
 TURN_TIMEOUT_S = 20.0
 
 
-# ---------------------------------------------------------------- fixtures
-@dataclass(frozen=True)
-class Fixture:
-    name: str
-    text: str
-    pcm: bytes
-    last_voiced_sample: int
-
-
-def load_fixtures(folder: Path = FIXTURES) -> list[Fixture]:
-    """Every ``*.wav`` with a ``.json`` sidecar (16 kHz mono PCM16)."""
-    out = []
-    for wav_path in sorted(folder.glob("*.wav")):
-        meta_path = wav_path.with_suffix(".json")
-        if not meta_path.exists():
-            continue
-        meta = json.loads(meta_path.read_text())
-        with wave.open(str(wav_path), "rb") as w:
-            if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1 or w.getsampwidth() != 2:
-                raise ValueError(f"{wav_path} is not 16 kHz mono PCM16")
-            pcm = w.readframes(w.getnframes())
-        out.append(Fixture(wav_path.stem, meta["text"], pcm, int(meta["last_voiced_sample"])))
-    if not out:
-        raise FileNotFoundError(f"no WAV fixtures in {folder} (run tests/fixtures/make_fixtures.py)")
-    return out
-
-
-# ---------------------------------------------------------------- speculation
-@dataclass
-class Attempt:
-    """One transcription + turn, speculative until committed."""
-
-    pcm: bytes
-    speculative: bool
-    cancel: CancelToken = field(default_factory=CancelToken)
-    marks: TurnMarks = field(default_factory=TurnMarks)
-    task: asyncio.Task | None = None
-    transcript: str = ""
-    stt_ms: float | None = None
-    first_audio_ms: float | None = None
-    reply: str = ""
-    error: str = ""
-
-
-class SpeculativeTurnDriver:
-    """Turns VAD events into one committed turn, starting work as early as it is safe.
-
-    Feed it every VAD event with :meth:`handle`; await :meth:`committed` after the
-    end of turn. It owns no audio I/O, so the microphone WebSocket can reuse it.
-    """
-
-    def __init__(self, *, stt: STT, runner: TurnRunner, prepared: PreparedRequest, settings: VoiceSettings, llm_prefill: Any = None) -> None:
-        self.stt = stt
-        self.runner = runner
-        self.prepared = prepared
-        self.settings = settings
-        self.llm_prefill = llm_prefill
-        self.prefill_task: asyncio.Task | None = None
-        self.speculative: Attempt | None = None
-        self.final: Attempt | None = None
-        self.eot: EndOfTurn | None = None
-        self.eot_decided_ms: float | None = None
-        self.reused = False
-        self.discarded = 0
-        self._committed = asyncio.Event()
-
-    def handle(self, events: list[VADEvent]) -> None:
-        for ev in events:
-            if isinstance(ev, SpeechStart) and self.prefill_task is None and self.llm_prefill is not None:
-                self.prefill_task = asyncio.create_task(self.llm_prefill(self.prepared.base.messages))
-            elif isinstance(ev, ShortPause) and self.settings.speculative and self.final is None:
-                self._drop_speculative()
-                self.speculative = self._start(ev.pcm, speculative=True)
-            elif isinstance(ev, SpeechResumed):
-                self._drop_speculative()
-            elif isinstance(ev, EndOfTurn) and self.final is None:
-                self.eot = ev
-                self.eot_decided_ms = now_ms()
-                spec = self.speculative
-                if spec is not None and spec.pcm == ev.pcm and not spec.cancel.cancelled:
-                    self.final, self.reused = spec, True
-                else:
-                    self._drop_speculative()
-                    self.final = self._start(ev.pcm, speculative=False)
-                self.final.marks.mark("eot_decided", self.eot_decided_ms)
-                self.final.marks.mark("speech_end", ev.speech_end_ms)
-                self._committed.set()
-
-    def _drop_speculative(self) -> None:
-        if self.speculative is not None:
-            self.speculative.cancel.cancel()
-            self.discarded += 1
-            self.speculative = None
-
-    def _start(self, pcm: bytes, speculative: bool) -> Attempt:
-        attempt = Attempt(pcm=pcm, speculative=speculative)
-        attempt.task = asyncio.create_task(self._run(attempt))
-        return attempt
-
-    async def _run(self, a: Attempt) -> None:
-        t0 = now_ms()
-        tr = await self.stt.transcribe(a.pcm, sample_rate=SAMPLE_RATE, language=self.settings.stt_language, cancel=a.cancel)
-        a.stt_ms = now_ms() - t0
-        a.transcript = tr.text.strip()
-        if a.cancel.cancelled:
-            return
-        a.marks.mark("stt_final")
-        if not a.transcript:
-            a.error = "empty transcript"
-            return
-        async for ev in self.runner.run(self.prepared, a.transcript, marks=a.marks, cancel=a.cancel):
-            if isinstance(ev, AudioReady) and a.first_audio_ms is None:
-                a.first_audio_ms = now_ms()
-            elif isinstance(ev, TurnDone):
-                a.reply = ev.reply_text
-            elif isinstance(ev, TurnError):
-                a.error, a.reply = ev.message, ev.reply_text
-
-    async def committed(self, timeout_s: float = TURN_TIMEOUT_S) -> Attempt:
-        await asyncio.wait_for(self._committed.wait(), timeout_s)
-        assert self.final is not None and self.final.task is not None
-        await asyncio.wait_for(asyncio.shield(self.final.task), timeout_s)
-        return self.final
-
-    async def aclose(self) -> None:
-        for a in (self.speculative, self.final):
-            if a is not None and a.task is not None and not a.task.done():
-                a.cancel.cancel()
-                await asyncio.gather(a.task, return_exceptions=True)
-        if self.prefill_task is not None:
-            await asyncio.gather(self.prefill_task, return_exceptions=True)
-
-
-class _NoCache(TTSCache):
-    """A benchmark must synthesize every reply, never replay a cached one."""
-
-    def get(self, identity: tuple, text: str):  # type: ignore[override]
-        return None
-
-
 # ---------------------------------------------------------------- one run
-def _dither(n_samples: int, rng: np.random.Generator) -> bytes:
-    return rng.integers(-30, 31, n_samples, dtype=np.int16).astype("<i2").tobytes()
-
-
-async def play_fixture(fx: Fixture, *, driver: SpeculativeTurnDriver, detector: SileroTurnDetector, frame_ms: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Pace ``fx`` into the detector at real time; return the run's figures."""
-    frame_samples = SAMPLE_RATE * frame_ms // 1000
-    frame_bytes = frame_samples * 2
+async def play_fixture(fx: Fixture, *, listener: LocalListener, session: StarterSession, stt: TimedSTT, frame_ms: int, rng: np.random.Generator) -> dict[str, Any]:
+    """Pace ``fx`` into the listener at real time; return the run's figures."""
+    out = session.expect()
+    n_stt = len(stt.durations)
     t0 = now_ms() + 5.0
     speech_end = t0 + 1000.0 * (fx.last_voiced_sample + 1) / SAMPLE_RATE
     deadline = t0 + 1000.0 * len(fx.pcm) / 2 / SAMPLE_RATE + TURN_TIMEOUT_S * 1000
-    i = 0
-    while now_ms() < deadline:
-        start = i * frame_bytes
-        frame = fx.pcm[start : start + frame_bytes]
-        if len(frame) < frame_bytes:
-            frame += _dither((frame_bytes - len(frame)) // 2, rng)
-        target = t0 + (i + 1) * frame_ms
-        delay = (target - now_ms()) / 1000.0
-        if delay > 0:
-            await asyncio.sleep(delay)
-        driver.handle(detector.push(frame, target))
-        i += 1
-        final = driver.final
-        if final is not None and (final.task.done() or final.first_audio_ms is not None):
+    async for _, frame, due in paced(fx.pcm, frame_ms, t0, pad=lambda n: dither(n, rng)):
+        await listener.push(frame, due)
+        if out.error or (out.task is not None and (out.task.done() or out.first_audio is not None)) or due > deadline:
             break
-    attempt = await driver.committed()
-    marks = attempt.marks
-    ready = None if attempt.first_audio_ms is None else max(attempt.first_audio_ms, driver.eot_decided_ms or 0.0)
-    stages = {
-        "endpointing": (driver.eot_decided_ms or speech_end) - speech_end,
-        "vad_speech_end_error": (driver.eot.speech_end_ms - speech_end) if driver.eot else None,
-        "stt": attempt.stt_ms,
-        "stt_final_after_speech_end": (marks.stt_final - speech_end) if marks.stt_final else None,
-        "llm_first_token": (marks.llm_first_token - marks.llm_request) if marks.llm_first_token and marks.llm_request else None,
-        "first_chunk_after_first_token": (marks.first_chunk - marks.llm_first_token) if marks.first_chunk and marks.llm_first_token else None,
-        "tts_first": (marks.first_audio_ready - marks.tts_first_request) if marks.first_audio_ready and marks.tts_first_request else None,
+    await out.finished(TURN_TIMEOUT_S, TURN_TIMEOUT_S)
+    committed = out.committed
+    assert committed is not None
+    marks = committed.turn.marks
+    listener_speech_end = marks.speech_end  # the VAD's estimate (EndOfTurn.speech_end_ms)
+    ready = out.audio_ready_ms
+    durations = stt.durations[n_stt:]
+    s = marks.stages()
+    figures = {
+        "endpointing": (marks.eot_decided - speech_end) if marks.eot_decided is not None else None,
+        "vad_speech_end_error": (listener_speech_end - speech_end) if listener_speech_end is not None else None,
+        "stt": durations[-1] if durations else None,
+        "stt_final_after_speech_end": (marks.stt_final - speech_end) if marks.stt_final is not None else None,
+        "llm_first_token": s.get("llm_first_token"),
+        "first_chunk": s.get("first_chunk"),
+        "tts_first": s.get("tts_first"),
+        "commit_after_speech_end": out.committed_ms - speech_end if out.committed_ms is not None else None,
     }
     return {
         "fixture": fx.name,
         "expected": fx.text,
-        "transcript": attempt.transcript,
-        "reply": attempt.reply,
-        "speculative_reused": driver.reused,
+        "transcript": committed.text,
+        "reply": out.reply,
+        "speculative_reused": committed.reused,
+        "discarded": out.discarded,
         "time_to_first_audio_ms": None if ready is None else ready - speech_end,
-        "stages_ms": {k: round(v, 1) for k, v in stages.items() if v is not None},
-        "error": attempt.error or ("" if ready is not None else "no audio"),
+        "stages_ms": {k: round(v, 1) for k, v in figures.items() if v is not None},
+        "error": out.error or ("" if ready is not None else "no audio"),
     }
 
 
 # ---------------------------------------------------------------- the benchmark
-def _pct(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"p50": None, "p95": None}
-    arr = np.asarray(values, dtype=float)
-    return {"p50": round(float(np.percentile(arr, 50)), 1), "p95": round(float(np.percentile(arr, 95)), 1)}
-
-
 def _words(text: str) -> list[str]:
     return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
 
@@ -289,46 +136,47 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
     status = engines.engine_status()
     if not engines.all_ready():
         return {"scenario": "local", "runs": 0, "time_to_first_audio_ms": {"p50": None, "p95": None}, "stages_ms": {}, "errors": runs, "engines": status}
-    stt, llm, tts = engines.get_stt(), engines.get_llm(), engines.get_tts()
+    stt, llm, tts = TimedSTT(engines.get_stt()), engines.get_llm(), engines.get_tts()
     fixtures = load_fixtures()
     rng = np.random.default_rng(7)
     results: list[dict[str, Any]] = []
     history: list[ChatMessage] = []
     with tempfile.TemporaryDirectory(prefix="vc-bench-") as tmp:
         store = AudioStore(Path(tmp))
-        runner = TurnRunner(llm=llm, tts=tts, audio_store=store, settings=settings, cache=_NoCache(store))
+        runner = TurnRunner(llm=llm, tts=tts, audio_store=store, settings=settings, cache=UncachedTTS(store))
+        prepare = WarmingPrepare(runner, lambda: history, "bench-local", prefill=prefill)
         for r in range(runs):
             fx = fixtures[r % len(fixtures)]
-            prepared = runner.prepare(history, "bench-local")
-            detector = SileroTurnDetector(silence_ms=settings.vad_silence_ms, min_speech_ms=settings.vad_min_speech_ms, max_utterance_s=settings.max_utterance_s)
-            driver = SpeculativeTurnDriver(stt=stt, runner=runner, prepared=prepared, settings=settings, llm_prefill=llm.prefill if prefill else None)
+            # a fresh listener (VAD context) per utterance; the turn path is the mic socket's
+            listener = LocalListener(settings=settings, stt=stt)
+            session = StarterSession(listener, TurnStarter(prepare, speculative=settings.speculative))
             try:
-                res = await play_fixture(fx, driver=driver, detector=detector, frame_ms=(20, 32)[r % 2], rng=rng)
+                res = await play_fixture(fx, listener=listener, session=session, stt=stt, frame_ms=(20, 32)[r % 2], rng=rng)
             except Exception as exc:  # a benchmark reports failures, it does not stop at the first
                 res = {"fixture": fx.name, "error": f"{type(exc).__name__}: {exc}", "time_to_first_audio_ms": None, "stages_ms": {}}
             finally:
-                await driver.aclose()
-                detector.close()
+                await session.aclose()
+                await listener.aclose()
+                await prepare.settle()
             results.append(res)
             if verbose:
                 print(json.dumps(res), flush=True)
             if res.get("transcript") and res.get("reply"):
                 history = (history + [ChatMessage("user", res["transcript"]), ChatMessage("assistant", res["reply"])])[-2 * settings.llm_history_turns :]
             await asyncio.sleep(0.3)  # the user listens to the reply before speaking again
-    ttfa = [r["time_to_first_audio_ms"] for r in results if r.get("time_to_first_audio_ms") is not None]
-    stage_names = sorted({k for r in results for k in r.get("stages_ms", {})})
     wers = [word_error_rate(r["expected"], r.get("transcript", "")) for r in results if "expected" in r]
     return {
         "scenario": "local",
         "runs": len(results),
-        "time_to_first_audio_ms": _pct(ttfa),
-        "stages_ms": {name: _pct([r["stages_ms"][name] for r in results if name in r.get("stages_ms", {})]) for name in stage_names},
+        "time_to_first_audio_ms": p50_p95(r["time_to_first_audio_ms"] for r in results if r.get("time_to_first_audio_ms") is not None),
+        "stages_ms": stages([r.get("stages_ms", {}) for r in results]),
         "errors": sum(1 for r in results if r.get("error")),
-        "measured": "first_audio_ready - speech_end (fixture's last voiced sample), server side",
+        "measured": "first_audio_ready (not before the commit) - speech_end (fixture's last voiced sample), server side",
         "vad_silence_ms": settings.vad_silence_ms,
         "speculative": settings.speculative,
         "prefill": prefill,
         "speculative_reused": sum(1 for r in results if r.get("speculative_reused")),
+        "discarded_guesses": sum(r.get("discarded", 0) for r in results),
         "stt_wer": round(statistics.fmean(wers), 3) if wers else None,
         "engine_load_s": round(load_s, 1),
         "memory": engines.memory_report(),

@@ -51,13 +51,27 @@ BODIES = [
 
 
 class UncachedTTS(TTSCache):
-    """Replies repeat openers; measure real synthesis, not cache hits."""
+    """Replies (and fixtures) repeat: a benchmark measures real synthesis, never cache hits."""
 
     def get(self, identity, text):
         return None
 
     def put(self, identity, text, clip):
         return self.store.save(clip)
+
+
+def first_chunk_tokens(reply: str, chunk_text: str) -> int:
+    """Index of the token that completes the first chunk (as the chat server tokenizes)."""
+    from tests.servers.openai_chat import tokenize
+
+    tokens = tokenize(reply)
+    end = len(chunk_text) + (len(reply) - len(reply.lstrip()))
+    pos = 0
+    for k, tok in enumerate(tokens):
+        pos += len(tok)
+        if pos >= end:
+            return k
+    return len(tokens) - 1
 
 
 def transfer_s(text: str) -> float:
@@ -80,7 +94,7 @@ def replies(n: int, seed: int = 7) -> list[str]:
 
 
 async def run_pipeline(runs: int = 30) -> dict[str, Any]:
-    from tests.servers.openai_chat import ChatBehavior, FakeChatServer, tokenize
+    from tests.servers.openai_chat import ChatBehavior, FakeChatServer
     from tests.servers.openai_speech import FakeSpeechServer, SpeechBehavior
 
     texts = replies(runs)
@@ -114,13 +128,7 @@ async def run_pipeline(runs: int = 30) -> dict[str, Any]:
                 m = result.marks
                 measured = m.first_audio_ready - m.stt_final
                 # ideal critical path for this reply's first chunk
-                tokens = tokenize(reply)
-                end = len(first_chunk.text)
-                pos, k = 0, 0
-                for k, tok in enumerate(tokens):
-                    pos += len(tok)
-                    if pos >= end + (len(reply) - len(reply.lstrip())):
-                        break
+                k = first_chunk_tokens(reply, first_chunk.text)
                 ideal = 1000.0 * (TTFT_S + k / TOKENS_PER_S + TTS_TTFB_S + transfer_s(first_chunk.speech))
                 ttfa.append(measured)
                 overhead.append(measured - ideal)

@@ -23,12 +23,11 @@ the Deepgram socket).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from ..config import VoiceSettings
 from ..secrets import ProviderKeys
-from .base import LLM, STT, TTS, EndOfTurn, Listener, ListenNotice, PreliminaryTranscript, SpeechStarted
+from .base import LLM, STT, TTS, Listener
 
 
 # ------------------------------------------------------------------ embedded engines (lazy)
@@ -57,111 +56,11 @@ def _local_stt(settings: VoiceSettings) -> STT:
     return engines.get_stt()
 
 
-class VadWhisperListener(Listener):
-    """Interim embedded listener: silero VAD end of turn + Whisper on the utterance.
-
-    Used only until the embedded-engines issue's ``local_listener.LocalListener``
-    exists (that one takes precedence in :func:`_local_listener`). Speculative: the
-    utterance is transcribed at the VAD's short pause (PreliminaryTranscript) and the
-    transcript reused at the end of turn when no voice came in between.
-    """
-
-    def __init__(self, settings: VoiceSettings) -> None:
-        from .silero_vad import SileroTurnDetector
-
-        self.settings = settings
-        self.detector = SileroTurnDetector(silence_ms=settings.vad_silence_ms, min_speech_ms=settings.vad_min_speech_ms, max_utterance_s=settings.max_utterance_s)
-        self._q: asyncio.Queue = asyncio.Queue()
-        self._spec: tuple[bytes, asyncio.Task] | None = None
-        self._tasks: set[asyncio.Task] = set()
-
-    async def _transcribe(self, pcm: bytes) -> str:
-        from . import engines
-
-        stt = await engines.aget_engine("stt")
-        result = await stt.transcribe(pcm, sample_rate=16000, language=self.settings.stt_language or "en")  # type: ignore[attr-defined]
-        return result.text.strip()
-
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _preliminary(self, pcm: bytes, speech_end_ms: float) -> str:
-        text = await self._transcribe(pcm)
-        if text and self._spec is not None and self._spec[0] is pcm:
-            self._q.put_nowait(PreliminaryTranscript(text, speech_end_ms=speech_end_ms))
-        return text
-
-    async def _final(self, ev) -> None:
-        from ..pipeline.timing import now_ms
-
-        spec, self._spec = self._spec, None
-        try:
-            text = await spec[1] if spec is not None and spec[0] == ev.pcm else await self._transcribe(ev.pcm)
-        except Exception as exc:  # engine failure: tell the user, keep the session
-            self._q.put_nowait(ListenNotice(getattr(exc, "user_message", None) or f"Speech recognition failed: {exc}", kind="error"))
-            return
-        if text:
-            self._q.put_nowait(EndOfTurn(text=text, speech_end_ms=ev.speech_end_ms, eot_ms=ev.t_ms, stt_final_ms=now_ms()))
-        else:
-            self._q.put_nowait(ListenNotice("No speech was recognized.", kind="empty"))
-
-    def _dispatch(self, events: list) -> None:
-        from . import silero_vad as sv
-
-        for ev in events:
-            if isinstance(ev, sv.SpeechStart):
-                self._q.put_nowait(SpeechStarted(t_ms=ev.start_ms, source="vad"))
-            elif isinstance(ev, sv.ShortPause) and self.settings.speculative:
-                self._spec = (ev.pcm, self._spawn(self._preliminary(ev.pcm, ev.speech_end_ms)))
-            elif isinstance(ev, sv.SpeechResumed):
-                if self._spec is not None:
-                    self._spec[1].cancel()
-                self._spec = None
-            elif isinstance(ev, sv.EndOfTurn):
-                self._spawn(self._final(ev))
-            elif isinstance(ev, sv.MaxLengthCut):
-                self._q.put_nowait(ListenNotice(ev.message))
-
-    async def push(self, pcm16: bytes, t_ms: float) -> None:
-        self._dispatch(self.detector.push(pcm16, t_ms))
-
-    async def finish_utterance(self) -> None:
-        self._dispatch(self.detector.flush())
-
-    def events(self):
-        return self._iter()
-
-    async def _iter(self):
-        while True:
-            ev = await self._q.get()
-            if ev is None:
-                return
-            yield ev
-
-    async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        self.detector.close()
-        self._q.put_nowait(None)
-
-
 async def _local_listener(settings: VoiceSettings) -> Listener:
-    """The embedded VAD + Whisper listener (the embedded-engines issue's, else the interim one here)."""
-    try:
-        from .local_listener import LocalListener  # type: ignore[import-not-found]
-    except ImportError:
-        return VadWhisperListener(settings)
-    build = getattr(LocalListener, "from_settings", None)
-    listener = build(settings) if build is not None else LocalListener(settings=settings)
-    if asyncio.iscoroutine(listener):
-        listener = await listener
-    start = getattr(listener, "start", None)
-    if start is not None:
-        await start()
-    return listener
+    """The embedded listener: silero VAD end of turn + Whisper (:class:`LocalListener`)."""
+    from .local_listener import LocalListener
+
+    return LocalListener.from_settings(settings)
 
 
 # ------------------------------------------------------------------ builders
