@@ -71,6 +71,7 @@ class SpeechChunker:
         self._seq = 0
         self._line_start = 0
         self._in_fence = False
+        self._fence_opened_at = -1  # start of the line whose fence opened the current block
         self._brackets = 0
         self._clauses: list[int] = []  # whitespace indexes after clause marks, in the pending chunk
         self._last_space = -1
@@ -91,10 +92,15 @@ class SpeechChunker:
             ch = text[i]
             if ch == "\n":
                 line = text[self._line_start:i]
-                if _FENCE_RE.match(line):
-                    self._in_fence = not self._in_fence
+                if _FENCE_RE.match(line) and self._fence_opened_at != self._line_start:
+                    self._in_fence = not self._in_fence  # a closing fence ends with its line
                 self._line_start = i + 1
                 self._brackets = 0
+            elif not self._in_fence and ch in "`~" and _FENCE_RE.match(text[self._line_start : i + 1]):
+                # an opening fence: silent from its third mark on, so nothing before the
+                # newline can be cut off the fence line
+                self._in_fence = True
+                self._fence_opened_at = self._line_start
             elif ch == "[":
                 self._brackets += 1
             elif ch == "]" and self._brackets:
@@ -154,8 +160,8 @@ class SpeechChunker:
             return "sentence"
         if c in ",;:\u2014\u2013":
             return "clause"
-        if c == "-" and j - 1 > self._line_start and text[j - 1] == " ":
-            return "clause"  # a spaced hyphen used as a dash
+        if c == "-" and j - 1 > self._line_start and text[j - 1] == " " and any(ch.isalnum() for ch in text[self._line_start : j]):
+            return "clause"  # a spaced hyphen used as a dash (not a "- - -" rule or a bullet)
         return None
 
     def _immediate_clause(self, i: int) -> bool:
