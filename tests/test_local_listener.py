@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,19 +12,7 @@ from voiceclaw_app.config import VoiceSettings
 from voiceclaw_app.providers.base import STT, EndOfTurn, EngineUnavailable, ListenNotice, PreliminaryTranscript, SpeechStarted, Transcript
 from voiceclaw_app.providers.local_listener import LocalListener
 
-FIX = Path(__file__).parent / "fixtures"
-RATE = 16000
-
-
-def fixture(name: str) -> tuple[bytes, dict]:
-    with wave.open(str(FIX / f"{name}.wav"), "rb") as w:
-        pcm = w.readframes(w.getnframes())
-    return pcm, json.loads((FIX / f"{name}.json").read_text())
-
-
-def speech_only(name: str) -> bytes:
-    pcm, meta = fixture(name)
-    return pcm[2 * meta["first_voiced_sample"] : 2 * (meta["last_voiced_sample"] + 1)]
+from tests.audio_fixtures import RATE, fixture, speech_only
 
 
 def silence(ms: int) -> bytes:

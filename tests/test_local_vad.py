@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +13,7 @@ from voiceclaw_app.providers.silero_vad import (
     SpeechStart,
 )
 
-FIX = Path(__file__).parent / "fixtures"
-RATE = 16000
-
-
-def fixture(name: str) -> tuple[bytes, dict]:
-    with wave.open(str(FIX / f"{name}.wav"), "rb") as w:
-        pcm = w.readframes(w.getnframes())
-    return pcm, json.loads((FIX / f"{name}.json").read_text())
-
-
-def speech_only(name: str) -> bytes:
-    pcm, meta = fixture(name)
-    return pcm[2 * meta["first_voiced_sample"] : 2 * (meta["last_voiced_sample"] + 1)]
+from tests.audio_fixtures import RATE, fixture, speech_only
 
 
 def silence(ms: int, amplitude: int = 30, seed: int = 0) -> bytes:
