@@ -41,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario", choices=["pipeline", "local", "cloud", "browser"])
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runs", type=int, default=None, help="number of turns (scenario default otherwise)")
+    parser.add_argument("--via-ws", action="store_true", help="cloud: drive the running app's /ws/voice instead of the pipeline directly")
     args = parser.parse_args(argv)
     # The protocol test servers live in tests/; make the repo root importable.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
         sys.path.insert(0, root)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr)
-    fn = _scenario(args.scenario)
+    if args.scenario == "cloud" and args.via_ws:
+        from .cloud_ws import run_cloud_ws as fn
+    else:
+        fn = _scenario(args.scenario)
     kwargs = {"runs": args.runs} if args.runs is not None else {}
     result = fn(**kwargs)
     if inspect.isawaitable(result):

@@ -1,0 +1,135 @@
+"""``bench cloud --via-ws``: the cloud scenario through the running app's ``/ws/voice``.
+
+The app is started in prod mode with Deepgram, the LLM and OpenAI TTS all pointed
+at the local protocol servers (guide's latency profile, as in :mod:`.cloud`). The
+benchmark is the browser's microphone: it opens ``/ws/voice`` (hello -> ready),
+streams the spoken fixtures as 20 ms PCM frames paced at real time over one voice
+session, and reads each turn's stored timing marks back from the database, so the
+figure includes the WebSocket hop, the session's listener and turn starter, the
+Reflex-side turn task and its database writes.
+
+Figure: ``first_audio_ready - speech_end`` as the app stored it, where the app's
+speech end is the listener's estimate of the last voiced audio (Deepgram word
+timings mapped onto frame arrival; within a few ms of the fixture's known last
+voiced sample, see ``listener_speech_end_error`` in the direct ``cloud`` run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..pipeline.text import chunk_text
+from ..pipeline.timing import now_ms
+from .browser import prod_app
+from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE, TAIL_S, _segments
+from .drive import dither, load_fixtures, paced
+from .pipeline import TOKENS_PER_S, TTFT_S, TTS_REALTIME, TTS_TTFB_S, first_chunk_tokens, replies, transfer_s
+from .stats import p50_p95
+
+PORT = 3127
+
+
+def _timings(db: Path) -> list[tuple[float | None, str]]:
+    """(first_audio_ready ms after speech end, the reply) per stored spoken turn, oldest first."""
+    con = sqlite3.connect(str(db))
+    try:
+        return con.execute(
+            "select t.first_audio_ready, m.content from vc_turn_timing t join vc_message m on m.id = t.message_id "
+            "where t.spoken_input = 1 order by t.id"
+        ).fetchall()
+    finally:
+        con.close()
+
+
+async def run_cloud_ws(runs: int = 8) -> dict[str, Any]:
+    import websockets
+
+    from tests.servers.deepgram import DeepgramProfile, FakeDeepgramServer
+    from tests.servers.openai_chat import ChatBehavior, FakeChatServer
+    from tests.servers.openai_speech import FakeSpeechServer, SpeechBehavior
+
+    from .cloud import INTERIM_S, SPEECH_FINAL_S
+
+    fixtures = load_fixtures()
+    # a reply whose first clause is new each time: the app's TTS cache must not serve it
+    answers = iter(f"Answer {k}: {text}" for k, text in enumerate(replies(runs * 4, seed=13)))
+    rng = np.random.default_rng(9)
+    profile = DeepgramProfile(interim_every_s=INTERIM_S, is_final_after_s=IS_FINAL_S, speech_final_after_s=SPEECH_FINAL_S, energy_threshold=100.0)
+    ttfa: list[float] = []
+    overhead: list[float] = []
+    errors = 0
+
+    def reply_fn(messages: list[dict]) -> str:
+        return next(answers, "Let me think about that, one moment please.")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp)
+        async with FakeDeepgramServer(api_key="bench", profile=profile) as dg, FakeChatServer(ChatBehavior(ttft_s=TTFT_S, tokens_per_s=TOKENS_PER_S), reply_fn=reply_fn, api_key="bench") as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=TTS_TTFB_S, realtime_factor=TTS_REALTIME), api_key="bench") as speech:
+            env = {
+                "VOICECLAW_STT": "deepgram", "DEEPGRAM_API_KEY": "bench", "VOICECLAW_DEEPGRAM_URL": dg.url,
+                "VOICECLAW_TTS": "openai", "OPENAI_API_KEY": "bench", "VOICECLAW_TTS_BASE_URL": speech.base_url, "VOICECLAW_TTS_VOICE": "alloy",
+                "VOICECLAW_LLM_BASE_URL": chat.base_url, "VOICECLAW_LLM_API_KEY": "bench", "VOICECLAW_LLM_MODEL": "bench-model",
+            }
+            app = prod_app(PORT, data, env)
+            await asyncio.to_thread(app.__enter__)  # the fake servers keep answering meanwhile
+            try:
+                async with websockets.connect(f"ws://localhost:{PORT}/ws/voice", max_size=None) as ws:
+                    await ws.send(json.dumps({"type": "hello", "client_token": secrets.token_hex(16), "sample_rate": RATE, "mode": "hands_free"}))
+                    ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                    assert ready.get("type") == "ready", ready
+                    drain = asyncio.create_task(_drain(ws))
+                    db = data / "voiceclaw.db"
+                    for i in range(runs):
+                        fx = fixtures[i % len(fixtures)]
+                        dg.say(*_segments(fx.text, fx.pcm))
+                        before = len(await asyncio.to_thread(_timings, db))
+                        pcm = dither(int(LEAD_S * RATE), rng) + fx.pcm + dither(int(TAIL_S * RATE), rng)
+                        async for _, frame, _due in paced(pcm, FRAME_MS, now_ms()):
+                            await ws.send(frame)
+                        rows = await _wait_for_row(db, before, 15.0)
+                        if rows is None or rows[-1][0] is None:
+                            errors += 1
+                            continue
+                        measured, reply = rows[-1]
+                        first = chunk_text(reply)[0]
+                        ideal = 1000.0 * (IS_FINAL_S + TTFT_S + first_chunk_tokens(reply, first.text) / TOKENS_PER_S + TTS_TTFB_S + transfer_s(first.speech))
+                        ttfa.append(measured)
+                        overhead.append(measured - ideal)
+                    drain.cancel()
+            finally:
+                await asyncio.to_thread(app.__exit__, None, None, None)
+    return {
+        "scenario": "cloud",
+        "via": "/ws/voice of the running app",
+        "runs": runs,
+        "time_to_first_audio_ms": p50_p95(ttfa),
+        "overhead_ms": p50_p95(overhead),
+        "stages_ms": {},
+        "errors": errors,
+        "measured": "first_audio_ready - speech_end as stored by the app (speech end: the listener's estimate)",
+    }
+
+
+async def _drain(ws) -> None:
+    """Read (and ignore) what the server sends on the mic socket (pong, barge_in...)."""
+    async for _ in ws:
+        pass
+
+
+async def _wait_for_row(db: Path, before: int, timeout_s: float):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while loop.time() < deadline:
+        rows = await asyncio.to_thread(_timings, db)
+        if len(rows) > before:
+            return rows
+        await asyncio.sleep(0.2)
+    return None
