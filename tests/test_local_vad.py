@@ -47,8 +47,11 @@ def det():
 def test_fixture_gives_start_pause_and_end_of_turn(det, name):
     pcm, meta = fixture(name)
     events = feed(det, pcm + silence(600))
-    assert kinds(events) == ["SpeechStart", "ShortPause", "EndOfTurn"]
-    start, pause, eot = events
+    assert kinds(events) == ["VoiceOnset", "SpeechStart", "ShortPause", "EndOfTurn"]
+    onset, start, pause, eot = events
+    # the onset (barge-in) comes a few windows into the voice, before it counts as speech
+    assert onset.start_ms == start.start_ms and onset.t_ms < start.t_ms
+    assert onset.t_ms - onset.start_ms <= 64 + 32
     known_end = 1000.0 * (meta["last_voiced_sample"] + 1) / RATE
     known_start = 1000.0 * meta["first_voiced_sample"] / RATE
     assert known_start - 100 <= start.start_ms <= known_start + 100

@@ -90,7 +90,7 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
     answer_for = {fx.text: answers[i] for i, fx in enumerate(fixtures)}
     rng = np.random.default_rng(5)
     try:
-        from ..providers.silero_vad import SileroTurnDetector, SpeechStart
+        from ..providers.silero_vad import SileroTurnDetector, VoiceOnset
 
         silero_ok = True
     except Exception:  # pragma: no cover - the embedded VAD is optional for this bench
@@ -143,7 +143,7 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                             await listener.push(frame, due)
                             if vad is not None and vad_speech_started is None:
                                 for ev in vad.push(frame):
-                                    if isinstance(ev, SpeechStart) and now_ms() >= onset["ms"]:
+                                    if isinstance(ev, VoiceOnset) and now_ms() >= onset["ms"]:
                                         vad_speech_started = now_ms() - onset["ms"]
                     finally:
                         if vad is not None:

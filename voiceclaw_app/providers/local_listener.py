@@ -119,7 +119,9 @@ class LocalListener(Listener):
 
     def _dispatch(self, events: list) -> None:
         for ev in events:
-            if isinstance(ev, sv.SpeechStart):
+            if isinstance(ev, sv.VoiceOnset):
+                # the earliest sign of the user talking: barge-in must not wait for
+                # the segment to count as speech (vad_min_speech_ms)
                 self._q.put_nowait(SpeechStarted(t_ms=ev.start_ms, source="vad"))
             elif isinstance(ev, sv.ShortPause) and self.settings.speculative:
                 self._drop_speculation()

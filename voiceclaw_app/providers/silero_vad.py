@@ -8,8 +8,11 @@ process with llama.cpp), so the event loop can call
 
 Why these events:
 
-* :class:`SpeechStart` as soon as a segment has ``vad_min_speech_ms`` of voice:
-  barge-in stops playback on it, and clicks or coughs shorter than that never fire.
+* :class:`VoiceOnset` after ``onset_ms`` (64 ms) of voice: barge-in stops playback
+  on it, so the assistant goes quiet within ~150 ms of the user's first voiced audio.
+* :class:`SpeechStart` as soon as a segment has ``vad_min_speech_ms`` of voice: only
+  then does it count as an utterance, so clicks or coughs shorter than that never
+  become turns (a cough may still pause playback: the price of fast barge-in).
 * :class:`ShortPause` after ~200 ms of silence, carrying the utterance so far: the
   speculative transcription starts here while the real silence wait still runs.
 * :class:`EndOfTurn` after ``vad_silence_ms`` of silence, with ``speech_end_ms`` (the
@@ -164,6 +167,15 @@ class SpeechStart:
 
 
 @dataclass(frozen=True)
+class VoiceOnset:
+    """Voice for ``onset_ms``: early enough to stop the assistant talking (barge-in
+    within ~150 ms of the first voiced audio), before the segment counts as speech."""
+
+    t_ms: float
+    start_ms: float
+
+
+@dataclass(frozen=True)
 class SpeechResumed:
     """Voice came back after a :class:`ShortPause`: speculative work is stale."""
 
@@ -195,7 +207,7 @@ class MaxLengthCut:
     message: str
 
 
-VADEvent = Union[SpeechStart, SpeechResumed, ShortPause, EndOfTurn, MaxLengthCut]
+VADEvent = Union[VoiceOnset, SpeechStart, SpeechResumed, ShortPause, EndOfTurn, MaxLengthCut]
 
 
 def to_pcm16(frame: Frame) -> bytes:
@@ -231,8 +243,10 @@ class SileroTurnDetector:
         neg_threshold: float = 0.35,
         pre_roll_ms: int = 320,
         post_roll_ms: int = 160,
+        onset_ms: int = 64,
     ) -> None:
         self.silence_ms = max(int(silence_ms), 1)
+        self.onset_ms = max(int(onset_ms), int(WINDOW_MS))
         self.min_speech_ms = max(int(min_speech_ms), 0)
         self.max_utterance_ms = float(max_utterance_s) * 1000.0
         # the pause that triggers speculation must come before the real end of turn
@@ -261,6 +275,7 @@ class SileroTurnDetector:
         self._start_ms = 0.0
         self._voiced_ms = 0.0
         self._confirmed = False
+        self._onset = False
         self._last_voiced_idx = -1
         self._last_voiced_end_ms = 0.0
         self._silence_run_ms = 0.0
@@ -328,6 +343,7 @@ class SileroTurnDetector:
         self._start_ms = w_end - WINDOW_MS
         self._voiced_ms = 0.0
         self._confirmed = False
+        self._onset = False
         self._silence_run_ms = 0.0
         self._paused = False
         return self._speech(window, w_end, p)
@@ -344,6 +360,9 @@ class SileroTurnDetector:
             if self._paused:
                 self._paused = False
                 events.append(SpeechResumed(w_end))
+            if not self._onset and self._voiced_ms >= min(self.onset_ms, max(self.min_speech_ms, WINDOW_MS)):
+                self._onset = True
+                events.append(VoiceOnset(w_end, self._start_ms))
             if not self._confirmed and self._voiced_ms >= max(self.min_speech_ms, WINDOW_MS):
                 self._confirmed = True
                 events.append(SpeechStart(w_end, self._start_ms))
@@ -380,6 +399,7 @@ class SileroTurnDetector:
         self._state = "idle"
         self._windows = []
         self._confirmed = False
+        self._onset = False
         self._paused = False
         self._silence_run_ms = 0.0
         self._voiced_ms = 0.0
