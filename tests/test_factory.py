@@ -14,6 +14,7 @@ from voiceclaw_app.providers.fallback import FallbackListener, FallbackTTS
 from voiceclaw_app.providers.local_listener import LocalListener
 from voiceclaw_app.providers.openai_llm import OpenAICompatLLM
 from voiceclaw_app.providers.openai_tts import OpenAITTS
+from voiceclaw_app.providers.silero_vad import SileroGate
 from voiceclaw_app.secrets import ProviderKeys, Secret
 
 KEYS = ProviderKeys(llm_api_key=Secret("gw"), deepgram_api_key=Secret("dg"), openai_api_key=Secret("sk"))
@@ -39,6 +40,7 @@ async def test_deepgram_listener_is_started_at_session_start(monkeypatch):
         s = VoiceSettings(stt_provider="deepgram", vad_silence_ms=400, input_mode="push_to_talk", fallback_to_local=False)
         lst = await build_listener(s, KEYS)
         assert isinstance(lst, DeepgramListener) and not lst.hands_free
+        assert isinstance(lst.vad, SileroGate)  # barge-in from our own VAD as well as Deepgram's
         assert len(srv.sessions) == 1 and srv.sessions[0].query["endpointing"] == "400"
         await lst.aclose()
         wrapped = await build_listener(s.replace(fallback_to_local=True), KEYS)
@@ -86,3 +88,33 @@ async def test_local_listener_vad_then_whisper_engine():
         await lst.aclose()
     finally:
         engines.reset_for_tests()
+
+
+@pytest.mark.asyncio
+async def test_deepgram_session_reports_barge_in_from_the_server_vad(monkeypatch):
+    from tests.audio_fixtures import fixture
+
+    async with FakeDeepgramServer(api_key="dg") as srv:
+        monkeypatch.setenv("VOICECLAW_DEEPGRAM_URL", srv.url)
+        srv.say("What is the weather like today?")
+        lst = await build_listener(VoiceSettings(stt_provider="deepgram", fallback_to_local=False), KEYS)
+        pcm, meta = fixture("q_weather")
+        seen = []
+
+        async def collect():
+            async for ev in lst.events():
+                seen.append(ev)
+
+        task = asyncio.create_task(collect())
+        t = 0.0
+        for k in range(0, len(pcm), 640):
+            t += 20.0
+            await lst.push(pcm[k : k + 640], t)
+        await asyncio.sleep(0.3)
+        starts = [e for e in seen if type(e).__name__ == "SpeechStarted"]
+        assert any(e.source == "vad" for e in starts)
+        onset_ms = 1000.0 * meta["first_voiced_sample"] / 16000
+        vad_start = next(e for e in starts if e.source == "vad")
+        assert abs(vad_start.t_ms - onset_ms) < 150
+        await lst.aclose()
+        task.cancel()

@@ -579,6 +579,10 @@ class DeepgramListener(Listener):
             self._writer_task.cancel()
         if self._reader_task is not None:
             self._reader_task.cancel()
+        close_vad = getattr(self.vad, "close", None)
+        if close_vad is not None:
+            with contextlib.suppress(Exception):
+                close_vad()
             with contextlib.suppress(BaseException):
                 await self._reader_task
         await self._drop_connection()

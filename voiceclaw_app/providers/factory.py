@@ -93,6 +93,18 @@ def build_stt(settings: VoiceSettings, keys: ProviderKeys) -> STT:
     return DeepgramSTT.from_settings(settings, keys)
 
 
+def _server_vad():
+    """The server's Silero VAD as a per-frame gate, or None (an energy gate) if it cannot load."""
+    from .base import ProviderError
+
+    try:
+        from .silero_vad import SileroGate
+
+        return SileroGate()
+    except (ProviderError, ImportError, OSError):
+        return None
+
+
 async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener_options: Any) -> Listener:
     """A started live listener for one voice session (the Deepgram socket is open on return).
 
@@ -103,6 +115,9 @@ async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener
         return await _local_listener(settings)
     from .deepgram_stt import DeepgramListener
 
+    if "vad" not in listener_options:
+        # barge-in from whichever is first: our own VAD or Deepgram's SpeechStarted
+        listener_options["vad"] = _server_vad()
     cloud = DeepgramListener.from_settings(settings, keys, **listener_options)
     if not settings.fallback_to_local:
         await cloud.start()

@@ -160,6 +160,30 @@ class _RemoteSilero:
             pass
 
 
+class SileroGate:
+    """``pcm16 -> bool``: is this frame voice? Silero's answer per frame, for listeners
+    that only need that (the Deepgram listener's streaming gate and barge-in): a local
+    VAD reports the user talking before a round trip to the cloud recognizer can."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self.probability = 0.0
+        self._vad = _RemoteSilero()
+        self._buf = bytearray()
+
+    def __call__(self, pcm16: bytes) -> bool:
+        self._buf += pcm16
+        while len(self._buf) >= 2 * WINDOW:
+            window = bytes(self._buf[: 2 * WINDOW])
+            del self._buf[: 2 * WINDOW]
+            p = float(self._vad.probability(window))
+            self.probability = 0.0 if p != p else p
+        return self.probability >= self.threshold
+
+    def close(self) -> None:
+        self._vad.close()
+
+
 @dataclass(frozen=True)
 class SpeechStart:
     t_ms: float  # monotonic ms when decided
