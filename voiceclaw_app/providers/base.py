@@ -11,6 +11,7 @@ the sentence a person sees or hears when the turn fails.
 from __future__ import annotations
 
 import abc
+import asyncio
 import io
 import threading
 import wave
@@ -321,6 +322,15 @@ class ListenNotice:
 
 
 ListenEvent = SpeechStarted | InterimTranscript | PreliminaryTranscript | EndOfTurn | ListenNotice
+
+
+async def queued_events(queue: "asyncio.Queue", end: object) -> AsyncIterator[ListenEvent]:
+    """What a listener's :meth:`Listener.events` returns: items of its queue until ``end``."""
+    while True:
+        ev = await queue.get()
+        if ev is end:
+            return
+        yield ev
 
 
 class Listener(abc.ABC):

@@ -63,6 +63,7 @@ from .base import (
     STTCapabilities,
     Transcript,
     error_for_status,
+    queued_events,
 )
 
 try:
@@ -534,14 +535,7 @@ class DeepgramListener(Listener):
             self._preroll.append((pcm16, t_ms))
 
     def events(self) -> AsyncIterator[ListenEvent]:
-        return self._iter_events()
-
-    async def _iter_events(self) -> AsyncIterator[ListenEvent]:
-        while True:
-            ev = await self._events.get()
-            if ev is _END:
-                return
-            yield ev
+        return queued_events(self._events, _END)
 
     async def finish_utterance(self) -> None:
         """Push-to-talk released: Finalize now; the ``from_finalize`` result ends the turn."""

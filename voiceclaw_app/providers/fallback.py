@@ -36,6 +36,7 @@ from .base import (
     ProviderError,
     TTS,
     TTSCapabilities,
+    queued_events,
 )
 
 log = logging.getLogger("voiceclaw.fallback")
@@ -261,14 +262,7 @@ class FallbackListener(Listener):
         await self._active.push(pcm16, t_ms)
 
     def events(self) -> AsyncIterator[ListenEvent]:
-        return self._iter()
-
-    async def _iter(self) -> AsyncIterator[ListenEvent]:
-        while True:
-            ev = await self._out.get()
-            if ev is _END:
-                return
-            yield ev
+        return queued_events(self._out, _END)
 
     async def finish_utterance(self) -> None:
         await self._active.finish_utterance()

@@ -27,7 +27,7 @@ from typing import AsyncIterator
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
 from . import silero_vad as sv
-from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechStarted
+from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechStarted, queued_events
 
 log = logging.getLogger("voiceclaw.listener")
 _CLOSED = object()
@@ -73,14 +73,7 @@ class LocalListener(Listener):
 
     # ------------------------------------------------------------ output
     def events(self) -> AsyncIterator[ListenEvent]:
-        return self._iter()
-
-    async def _iter(self) -> AsyncIterator[ListenEvent]:
-        while True:
-            ev = await self._q.get()
-            if ev is _CLOSED:
-                return
-            yield ev
+        return queued_events(self._q, _CLOSED)
 
     async def aclose(self) -> None:
         if self._closed:
