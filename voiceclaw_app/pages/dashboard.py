@@ -60,11 +60,14 @@ def transcript() -> rx.Component:
 
 def controls() -> rx.Component:
     return rx.hstack(
-        rx.select(
-            ["hands_free", "push_to_talk"],
+        rx.select.root(
+            rx.select.trigger(id="input_mode_switch", aria_label="Input mode"),
+            rx.select.content(
+                rx.select.item("Hands-free", value="hands_free"),
+                rx.select.item("Push to talk (hold button or space)", value="push_to_talk"),
+            ),
             value=ChatState.input_mode,
             on_change=ChatState.set_input_mode,
-            id="input_mode_switch",
         ),
         rx.hstack(rx.text("Mute replies", size="2"), rx.switch(checked=ChatState.muted, on_change=ChatState.set_muted, id="mute-toggle"), align="center"),
         rx.button("Stop", on_click=ChatState.stop, id="stop-button", color_scheme="red", variant="soft"),
