@@ -50,7 +50,7 @@ class PreparedRequest:
 
     def complete(self, user_text: str) -> LLMRequest:
         msgs = list(self.base.messages) + [ChatMessage("user", user_text)]
-        return LLMRequest(messages=msgs, model=self.base.model, user=self.base.user, headers=dict(self.base.headers), read_timeout_s=self.base.read_timeout_s, max_tokens=self.base.max_tokens, temperature=self.base.temperature)
+        return LLMRequest(messages=msgs, model=self.base.model, user=self.base.user, headers=dict(self.base.headers), read_timeout_s=self.base.read_timeout_s, max_tokens=self.base.max_tokens, temperature=self.base.temperature, assistant_name=self.base.assistant_name)
 
 
 def build_request(settings: VoiceSettings, history: list[ChatMessage], conversation_id: str, spoken: bool = True) -> PreparedRequest:
@@ -75,6 +75,7 @@ def build_request(settings: VoiceSettings, history: list[ChatMessage], conversat
         user=conversation_id if server else None,
         headers=dict(settings.llm_headers),
         read_timeout_s=settings.llm_read_timeout_s,
+        assistant_name=settings.assistant_name,
     )
     return PreparedRequest(base, conversation_id, spoken)
 

@@ -136,6 +136,8 @@ class LLMRequest:
     read_timeout_s: float = 30.0
     max_tokens: int | None = None
     temperature: float | None = None
+    #: the settings' ``assistant_name``: embedded base models speak as "<name>:" in a dialogue prompt
+    assistant_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -280,10 +282,25 @@ class STT(abc.ABC):
 # ---------------------------------------------------------------- streaming listening
 @dataclass(frozen=True)
 class SpeechStarted:
-    """The user started speaking (barge-in trigger). ``t_ms``: monotonic ms of the first voiced audio."""
+    """The user started speaking (barge-in trigger). ``t_ms``: monotonic ms of the first voiced audio.
+
+    ``tentative``: a voice onset too short yet to count as speech (``vad_min_speech_ms``):
+    it may be a cough or a click, so the session only *pauses* playback (that is
+    what keeps barge-in within ~150 ms of the first voiced audio); the turn is
+    cancelled by the confirming ``SpeechStarted(tentative=False)``, and playback
+    resumes on :class:`SpeechDiscarded`.
+    """
 
     t_ms: float
     source: str = "vad"  # which detector saw it first: "vad" (server) or "stt" (e.g. Deepgram SpeechStarted)
+    tentative: bool = False
+
+
+@dataclass(frozen=True)
+class SpeechDiscarded:
+    """A tentative onset ended before it counted as speech (a click, a cough): resume playback."""
+
+    t_ms: float
 
 
 @dataclass(frozen=True)
@@ -321,7 +338,7 @@ class ListenNotice:
     kind: str = "info"
 
 
-ListenEvent = SpeechStarted | InterimTranscript | PreliminaryTranscript | EndOfTurn | ListenNotice
+ListenEvent = SpeechStarted | SpeechDiscarded | InterimTranscript | PreliminaryTranscript | EndOfTurn | ListenNotice
 
 
 async def queued_events(queue: "asyncio.Queue", end: object) -> AsyncIterator[ListenEvent]:
@@ -350,6 +367,14 @@ class Listener(abc.ABC):
 
     async def finish_utterance(self) -> None:
         """Push-to-talk released: end the turn now, whatever the VAD says."""
+
+    def set_hands_free(self, hands_free: bool) -> None:
+        """The session's input mode (may change mid-session). Hands-free: the listener
+        ends turns itself (VAD silence, Deepgram endpointing). Push-to-talk: a pause
+        while the button is held never ends the turn; only :meth:`finish_utterance` does."""
+        self.hands_free = hands_free
+
+    hands_free: bool = True
 
     async def aclose(self) -> None:
         """Stop listening and release resources."""
