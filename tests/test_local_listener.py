@@ -9,7 +9,8 @@ import pytest
 
 from voiceclaw_app.bench.local import word_error_rate
 from voiceclaw_app.config import VoiceSettings
-from voiceclaw_app.providers.base import STT, EndOfTurn, EngineUnavailable, ListenNotice, PreliminaryTranscript, SpeechStarted, Transcript
+from voiceclaw_app.providers.base import STT, EndOfTurn, EngineUnavailable, ListenNotice, PreliminaryTranscript, SpeechDiscarded, SpeechStarted, Transcript
+from voiceclaw_app.providers.local_listener import NOTHING_HEARD
 from voiceclaw_app.providers.local_listener import LocalListener
 
 from tests.audio_fixtures import RATE, fixture, speech_only
@@ -67,8 +68,11 @@ async def test_turn_with_preliminary_transcript_reused_at_end_of_turn():
     events += await drain(lst)
     await lst.aclose()
     kinds = [type(e).__name__ for e in events]
-    assert kinds == ["SpeechStarted", "PreliminaryTranscript", "EndOfTurn"]
-    pre, eot = events[1], events[2]
+    assert kinds == ["SpeechStarted", "SpeechStarted", "PreliminaryTranscript", "EndOfTurn"]
+    onset, confirmed, pre, eot = events
+    # tentative at the onset (pause playback), then confirmed (barge-in), same first voiced audio
+    assert onset.tentative and not confirmed.tentative and onset.t_ms == confirmed.t_ms
+    assert abs(onset.t_ms - 1000.0 * meta["first_voiced_sample"] / RATE) <= 100
     assert pre.text == eot.text and stt.calls == 1  # the short-pause transcript was reused
     assert abs(eot.speech_end_ms - 1000.0 * meta["last_voiced_sample"] / RATE) <= 150
     assert eot.eot_ms - eot.speech_end_ms >= 499
@@ -86,6 +90,37 @@ async def test_speaking_again_after_a_pause_gives_one_turn_for_all_of_it():
     assert isinstance(eot, EndOfTurn)
     assert int(eot.text.split()[0]) > (len(a) + len(b)) // 2  # both parts transcribed together
     assert len([e for e in events if isinstance(e, EndOfTurn)]) == 1
+
+
+def cough(ms: int = 120) -> bytes:
+    """A short burst of real voice, shorter than vad_min_speech_ms (200): a cough."""
+    return speech_only("q_joke")[: 2 * RATE * ms // 1000]
+
+
+@pytest.mark.asyncio
+async def test_a_cough_pauses_then_resumes_and_never_becomes_a_turn():
+    stt = LengthSTT()
+    lst = LocalListener(settings=settings(), stt=stt)
+    await play(lst, silence(300) + cough() + silence(900))
+    events = await drain(lst, until=SpeechDiscarded)
+    await asyncio.sleep(0.1)
+    assert lst._q.empty()  # nothing after the discard: no confirmed start, no turn
+    await lst.aclose()
+    assert [type(e).__name__ for e in events] == ["SpeechStarted", "SpeechDiscarded"]
+    assert events[0].tentative
+    # the onset comes within ~100 ms of the first voiced sample, the discard once the silence wait ran out
+    assert 300 <= events[0].t_ms <= 400 and events[1].t_ms >= 300 + 120 + 400
+    assert stt.calls == 0
+
+
+@pytest.mark.asyncio
+async def test_a_cough_before_real_speech_gives_one_turn():
+    lst = LocalListener(settings=settings(), stt=LengthSTT())
+    await play(lst, silence(300) + cough() + silence(700) + speech_only("q_time") + silence(700))
+    events = await drain(lst)
+    await lst.aclose()
+    starts = [(type(e).__name__, getattr(e, "tentative", None)) for e in events if not isinstance(e, PreliminaryTranscript)]
+    assert starts == [("SpeechStarted", True), ("SpeechDiscarded", None), ("SpeechStarted", True), ("SpeechStarted", False), ("EndOfTurn", None)]
 
 
 @pytest.mark.asyncio
@@ -132,6 +167,77 @@ async def test_push_to_talk_release_ends_the_turn_without_the_silence_wait():
     await lst.aclose()
     assert isinstance(events[0], SpeechStarted) and isinstance(events[-1], EndOfTurn)
     assert not [e for e in events if isinstance(e, PreliminaryTranscript)]
+
+
+@pytest.mark.asyncio
+async def test_push_to_talk_a_long_pause_does_not_end_the_turn():
+    stt = LengthSTT()
+    lst = LocalListener(settings=settings(vad_silence_ms=500), stt=stt)
+    lst.set_hands_free(False)
+    a, b = speech_only("q_joke"), speech_only("q_time")
+    await play(lst, silence(300) + a + silence(1500) + b + silence(800))
+    await asyncio.sleep(0.1)
+    before = []
+    while not lst._q.empty():
+        before.append(lst._q.get_nowait())
+    assert not [e for e in before if isinstance(e, (EndOfTurn, ListenNotice))]  # pauses never end it
+    await lst.finish_utterance()
+    events = await drain(lst)
+    await lst.aclose()
+    eots = [e for e in events if isinstance(e, EndOfTurn)]
+    assert len(eots) == 1
+    assert int(eots[0].text.split()[0]) > (len(a) + len(b)) // 2  # both parts, one utterance
+    # and back to hands-free: the pause ends the turn again
+    lst2 = LocalListener(settings=settings(vad_silence_ms=500), stt=LengthSTT())
+    lst2.set_hands_free(False)
+    lst2.set_hands_free(True)
+    await play(lst2, silence(300) + a + silence(800))
+    assert isinstance((await drain(lst2))[-1], EndOfTurn)
+    await lst2.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("audio", ["silence", "cough"])
+async def test_push_to_talk_release_with_nothing_heard_says_so(audio):
+    stt = LengthSTT()
+    lst = LocalListener(settings=settings(), stt=stt)
+    lst.set_hands_free(False)
+    await play(lst, silence(600) + (cough() + silence(100) if audio == "cough" else b""))
+    await lst.finish_utterance()
+    events = await drain(lst, until=ListenNotice)
+    await lst.aclose()
+    assert events[-1].kind == "empty" and events[-1].message == NOTHING_HEARD
+    assert "didn't hear anything" in NOTHING_HEARD
+    assert not [e for e in events if isinstance(e, EndOfTurn)] and stt.calls == 0
+    if audio == "cough":  # the paused playback resumes
+        assert [type(e).__name__ for e in events] == ["SpeechStarted", "SpeechDiscarded", "ListenNotice"]
+
+
+@pytest.mark.asyncio
+async def test_vad_helper_failure_is_one_notice_and_the_socket_lives(monkeypatch):
+    import sys
+
+    from voiceclaw_app.providers import silero_vad
+
+    lst = LocalListener(settings=settings(speculative=False), stt=LengthSTT())
+    await play(lst, silence(300))
+    # the helper dies and cannot be restarted
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    silero_vad.vad_process().close()
+    await play(lst, fixture("q_joke")[0], t0=300)  # must not raise
+    await play(lst, silence(300), t0=3000)
+    notices = []
+    while not lst._q.empty():
+        notices.append(lst._q.get_nowait())
+    assert [type(e).__name__ for e in notices] == ["ListenNotice"]
+    assert notices[0].kind == "error" and "Voice detection" in notices[0].message
+    await lst.finish_utterance()  # the release must not raise either
+    # the helper can start again: listening resumes on the same session
+    monkeypatch.undo()
+    await play(lst, silence(300) + fixture("q_time")[0] + silence(700), t0=10_000)
+    events = await drain(lst)
+    await lst.aclose()
+    assert isinstance(events[-1], EndOfTurn)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 from voiceclaw_app.providers.silero_vad import (
     EndOfTurn,
     MaxLengthCut,
+    OnsetDiscarded,
     SileroTurnDetector,
     SpeechStart,
 )
@@ -98,6 +99,29 @@ def test_clicks_and_a_cough_are_ignored(det):
     audio = silence(300) + click.tobytes() * 3 + burst + silence(900)
     events = feed(det, audio)
     assert not [e for e in events if isinstance(e, (SpeechStart, EndOfTurn))]
+    # the burst paused playback (onset) and is then dropped: resume
+    assert kinds(events) == ["VoiceOnset", "OnsetDiscarded"]
+    onset, dropped = events
+    assert onset.start_ms == dropped.start_ms and dropped.t_ms > onset.t_ms
+
+
+def test_push_to_talk_mode_joins_pauses_until_the_release():
+    d = SileroTurnDetector(silence_ms=500, end_on_silence=False)
+    a, b = speech_only("q_joke"), speech_only("q_time")
+    events = feed(d, silence(300) + a + silence(1500) + b + silence(900))
+    assert "EndOfTurn" not in kinds(events) and kinds(events).count("SpeechStart") == 1
+    out = d.flush(99_999.0)
+    d.close()
+    assert kinds(out) == ["EndOfTurn"] and len(out[0].pcm) // 2 > (len(a) + len(b)) // 2
+
+
+def test_flush_of_a_too_short_burst_discards_the_onset(det):
+    burst = speech_only("q_joke")[: 2 * RATE * 120 // 1000]
+    events = feed(det, silence(300) + burst)
+    assert kinds(events) == ["VoiceOnset"]
+    out = det.flush(5000.0)
+    assert len(out) == 1 and isinstance(out[0], OnsetDiscarded) and out[0].t_ms == 5000.0
+    assert det.flush() == []
 
 
 def test_min_speech_setting_admits_the_same_burst_when_lowered():

@@ -14,7 +14,7 @@ from voiceclaw_app.pipeline.events import AudioReady, TurnDone, UserText
 from voiceclaw_app.pipeline.preemptive import TurnStarter, same_words
 from voiceclaw_app.pipeline.timing import now_ms
 from voiceclaw_app.pipeline.turn import TurnRunner
-from voiceclaw_app.providers.base import EndOfTurn, InterimTranscript, PreliminaryTranscript, SpeechStarted
+from voiceclaw_app.providers.base import EndOfTurn, InterimTranscript, PreliminaryTranscript, SpeechDiscarded, SpeechStarted
 from voiceclaw_app.providers.openai_llm import OpenAICompatLLM
 
 
@@ -114,3 +114,46 @@ async def test_closing_the_consumer_cancels_a_committed_turn(setup):
 def test_same_words_ignores_case_and_punctuation():
     assert same_words("What's the time?", "what's the time")
     assert not same_words("Set a timer", "Set a timer for ten")
+
+
+async def test_a_failed_preparation_is_started_again_at_the_next_utterance(setup):
+    srv, starter, _ = setup
+    real = starter._prepare_fn
+    calls = []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("settings unreadable")
+        return await real()
+
+    starter._prepare_fn = flaky
+    await starter.handle(SpeechStarted(now_ms()))
+    with pytest.raises(RuntimeError):
+        await starter.handle(eot("hello", now_ms()))
+    # the next utterance prepares again instead of re-raising the old failure
+    await starter.handle(SpeechStarted(now_ms()))
+    committed = await starter.handle(eot("hello again", now_ms()))
+    assert committed is not None and isinstance((await drain(committed))[-1], TurnDone)
+    assert len(calls) == 2
+
+
+async def test_a_tentative_start_prepares_but_keeps_the_guess_and_a_cough_drops_the_request(setup):
+    srv, starter, prepared = setup
+    await starter.handle(SpeechStarted(now_ms(), tentative=True))
+    assert len(prepared) == 0 or starter._prepared is not None
+    await asyncio.sleep(0)
+    assert len(prepared) == 1  # warming started at the onset already
+    # a cough while a reply plays: the request prepared for it is dropped (its history is stale)
+    await starter.handle(SpeechDiscarded(now_ms()))
+    assert starter._prepared is None
+    await starter.handle(SpeechStarted(now_ms(), tentative=True))
+    await starter.handle(SpeechStarted(now_ms(), tentative=False))
+    await asyncio.sleep(0)
+    assert len(prepared) == 2
+    await starter.handle(PreliminaryTranscript("What time is it?", now_ms()))
+    early = starter.early
+    await starter.handle(SpeechStarted(now_ms(), tentative=True))  # not yet speech: the guess stays
+    assert starter.early is early and not early.cancel.cancelled
+    await starter.handle(SpeechStarted(now_ms(), tentative=False))  # speech: the guess is stale
+    assert starter.early is None and early.cancel.cancelled

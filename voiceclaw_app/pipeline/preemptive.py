@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
-from ..providers.base import CancelToken, EndOfTurn, InterimTranscript, ListenEvent, PreliminaryTranscript, SpeechStarted
+from ..providers.base import CancelToken, EndOfTurn, InterimTranscript, ListenEvent, PreliminaryTranscript, SpeechDiscarded, SpeechStarted
 from .events import TurnEvent
 from .timing import TurnMarks, now_ms
 from .turn import PreparedRequest, TurnRunner
@@ -36,6 +36,12 @@ _WORDS = re.compile(r"[\w']+")
 def same_words(a: str, b: str) -> bool:
     """Transcripts that differ only in case or punctuation ask the same thing."""
     return _WORDS.findall(a.lower()) == _WORDS.findall(b.lower())
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a preparation's exception as seen (it is raised where the task is awaited)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class EarlyTurn:
@@ -95,8 +101,11 @@ class TurnStarter:
     each confirmed end of turn.
 
     ``prepare`` builds the runner and the request (settings, bounded history) and
-    warms the providers; it is started when speech starts, so none of that work
-    waits for the user to finish.
+    warms the providers; it is started when speech starts (already at a tentative
+    onset), so none of that work waits for the user to finish. A preparation that
+    failed is started again at the next speech start, and one made for an onset
+    that turned out to be a cough is dropped (the reply it interrupted goes on and
+    will be in the next request's history).
     """
 
     def __init__(self, prepare: Prepare, *, speculative: bool = True, speak: bool = True):
@@ -108,15 +117,26 @@ class TurnStarter:
         self.discarded = 0
 
     def _prepare(self) -> asyncio.Task:
-        if self._prepared is None:
-            self._prepared = asyncio.create_task(self._prepare_fn(), name="turn-prepare")
-        return self._prepared
+        task = self._prepared
+        if task is not None and task.done() and (task.cancelled() or task.exception() is not None):
+            task = None  # failed (settings unreadable, a provider down): try again, do not re-raise forever
+        if task is None:
+            task = asyncio.create_task(self._prepare_fn(), name="turn-prepare")
+            task.add_done_callback(_retrieve)
+            self._prepared = task
+        return task
 
     async def handle(self, ev: ListenEvent) -> CommittedTurn | None:
         if isinstance(ev, SpeechStarted):
-            # The user is (still, or again) talking: a guess made at a pause is stale.
-            await self._drop_early()
+            if not ev.tentative:
+                # The user is (still, or again) talking: a guess made at a pause is stale.
+                await self._drop_early()
             self._prepare()
+        elif isinstance(ev, SpeechDiscarded):
+            # a cough: the reply it paused goes on and lands in the history, so a
+            # request prepared now would miss it
+            if self.early is None and self._prepared is not None:
+                self._prepared = None
         elif isinstance(ev, InterimTranscript) and ev.text.strip() and self.early is not None and not same_words(self.early.text, ev.text):
             await self._drop_early()  # new words after a likely-final transcript: the user kept talking
         elif isinstance(ev, PreliminaryTranscript) and self.speculative and ev.text.strip():

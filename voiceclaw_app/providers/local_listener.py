@@ -3,14 +3,23 @@
 One :class:`LocalListener` per voice session. The mic WebSocket pushes 16 kHz PCM16
 frames; :meth:`events` yields the :mod:`.base` listen events:
 
-* :class:`SpeechStarted` when the VAD confirms speech (barge-in; also the moment
-  to call ``LocalLlamaLLM.prefill`` with the history, which the turn owner knows);
+* :class:`SpeechStarted` with ``tentative=True`` at the voice onset (~64 ms of voice:
+  pause playback; also the moment to prepare the request and prefill the LLM),
+  then ``tentative=False`` when the VAD confirms speech (``vad_min_speech_ms``:
+  barge-in cancels the reply), or :class:`SpeechDiscarded` when the onset was a
+  cough or a click that never became speech (resume playback);
 * :class:`PreliminaryTranscript` when the utterance so far was transcribed at a
   short pause (~200 ms): the turn may start preemptively;
 * :class:`EndOfTurn` after ``vad_silence_ms`` of silence. If the audio is the
   same as at the short pause, the speculative transcription is reused (awaited if
   still running) instead of transcribed again;
-* :class:`ListenNotice` for a max-length cut, an empty utterance or an engine failure.
+* :class:`ListenNotice` for a max-length cut, an empty utterance (including a
+  push-to-talk release with nothing heard) or an engine failure (the session goes on).
+
+Input modes (:meth:`set_hands_free`): hands-free ends a turn after ``vad_silence_ms``
+of silence; in push-to-talk a pause never ends it, :meth:`finish_utterance` (the
+button released) does, with everything said while the button was held as one
+utterance.
 
 A speculative transcription that turns out wrong (the user spoke again) is
 cancelled through its :class:`CancelToken`: Whisper skips the decoder if it has not
@@ -27,10 +36,12 @@ from typing import AsyncIterator
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
 from . import silero_vad as sv
-from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechStarted, queued_events
+from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, queued_events
 
 log = logging.getLogger("voiceclaw.listener")
 _CLOSED = object()
+#: what a push-to-talk release with nothing (or too little) heard tells the user
+NOTHING_HEARD = "I didn't hear anything. Hold the button while you speak, then release it."
 
 
 class _Speculation:
@@ -56,20 +67,53 @@ class LocalListener(Listener):
         self._tasks: set[asyncio.Task] = set()
         self._last_final: asyncio.Task | None = None
         self._closed = False
+        self._tentative = False  # a tentative SpeechStarted awaits its confirmation or discard
+        self._ended_since_flush = False  # an end of turn was emitted since the last release
+        self._vad_failed = False  # the VAD error notice was given (once, until it works again)
+        self.set_hands_free(True)
 
     @classmethod
     def from_settings(cls, settings: VoiceSettings) -> "LocalListener":
         return cls(settings=settings)
 
     # ------------------------------------------------------------ input
+    def set_hands_free(self, hands_free: bool) -> None:
+        """Hands-free: silence ends the turn. Push-to-talk: only :meth:`finish_utterance` does."""
+        self.hands_free = bool(hands_free)
+        self.detector.end_on_silence = self.hands_free
+        self._ended_since_flush = False
+
     async def push(self, pcm16: bytes, t_ms: float) -> None:
-        if not self._closed:
-            self._dispatch(self.detector.push(pcm16, t_ms))
+        if self._closed:
+            return
+        seen = self.detector.windows_seen
+        try:
+            events = self.detector.push(pcm16, t_ms)
+        except ProviderError as exc:
+            self._vad_error(exc)
+            return
+        if self.detector.windows_seen > seen:
+            self._vad_failed = False  # the helper answers again
+        self._dispatch(events)
 
     async def finish_utterance(self) -> None:
-        """Push-to-talk released: close the utterance now, whatever the VAD says."""
-        if not self._closed:
-            self._dispatch(self.detector.flush())
+        """Push-to-talk released: close the utterance now, whatever the VAD says.
+
+        Nothing heard (silence, or speech shorter than ``vad_min_speech_ms``) gives a
+        ``ListenNotice(kind="empty")`` so the user knows the release was not lost.
+        """
+        if self._closed:
+            return
+        try:
+            events = self.detector.flush()
+        except ProviderError as exc:
+            self._vad_error(exc)
+            return
+        ended = self._ended_since_flush or any(isinstance(ev, sv.EndOfTurn) for ev in events)
+        self._dispatch(events)
+        self._ended_since_flush = False
+        if not ended:
+            self._q.put_nowait(ListenNotice(NOTHING_HEARD, kind="empty"))
 
     # ------------------------------------------------------------ output
     def events(self) -> AsyncIterator[ListenEvent]:
@@ -110,12 +154,29 @@ class LocalListener(Listener):
             self._spec.cancel.cancel()
             self._spec = None
 
+    def _vad_error(self, exc: ProviderError) -> None:
+        """The VAD helper failed: tell the user once, keep the session (the next frame retries)."""
+        if self._tentative:
+            self._tentative = False
+            self._q.put_nowait(SpeechDiscarded(t_ms=now_ms()))  # do not leave playback paused
+        if not self._vad_failed:
+            log.warning("voice detection failed: %s (%s)", exc.user_message, exc.detail)
+            self._vad_failed = True
+            self._q.put_nowait(ListenNotice(exc.user_message, kind="error"))
+
     def _dispatch(self, events: list) -> None:
         for ev in events:
             if isinstance(ev, sv.VoiceOnset):
-                # the earliest sign of the user talking: barge-in must not wait for
-                # the segment to count as speech (vad_min_speech_ms)
-                self._q.put_nowait(SpeechStarted(t_ms=ev.start_ms, source="vad"))
+                # the earliest sign of the user talking: pause playback now, before
+                # the segment counts as speech (vad_min_speech_ms); it may be a cough
+                self._tentative = True
+                self._q.put_nowait(SpeechStarted(t_ms=ev.start_ms, source="vad", tentative=True))
+            elif isinstance(ev, sv.SpeechStart):
+                self._tentative = False
+                self._q.put_nowait(SpeechStarted(t_ms=ev.start_ms, source="vad", tentative=False))
+            elif isinstance(ev, sv.OnsetDiscarded):
+                self._tentative = False
+                self._q.put_nowait(SpeechDiscarded(t_ms=ev.t_ms))
             elif isinstance(ev, sv.ShortPause) and self.settings.speculative:
                 self._drop_speculation()
                 cancel = CancelToken()
@@ -127,6 +188,7 @@ class LocalListener(Listener):
             elif isinstance(ev, sv.MaxLengthCut):
                 self._q.put_nowait(ListenNotice(ev.message, kind="max_length"))
             elif isinstance(ev, sv.EndOfTurn):
+                self._ended_since_flush = True
                 spec, self._spec = self._spec, None
                 reuse = spec if spec is not None and spec.pcm == ev.pcm else None
                 if spec is not None and reuse is None:

@@ -8,11 +8,14 @@ process with llama.cpp), so the event loop can call
 
 Why these events:
 
-* :class:`VoiceOnset` after ``onset_ms`` (64 ms) of voice: barge-in stops playback
-  on it, so the assistant goes quiet within ~150 ms of the user's first voiced audio.
+* :class:`VoiceOnset` after ``onset_ms`` (64 ms) of voice: a *tentative* start.
+  Barge-in pauses playback on it, so the assistant goes quiet within ~150 ms of the
+  user's first voiced audio, but nothing is cancelled yet.
 * :class:`SpeechStart` as soon as a segment has ``vad_min_speech_ms`` of voice: only
-  then does it count as an utterance, so clicks or coughs shorter than that never
-  become turns (a cough may still pause playback: the price of fast barge-in).
+  then does it count as an utterance (the confirmed start that cancels a reply), so
+  clicks or coughs shorter than that never become turns.
+* :class:`OnsetDiscarded` when a segment that had a :class:`VoiceOnset` is dropped
+  before it was confirmed (a cough, a click): playback resumes.
 * :class:`ShortPause` after ~200 ms of silence, carrying the utterance so far: the
   speculative transcription starts here while the real silence wait still runs.
 * :class:`EndOfTurn` after ``vad_silence_ms`` of silence, with ``speech_end_ms`` (the
@@ -25,6 +28,11 @@ Why these events:
   there (an :class:`EndOfTurn` with ``cut=True`` follows) and the rest of the
   monologue is ignored until the speaker pauses, so one long speech does not turn
   into a burst of turns.
+
+``end_on_silence`` (True: hands-free) lets silence end a confirmed segment. With it
+off (push-to-talk), a pause of any length keeps the segment open, and only
+:meth:`SileroTurnDetector.flush` (the button released) ends it: speech, pause and
+more speech become one utterance.
 """
 
 from __future__ import annotations
@@ -200,6 +208,15 @@ class VoiceOnset:
 
 
 @dataclass(frozen=True)
+class OnsetDiscarded:
+    """A segment that gave a :class:`VoiceOnset` was dropped before it counted as
+    speech (shorter than ``vad_min_speech_ms``: a cough or a click)."""
+
+    t_ms: float  # when it was dropped
+    start_ms: float  # the onset's first voiced window
+
+
+@dataclass(frozen=True)
 class SpeechResumed:
     """Voice came back after a :class:`ShortPause`: speculative work is stale."""
 
@@ -231,7 +248,7 @@ class MaxLengthCut:
     message: str
 
 
-VADEvent = Union[VoiceOnset, SpeechStart, SpeechResumed, ShortPause, EndOfTurn, MaxLengthCut]
+VADEvent = Union[VoiceOnset, OnsetDiscarded, SpeechStart, SpeechResumed, ShortPause, EndOfTurn, MaxLengthCut]
 
 
 def to_pcm16(frame: Frame) -> bytes:
@@ -268,7 +285,10 @@ class SileroTurnDetector:
         pre_roll_ms: int = 320,
         post_roll_ms: int = 160,
         onset_ms: int = 64,
+        end_on_silence: bool = True,
     ) -> None:
+        #: hands-free: silence ends a turn; push-to-talk (False): only :meth:`flush` does
+        self.end_on_silence = bool(end_on_silence)
         self.silence_ms = max(int(silence_ms), 1)
         self.onset_ms = max(int(onset_ms), int(WINDOW_MS))
         self.min_speech_ms = max(int(min_speech_ms), 0)
@@ -286,6 +306,7 @@ class SileroTurnDetector:
         self._pre_roll: deque[bytes] = deque(maxlen=max(1, round(pre_roll_ms / WINDOW_MS)))
         self._pending = bytearray()  # samples not yet a full window (and an odd byte)
         self.last_probability = 0.0
+        self.windows_seen = 0  # windows the model answered for (listeners tell a recovered helper by it)
         self.reset()
 
     # ------------------------------------------------------------- state
@@ -328,26 +349,42 @@ class SileroTurnDetector:
         # samples in _pending after this frame's end are none: the last full sample ends at t_end
         total_samples = len(self._pending) // 2
         n_windows = total_samples // WINDOW
-        for i in range(n_windows):
-            window = bytes(self._pending[i * win_bytes : (i + 1) * win_bytes])
-            remaining_after = total_samples - (i + 1) * WINDOW
-            w_end = t_end - 1000.0 * remaining_after / SAMPLE_RATE
-            events.extend(self._window(window, w_end))
+        try:
+            for i in range(n_windows):
+                window = bytes(self._pending[i * win_bytes : (i + 1) * win_bytes])
+                remaining_after = total_samples - (i + 1) * WINDOW
+                w_end = t_end - 1000.0 * remaining_after / SAMPLE_RATE
+                events.extend(self._window(window, w_end))
+        except EngineUnavailable:
+            # the helper is gone: forget this audio (it would pile up otherwise) and
+            # the open segment; the caller tells the user
+            self._pending.clear()
+            self._end_segment()
+            self._pre_roll.clear()
+            raise
         del self._pending[: n_windows * win_bytes]
         return events
 
     def flush(self, t_ms: float | None = None) -> list[VADEvent]:
-        """End of stream (push-to-talk released): close a confirmed utterance now."""
+        """End of stream (push-to-talk released): close a confirmed utterance now.
+
+        An unconfirmed segment (too short to count as speech) that gave a
+        :class:`VoiceOnset` ends with :class:`OnsetDiscarded`; no :class:`EndOfTurn`
+        in the result means nothing was heard.
+        """
         t = now_ms() if t_ms is None else float(t_ms)
         events: list[VADEvent] = []
         if self._state == "speech" and self._confirmed:
             events.append(EndOfTurn(t, self._last_voiced_end_ms, self._utterance_pcm()))
+        elif self._state == "speech" and self._onset:
+            events.append(OnsetDiscarded(t, self._start_ms))
         self.reset()
         return events
 
     # ------------------------------------------------------------- core
     def _window(self, window: bytes, w_end: float) -> list[VADEvent]:
         p = float(self._vad.probability(window))
+        self.windows_seen += 1
         if p != p:  # NaN from the model: treat as silence rather than crash
             p = 0.0
         self.last_probability = p
@@ -397,7 +434,11 @@ class SileroTurnDetector:
                 events.append(ShortPause(w_end, self._last_voiced_end_ms, self._utterance_pcm()))
             if self._silence_run_ms >= self.silence_ms:
                 if self._confirmed:
+                    if not self.end_on_silence:
+                        return events  # push-to-talk: the release ends the turn, not a pause
                     events.append(EndOfTurn(w_end, self._last_voiced_end_ms, self._utterance_pcm()))
+                elif self._onset:
+                    events.append(OnsetDiscarded(w_end, self._start_ms))
                 self._end_segment()  # unconfirmed: a click or cough, dropped
                 return events
         if self._confirmed and (w_end - self._start_ms) >= self.max_utterance_ms:
