@@ -98,13 +98,13 @@ async def test_cancel_leaves_nothing_running_and_delivers_nothing_more(server, t
         got.append(ev)
         if isinstance(ev, ChunkText):
             cancel.cancel()
-    files_after_cancel = set(os.listdir(runner.store.root))
-    await asyncio.sleep(0.6)  # any straggler would now store audio
-    assert set(os.listdir(runner.store.root)) == files_after_cancel
+    # right when the generator returns: no task and no thread work of the turn is left
+    assert turn_tasks_left(before) == []
+    assert tts.active == 0  # the synthesis threads saw the cancel token and returned
     assert not any(isinstance(e, (AudioReady, TurnDone, TurnError)) for e in got)
-    leftover = turn_tasks_left(before)
-    assert leftover == []
-    assert tts.active == 0  # the thread saw the cancel token
+    files_after_cancel = set(os.listdir(runner.store.root))
+    await asyncio.sleep(0.1)
+    assert set(os.listdir(runner.store.root)) == files_after_cancel
 
 
 async def test_closing_the_generator_cancels_the_turn(server, tmp_path):
@@ -146,9 +146,11 @@ async def test_http_errors_end_the_turn_cleanly_and_the_next_turn_works(server, 
     for _ in range(3):
         server.then(status=status, retry_after="0")
     runner = make_runner(server, tmp_path)
+    assert await runner.phrases.prefetch() == 3
     events = await run_all(runner)
     assert isinstance(events[-1], TurnError) and words in events[-1].message
-    assert events[-1].audio_url and events[-1].audio_url.startswith("/audio/c-")  # the spoken apology
+    url = events[-1].audio_url  # the spoken apology: prefetched, under a random id
+    assert url and runner.store.path_for(url.removeprefix("/audio/").removesuffix(".wav")) is not None
     server.queue.clear()  # 401/404 are not retried: drop the unused faults
     assert isinstance((await run_all(runner))[-1], TurnDone)
 

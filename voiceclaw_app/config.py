@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-HistoryMode = Literal["server", "client"]
+#: ``auto`` (the default): ``server`` for gateway models, ``client`` for any other
+HistoryMode = Literal["auto", "server", "client"]
 InputMode = Literal["push_to_talk", "hands_free"]
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -42,6 +44,9 @@ def data_dir() -> Path:
     return path
 
 
+log = logging.getLogger("voiceclaw.config")
+
+
 def is_gateway_model(model: str) -> bool:
     """OpenClaw gateway model names: ``openclaw``, ``openclaw:<id>``, ``openclaw/<id>``, ``agent:<id>``."""
     m = model.strip()
@@ -53,17 +58,29 @@ def _env(name: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
+def env_headers_problem() -> str | None:
+    """Why ``VOICECLAW_LLM_HEADERS`` is ignored, in plain words; None when it is fine or unset."""
+    raw = os.environ.get("VOICECLAW_LLM_HEADERS", "").strip()
+    if not raw:
+        return None
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return f"VOICECLAW_LLM_HEADERS is not valid JSON ({exc.msg} at character {exc.pos}), so no extra headers are sent; write a JSON object such as {{\"x-openclaw-agent-id\": \"voice\"}}."
+    if not isinstance(parsed, dict):
+        return f"VOICECLAW_LLM_HEADERS must be a JSON object of header names to values (got a {type(parsed).__name__}), so no extra headers are sent."
+    return None
+
+
 def _env_headers() -> dict[str, str]:
     raw = os.environ.get("VOICECLAW_LLM_HEADERS", "").strip()
     if not raw:
         return {}
-    try:
-        parsed = json.loads(raw)
-    except json.JSONDecodeError:
+    problem = env_headers_problem()
+    if problem:
+        log.warning("%s", problem)
         return {}
-    if not isinstance(parsed, dict):
-        return {}
-    return {str(k): str(v) for k, v in parsed.items()}
+    return {str(k): str(v) for k, v in json.loads(raw).items()}
 
 
 @dataclass
@@ -76,7 +93,7 @@ class VoiceSettings:
     llm_model_voice: str = ""
     llm_model_text: str = ""
     llm_headers: dict[str, str] = field(default_factory=dict)
-    llm_history_mode: HistoryMode = "client"
+    llm_history_mode: HistoryMode = "auto"
     llm_history_turns: int = 8
     llm_read_timeout_s: float = 30.0
     stt_provider: str = "local"  # local | deepgram
@@ -106,7 +123,6 @@ class VoiceSettings:
             llm_model_voice=voice_model,
             llm_model_text=_env("VOICECLAW_LLM_MODEL_TEXT", voice_model),
             llm_headers=_env_headers(),
-            llm_history_mode="server" if is_gateway_model(voice_model) else "client",
             stt_provider=_env("VOICECLAW_STT", "local"),
             tts_provider=_env("VOICECLAW_TTS", "local"),
             tts_model=_env("VOICECLAW_TTS_MODEL", "gpt-4o-mini-tts"),
@@ -157,8 +173,10 @@ class VoiceSettings:
             p["llm_base_url"] = "The LLM base URL must start with http:// or https:// (e.g. http://gateway:18789/v1)."
         if self.llm_base_url and not self.llm_model_voice.strip():
             p["llm_model_voice"] = "Name the model to use with this endpoint (gateway: openclaw:<agentId>)."
-        if self.llm_history_mode not in ("server", "client"):
-            p["llm_history_mode"] = "History mode is 'server' or 'client'."
+        if self.llm_history_mode not in ("auto", "server", "client"):
+            p["llm_history_mode"] = "History mode is 'auto', 'server' or 'client'."
+        elif self.llm_history_mode == "server" and self.history_mode_mismatch():
+            p["llm_history_mode"] = self.history_mode_mismatch() or ""
         if not 0 <= self.llm_history_turns <= 100:
             p["llm_history_turns"] = "History turns must be between 0 and 100."
         if not 1 <= self.llm_read_timeout_s <= 600:
@@ -189,6 +207,27 @@ class VoiceSettings:
     @property
     def uses_local_llm(self) -> bool:
         return not self.llm_base_url.strip()
+
+    def effective_history_mode(self, spoken: bool = True) -> str:
+        """``server`` only for a gateway model (``openclaw``, ``openclaw:<id>``,
+        ``openclaw/<id>``, ``agent:<id>``) unless the user chose ``client``; any other
+        model (OpenAI, Ollama, the local LLM) gets the history from the app, even
+        with ``server`` saved, or it would lose the history and the system prompt."""
+        if self.uses_local_llm or not is_gateway_model(self.model_for(spoken)):
+            return "client"
+        return "client" if self.llm_history_mode == "client" else "server"
+
+    def history_mode_mismatch(self) -> str | None:
+        """A sentence when ``server`` is saved but a model in use is not a gateway model."""
+        if self.llm_history_mode != "server":
+            return None
+        models = {self.model_for(True), self.model_for(False)}
+        bad = sorted(m for m in models if self.uses_local_llm or not is_gateway_model(m))
+        if not bad:
+            return None
+        what = "the built-in local model" if self.uses_local_llm else f"model {bad[0]!r}"
+        return (f"History mode 'server' needs an OpenClaw gateway model (openclaw:<agentId>); {what} keeps no "
+                "session, so the app sends the history itself (client). Choose 'auto' or 'client'.")
 
     def model_for(self, spoken: bool) -> str:
         """Voice turns use the (faster) voice model; muted typed turns the text model."""
@@ -238,6 +277,8 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
         if value != value:  # NaN
             raise ValueError("Not a number.")
         return value
+    if key == "llm_history_mode":
+        return str(raw or "").strip().lower() or "auto"
     return str(raw if raw is not None else "").strip() if key != "system_prompt" else str(raw or "")
 
 

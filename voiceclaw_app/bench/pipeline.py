@@ -57,7 +57,7 @@ class UncachedTTS(TTSCache):
         return None
 
     def put(self, identity, text, clip):
-        return self.store.save(clip)
+        return None
 
 
 def first_chunk_tokens(reply: str, chunk_text: str) -> int:

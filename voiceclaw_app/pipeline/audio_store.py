@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,16 @@ class AudioStore:
         os.replace(tmp, path)
         return StoredAudio(audio_id, self.url_for(audio_id), path, clip.duration_ms)
 
+    def save_copy(self, src: Path, duration_ms: float) -> StoredAudio:
+        """A fresh random-id copy of an existing WAV (e.g. a cache entry), owned by
+        whoever stores its id: deleting it never touches ``src`` and vice versa."""
+        audio_id = secrets.token_urlsafe(12)
+        path = self.root / f"{audio_id}.wav"
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+        return StoredAudio(audio_id, self.url_for(audio_id), path, duration_ms)
+
     def path_for(self, audio_id: str) -> Path | None:
         """The file for an id, or None for unknown or malformed ids (no path tricks)."""
         if not _ID_RE.match(audio_id):
@@ -64,14 +75,19 @@ class AudioStore:
                 removed += 1
         return removed
 
-    def prune(self, max_age_s: float, keep_prefix: str = "c") -> int:
-        """Delete turn audio older than the retention period (cached phrases stay)."""
+    def prune(self, max_age_s: float) -> int:
+        """Delete audio files older than the retention period.
+
+        Every file here is turn (or phrase) audio under a random id; the TTS cache
+        lives in its own folder (``cache/``, not served) and prunes itself by size.
+        """
         cutoff = time.time() - max_age_s
         removed = 0
         for path in self.root.glob("*.wav"):
-            if path.stem.startswith(keep_prefix + "-"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            except FileNotFoundError:
                 continue
-            if path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed += 1
         return removed

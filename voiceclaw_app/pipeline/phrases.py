@@ -24,28 +24,56 @@ PHRASES = {
 
 
 class PhraseBook:
+    """The fixed phrases' audio: pinned in the TTS cache (never evicted), handed out
+    as random-id files of the audio store that belong to the phrase book, not to a
+    conversation (no conversation stores their ids), so deleting a conversation
+    never removes them; retention may, and they are then copied again."""
+
     def __init__(self, tts: TTS | None, store: AudioStore, cache: TTSCache, *, voice: str, speed: float):
         self.tts = tts
         self.store = store
         self.cache = cache
         self.voice = voice
         self.speed = speed
+        self._ready: dict[tuple, StoredAudio] = {}
+        cache.pin(*PHRASES.values())
+
+    def _key(self, name: str) -> tuple:
+        assert self.tts is not None
+        return (self.tts.cache_identity(self.voice, self.speed), name)
+
+    def _remembered(self, name: str) -> StoredAudio | None:
+        audio = self._ready.get(self._key(name))
+        if audio is not None and self.store.path_for(audio.audio_id) is not None:
+            return audio
+        return None
 
     def cached(self, name: str) -> StoredAudio | None:
-        """The phrase's audio if already synthesized (never waits)."""
+        """The phrase's audio if already synthesized (never waits on synthesis)."""
         if self.tts is None:
             return None
-        return self.cache.get(self.tts.cache_identity(self.voice, self.speed), PHRASES[name])
+        audio = self._remembered(name)
+        if audio is None:
+            audio = self.cache.get(self.tts.cache_identity(self.voice, self.speed), PHRASES[name])
+            if audio is not None:
+                self._ready[self._key(name)] = audio
+        return audio
 
     async def get(self, name: str) -> StoredAudio | None:
         """The phrase's audio, synthesizing it if needed; None without TTS or on failure."""
         if self.tts is None:
             return None
+        audio = self.cached(name)
+        if audio is not None:
+            return audio
         try:
-            return await synthesize_cached(self.tts, self.cache, self.store, PHRASES[name], voice=self.voice, speed=self.speed, cancel=CancelToken())
+            audio = await synthesize_cached(self.tts, self.cache, self.store, PHRASES[name], voice=self.voice, speed=self.speed, cancel=CancelToken())
         except ProviderError as exc:
             log.warning("could not synthesize phrase %s: %s", name, exc.user_message)
             return None
+        if audio is not None:
+            self._ready[self._key(name)] = audio
+        return audio
 
     async def prefetch(self) -> int:
         """Synthesize every phrase now; returns how many are ready."""

@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import wave
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from ..providers.base import TTS, AudioClip, CancelToken, ProviderError
@@ -23,35 +26,109 @@ from .text import Chunk
 log = logging.getLogger("voiceclaw.tts")
 
 
+CACHE_MAX_BYTES = 64 * 1024 * 1024
+CACHE_MAX_ENTRIES = 1000
+
+
 class TTSCache:
     """Audio by (provider, voice, speed, text) on disk, so every worker shares it.
 
-    Entries are ordinary files of the audio store with a ``c-`` id prefix, which
-    retention and conversation deletion leave alone.
+    Entries live in ``<audio root>/cache/`` under a hash of the key: that folder is
+    not served, and no turn ever hands out an entry's path. A hit is *copied* into a
+    fresh random-id file of the audio store (:meth:`get`), which belongs to the
+    turn (or phrase) that asked for it and is deleted with its conversation or by
+    retention without touching the cache. Entries of the app's fixed phrases
+    (:meth:`pin`) are kept; the others form an LRU pruned to ``max_bytes`` /
+    ``max_entries`` (use updates a file's mtime).
     """
 
-    def __init__(self, store: AudioStore):
+    def __init__(self, store: AudioStore, *, max_bytes: int = CACHE_MAX_BYTES, max_entries: int = CACHE_MAX_ENTRIES):
         self.store = store
+        self.dir = store.root / "cache"
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._pinned: set[str] = set()
+        self._size: int | None = None  # bytes of unpinned entries (lazily scanned)
+        self._count = 0
 
-    @staticmethod
-    def key(identity: tuple, text: str) -> str:
-        digest = hashlib.sha256(repr((identity, text.strip())).encode()).hexdigest()[:32]
-        return f"c-{digest}"
+    def pin(self, *texts: str) -> None:
+        """Texts that are never evicted (the app's fixed phrases)."""
+        self._pinned.update(t.strip() for t in texts)
+
+    def entry_path(self, identity: tuple, text: str) -> Path:
+        digest = hashlib.sha256(repr((identity, text.strip())).encode()).hexdigest()[:40]
+        prefix = "f" if text.strip() in self._pinned else "r"
+        return self.dir / f"{prefix}-{digest}.wav"
+
+    def lookup(self, identity: tuple, text: str) -> Path | None:
+        """The cache entry's file (internal; never give this path to a turn)."""
+        path = self.entry_path(identity, text)
+        return path if path.is_file() else None
 
     def get(self, identity: tuple, text: str) -> StoredAudio | None:
-        audio_id = self.key(identity, text)
-        path = self.store.path_for(audio_id)
+        """On a hit, a fresh random-id copy of the cached audio in the audio store."""
+        path = self.lookup(identity, text)
         if path is None:
             return None
-        clip = AudioClip.from_wav(path.read_bytes())
-        return StoredAudio(audio_id, self.store.url_for(audio_id), path, clip.duration_ms)
+        try:
+            duration_ms = AudioClip.from_wav(path.read_bytes()).duration_ms
+            stored = self.store.save_copy(path, duration_ms)
+            os.utime(path)  # recently used: the LRU keeps it
+        except (OSError, EOFError, wave.Error):
+            return None  # pruned meanwhile by another worker, or damaged: synthesize again
+        return stored
 
-    def put(self, identity: tuple, text: str, clip) -> StoredAudio:
-        return self.store.save(clip, self.key(identity, text))
+    def put(self, identity: tuple, text: str, clip: AudioClip) -> None:
+        """Remember a phrase's audio (atomic write), then keep the cache under its cap."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.entry_path(identity, text)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(clip.wav)
+        os.replace(tmp, path)
+        if path.name.startswith("r-"):
+            if self._size is None:
+                self._scan()
+            else:
+                self._size += len(clip.wav)
+                self._count += 1
+            if self._size > self.max_bytes or self._count > self.max_entries:
+                self.prune()
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        out = []
+        for path in self.dir.glob("r-*.wav"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime, st.st_size, path))
+        return out
+
+    def _scan(self) -> None:
+        entries = self._entries()
+        self._size = sum(e[1] for e in entries)
+        self._count = len(entries)
+
+    def prune(self) -> int:
+        """Evict the least recently used unpinned entries down to ~80% of the caps."""
+        entries = sorted(self._entries())
+        size = sum(e[1] for e in entries)
+        count = len(entries)
+        removed = 0
+        for _, nbytes, path in entries:
+            if size <= self.max_bytes * 0.8 and count <= self.max_entries * 0.8:
+                break
+            path.unlink(missing_ok=True)
+            size -= nbytes
+            count -= 1
+            removed += 1
+        self._size, self._count = size, count
+        return removed
 
 
 async def synthesize_cached(tts: TTS, cache: TTSCache | None, store: AudioStore, text: str, *, voice: str, speed: float, cancel: CancelToken) -> StoredAudio | None:
-    """One phrase through the cache; ``None`` if cancelled before it was stored."""
+    """One phrase through the cache, as a fresh random-id file of ``store``;
+    ``None`` if cancelled before it was stored."""
     identity = tts.cache_identity(voice, speed)
     if cache is not None:
         hit = cache.get(identity, text)
@@ -60,7 +137,13 @@ async def synthesize_cached(tts: TTS, cache: TTSCache | None, store: AudioStore,
     clip = await tts.synthesize(text, voice=voice, speed=speed, cancel=cancel)
     if cancel.cancelled:
         return None
-    return cache.put(identity, text, clip) if cache is not None else store.save(clip)
+    stored = store.save(clip)
+    if cache is not None:
+        try:
+            cache.put(identity, text, clip)
+        except OSError as exc:
+            log.warning("could not cache synthesized audio: %s", exc)
+    return stored
 
 
 @dataclass(frozen=True)
@@ -78,6 +161,9 @@ class ChunkAudio:
 
 
 _DONE = object()
+#: how long :meth:`TTSScheduler.aclose` lets running syntheses stop on their own
+THREAD_GRACE_S = 2.0  # engines in threads stop at their next chunk boundary
+STREAMING_GRACE_S = 0.2  # network streams see the token at their next read
 
 
 class TTSScheduler:
@@ -123,13 +209,27 @@ class TTSScheduler:
                 yield item
 
     async def aclose(self) -> None:
-        """Cancel everything still running and wait until it has stopped."""
+        """Cancel everything still running and wait until it has stopped.
+
+        Cancelling an asyncio task that awaits a worker thread does not stop the
+        thread, so the token goes first and running syntheses get a bounded grace
+        period to return on their own (engines in threads check the token at their
+        next chunk boundary); only then are the stragglers cancelled. When this
+        returns, no synthesis of this turn runs, in a task or (within the bound) a
+        thread.
+        """
         self.cancel.cancel()
-        for task in self._tasks:
-            task.cancel()
+        self.close()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            grace = STREAMING_GRACE_S if self.tts.capabilities.streaming else THREAD_GRACE_S
+            _, pending_set = await asyncio.wait(pending, timeout=grace)
+            if pending_set:
+                log.debug("%d TTS task(s) still running after %.1fs: cancelling them", len(pending_set), grace)
+            for task in pending_set:
+                task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.close()
 
     @property
     def running(self) -> int:
@@ -174,4 +274,7 @@ class TTSScheduler:
         if clips and self.cache is not None and not self.cancel.cancelled:
             # the whole chunk, joined, so a repeat of this phrase is instant
             whole = b"".join(c.pcm16() for c in clips)
-            self.cache.put(identity, chunk.speech, AudioClip.from_pcm16(whole, clips[0].sample_rate))
+            try:
+                self.cache.put(identity, chunk.speech, AudioClip.from_pcm16(whole, clips[0].sample_rate))
+            except OSError as exc:
+                log.warning("could not cache synthesized audio: %s", exc)

@@ -36,6 +36,8 @@ log = logging.getLogger("voiceclaw.turn")
 
 STILL_WORKING_AFTER_S = 2.0
 STILL_WORKING_REPEAT_S = 10.0
+#: how often the turn looks at its CancelToken (set from any thread) while it waits
+CANCEL_POLL_S = 0.02
 _END = object()
 
 
@@ -61,7 +63,7 @@ def build_request(settings: VoiceSettings, history: list[ChatMessage], conversat
     history sent again. ``client``: system prompt + the last ``llm_history_turns``
     exchanges.
     """
-    server = settings.llm_history_mode == "server" and not settings.uses_local_llm
+    server = settings.effective_history_mode(spoken) == "server"
     messages: list[ChatMessage] = []
     if not server:
         if settings.system_prompt.strip():
@@ -119,11 +121,14 @@ class TurnRunner:
         try:
             async for event in turn.events():
                 yield event
-            finished = True
+            finished = not cancel.cancelled
         finally:
             if not finished:
                 cancel.cancel()
-            await turn.shutdown()
+            try:
+                await turn.shutdown()
+            finally:
+                turn.log_line(cancelled=not finished)
 
 
 class _Turn:
@@ -151,6 +156,7 @@ class _Turn:
         self.llm_done = asyncio.Event()
         self.last_activity = now_ms()
         self.tasks: list[asyncio.Task] = []
+        self.logged = False
 
     # ------------------------------------------------------------ the event stream
     async def events(self) -> AsyncIterator[TurnEvent]:
@@ -161,6 +167,7 @@ class _Turn:
         ]
         supervisor = asyncio.create_task(self._supervise(), name="turn-supervisor")
         self.tasks.append(supervisor)
+        self.tasks.append(asyncio.create_task(self._cancel_watch(), name="turn-cancel-watch"))
         while True:
             event = await self.queue.get()
             if event is _END:
@@ -172,6 +179,14 @@ class _Turn:
             return
         for event in await self._final_events():
             yield event
+
+    async def _cancel_watch(self) -> None:
+        """Bridge the thread-safe CancelToken to the event loop: ``cancel.cancel()``
+        from anywhere wakes the consumer within ~20 ms, even while the turn waits
+        for its first token (no other event would come to wake it)."""
+        while not self.cancel.cancelled:
+            await asyncio.sleep(CANCEL_POLL_S)
+        self.queue.put_nowait(_END)
 
     async def _supervise(self) -> None:
         try:
@@ -189,13 +204,23 @@ class _Turn:
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
+    def log_line(self, *, cancelled: bool) -> None:
+        """The turn's one structured log line (also for cancelled turns, e.g. barge-in)."""
+        if self.logged:
+            return
+        self.logged = True
+        self.marks.mark("turn_done")
+        reply = "".join(self.reply)
+        log.info("turn %s", json.dumps({"conversation": self.prepared.conversation_id, "chars": len(reply), "chunks": self.spoken_chunks, "error": self.llm_error.kind if self.llm_error else None, "cancelled": cancelled, "stages_ms": self.marks.stages()}))
+
     async def _final_events(self) -> list[TurnEvent]:
         marks = self.marks
-        marks.mark("turn_done")
+        self.log_line(cancelled=False)
         reply = "".join(self.reply)
-        log.info("turn %s", json.dumps({"conversation": self.prepared.conversation_id, "chars": len(reply), "chunks": self.spoken_chunks, "error": self.llm_error.kind if self.llm_error else None, "stages_ms": marks.stages()}))
         if self.llm_error is not None:
-            phrase = await self.runner.phrases.get("error") if self.scheduler is not None else None
+            # only an already synthesized apology: synthesizing it now (TTS down too?)
+            # would hold the error back for seconds
+            phrase = self.runner.phrases.cached("error") if self.scheduler is not None else None
             return [TurnError(self.llm_error.user_message, self.llm_error.kind, reply, marks, phrase.url if phrase else None, self.llm_error.detail)]
         if not reply.strip():
             return [TurnError("The assistant sent an empty reply.", "empty", reply, marks)]

@@ -69,6 +69,18 @@ def service_name(base_url: str, model: str) -> str:
     return "LLM gateway" if is_gateway_model(model) else "LLM server"
 
 
+async def _sleep_unless_cancelled(delay: float, cancel: CancelToken, poll_s: float = 0.02) -> bool:
+    """Sleep ``delay`` seconds, waking early when ``cancel`` is set (from any thread);
+    True when cancelled."""
+    end = time.monotonic() + delay
+    while not cancel.cancelled:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(left, poll_s))
+    return True
+
+
 class OpenAICompatLLM(LLM):
     """Streams chat completions as text deltas, with typed errors and bounded retries."""
 
@@ -137,7 +149,8 @@ class OpenAICompatLLM(LLM):
                     delay = min(max(delay, exc.retry_after_s), 5.0)
                 log.info("LLM attempt %d failed (%s); retrying in %.2fs", attempt + 1, exc.kind, delay)
                 attempt += 1
-                await asyncio.sleep(delay)
+                if await _sleep_unless_cancelled(delay, cancel):
+                    return
 
     async def _stream_once(self, request: LLMRequest, service: str) -> AsyncIterator[str]:
         url = f"{self.base_url}/chat/completions"
@@ -247,12 +260,17 @@ class OpenAICompatLLM(LLM):
                 message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
             except (ValueError, AttributeError):
                 pass
-            if produced:
-                # e.g. the gateway's "cannot be represented as an append-only response
-                # stream": what was streamed stands; end normally, speak no error.
-                log.warning("%s ended the stream with an error after text: %s", service, message[:300])
+            if produced and event.event == "error":
+                # the OpenClaw gateway's trailing SSE `error` event ("cannot be
+                # represented as an append-only response stream"): what was streamed
+                # stands; end normally, speak no error.
+                log.warning("%s ended the stream with an error event after text: %s", service, message[:300])
                 yield None
                 return
+            if produced:
+                # an {"error": ...} object mid-reply (OpenAI, vLLM, Ollama): the reply is
+                # cut short; the turn ends with an error and keeps what was said
+                raise ProtocolError(f"The {service} failed mid-reply: {message[:200]}", detail=message)
             raise ProtocolError(f"The {service} reported an error: {message[:200]}", detail=message)
         if event.event not in ("message", "") and event.event != "error":
             return  # other named events carry nothing we speak
