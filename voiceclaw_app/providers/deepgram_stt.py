@@ -27,7 +27,26 @@ How a voice session uses Deepgram, and why:
   ends the turn at once (no endpointing wait).
 * **Reconnect**: audio not yet covered by an ``is_final`` result is kept and replayed
   on a new socket if the connection drops, so words already spoken are not lost
-  (and words already final are kept, not re-sent).
+  (and words already final are kept, not re-sent). The new socket never heard the
+  words already final, so it would never end that turn: after a reconnect with final
+  words pending, a local endpoint timer (``endpointing`` ms of silence on our own gate)
+  sends ``Finalize`` and the ``from_finalize`` result ends the turn. A watchdog
+  reconnects when voiced audio was sent and the server said nothing for
+  ``watchdog_s`` (a socket that is open but dead).
+* **Push-to-talk** (:meth:`set_hands_free` ``False``, may change mid-session):
+  ``speech_final`` / ``UtteranceEnd`` do not end the turn (a pause while the button
+  is held is not the end of the question); only the ``from_finalize`` result after
+  :meth:`finish_utterance` does.
+* **Barge-in**: Deepgram's ``SpeechStarted`` counts as confirmed speech. With a local
+  gate (the server's Silero VAD), its onset (``vad_onset_ms`` of voice) is reported
+  as a *tentative* ``SpeechStarted`` (pause playback), confirmed after
+  ``vad_min_speech_ms`` of voice or by Deepgram's ``SpeechStarted``, or withdrawn with
+  :class:`SpeechDiscarded`. A new speech start may be reported after 300 ms of
+  silence with no words pending (the session's echo guard may have ignored the last).
+* **Failures**: a session that cannot be (re)opened reports a
+  ``ListenNotice(kind="error")`` and keeps listening: the next voiced frame after a
+  backoff tries again (frames meanwhile are kept and replayed), and a notice says
+  when it is back.
 """
 
 from __future__ import annotations
@@ -57,6 +76,7 @@ from .base import (
     ProtocolError,
     ProviderError,
     ProviderTimeout,
+    SpeechDiscarded,
     SpeechStarted,
     StreamDropped,
     STT,
@@ -191,15 +211,20 @@ def _as_dict(msg: Any) -> dict:
 class _Frame:
     """One pushed frame, and where it sits in the current connection's audio clock."""
 
-    __slots__ = ("pcm", "t_ms", "conn", "start_s", "end_s")
+    __slots__ = ("pcm", "t_ms", "conn", "start_s", "end_s", "voiced")
 
-    def __init__(self, pcm: bytes, t_ms: float) -> None:
-        self.pcm, self.t_ms = pcm, t_ms
+    def __init__(self, pcm: bytes, t_ms: float, voiced: bool = False) -> None:
+        self.pcm, self.t_ms, self.voiced = pcm, t_ms, voiced
         self.conn, self.start_s, self.end_s = -1, 0.0, 0.0
 
 
 _FINALIZE, _CLOSE, _RECONNECT = object(), object(), object()
 _END = object()
+
+#: silence (on our own gate) after which a new speech start may be reported
+REANNOUNCE_SILENCE_MS = 300.0
+#: silence that withdraws a tentative onset (a click, a cough)
+DISCARD_SILENCE_MS = 100.0
 
 
 class DeepgramListener(Listener):
@@ -208,9 +233,11 @@ class DeepgramListener(Listener):
     ``push(pcm, t_ms)``: ``t_ms`` is the monotonic ms at which the frame's last sample
     was captured/received (the clock of :mod:`voiceclaw_app.pipeline.timing`).
     ``vad``: an optional ``pcm16 -> bool`` speech detector (e.g. the server's Silero
-    VAD); it gates what is streamed and, being local, usually reports barge-in before
-    Deepgram's ``SpeechStarted`` does (after ``vad_min_speech_ms`` of voice). Without
-    it a cheap energy gate is used for streaming decisions only.
+    VAD); it gates what is streamed and, being local, reports a tentative barge-in
+    after ``vad_onset_ms`` of voice and a confirmed one after ``vad_min_speech_ms``
+    (or Deepgram's ``SpeechStarted``, whichever is first). Without it a cheap energy
+    gate is used for streaming decisions only. If the VAD fails (its helper process
+    died), the energy gate takes over for the rest of the session.
     """
 
     name = "deepgram"
@@ -232,6 +259,11 @@ class DeepgramListener(Listener):
         finalize_timeout_s: float = 2.0,
         replay_limit_s: float = 30.0,
         vad_min_speech_ms: float = 60.0,
+        vad_onset_ms: float = 64.0,
+        start_retries: int = 2,
+        start_backoff_s: tuple[float, ...] = (0.25, 0.75),
+        watchdog_s: float = 6.0,
+        recover_backoff_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0),
     ):
         self._api_key = str(api_key or "")
         self.url = url or deepgram_url_from_env()
@@ -247,7 +279,16 @@ class DeepgramListener(Listener):
         self.connect_timeout_s = connect_timeout_s
         self.finalize_timeout_s = finalize_timeout_s
         self.replay_limit_s = replay_limit_s
-        self.vad_min_frames = max(1, round(vad_min_speech_ms / 20.0))
+        self.vad_min_ms = max(20.0, float(vad_min_speech_ms))
+        self.vad_onset_ms = max(20.0, min(float(vad_onset_ms), self.vad_min_ms))
+        self.start_retries = start_retries
+        self.start_backoff_s = start_backoff_s
+        self.watchdog_s = watchdog_s
+        self.recover_backoff_s = recover_backoff_s
+        # local end of turn after a reconnect with final words pending (the new socket never heard them)
+        self.local_endpoint_ms = float(self.options.endpointing_ms if self.options.endpointing_ms > 0 else self.options.utterance_end_ms)
+        # ... and a last-resort one if neither speech_final nor UtteranceEnd ever comes
+        self.safety_endpoint_ms = float(self.options.utterance_end_ms) + 1500.0
 
         self._events: asyncio.Queue = asyncio.Queue()
         self._q: asyncio.Queue = asyncio.Queue()  # frames and control items for the writer
@@ -262,45 +303,84 @@ class DeepgramListener(Listener):
         self._reader_task: asyncio.Task | None = None
         self._writer_task: asyncio.Task | None = None
         self._finalize_timer: asyncio.Task | None = None
+        self._recover_task: asyncio.Task | None = None
         self._last_send = 0.0
+        self._awaiting_since: float | None = None  # first voiced frame sent since the server's last message
         # audio bookkeeping
         self._unfinal: deque[_Frame] = deque()  # sent, not yet covered by an is_final result
         self._recent: deque[_Frame] = deque(maxlen=3000)  # for mapping audio seconds -> t_ms
         self._preroll: deque[tuple[bytes, float]] = deque(maxlen=self.preroll_frames)
+        self._held: deque[tuple[bytes, float]] = deque(maxlen=max(1, int(replay_limit_s / 0.02)))  # frames while failed
         self._last_voiced_t = -math.inf
-        self._voiced_run = 0
+        self._voiced_ms = 0.0  # voice since the current onset
+        self._unvoiced_ms = 0.0  # silence since the last voiced frame
+        # barge-in state: None (may report a start), "tentative", "confirmed"
+        self._barge: str | None = None
+        self._barge_floor = -math.inf  # Deepgram SpeechStarted before this (stale) is ignored
         # transcript state of the current turn
         self._finals: list[str] = []
         self._interim = ""
         self._speech_end_ms: float | None = None
-        self._announced = False
         self._finalizing = False
+        self._endpoint_armed = False  # local endpoint timer after a reconnect
+        self._recover_attempt = 0
+        self._recover_at = 0.0
         # counters for tests and the benchmark
-        self.stats = {"frames_pushed": 0, "frames_sent": 0, "keepalives": 0, "reconnects": 0, "replayed_frames": 0}
+        self.stats = {"frames_pushed": 0, "frames_sent": 0, "keepalives": 0, "reconnects": 0, "replayed_frames": 0,
+                      "watchdog_reconnects": 0, "local_endpoints": 0, "start_attempts": 0, "recoveries": 0,
+                      "vad_calls": 0, "vad_ms": 0.0, "vad_max_ms": 0.0}
+
+    @property
+    def _announced(self) -> bool:  # older name, kept for callers that read it
+        return self._barge is not None
 
     @classmethod
     def from_settings(cls, settings, keys, **kw) -> "DeepgramListener":
         opts = DeepgramOptions(language=(settings.stt_language or "en"), endpointing_ms=int(settings.vad_silence_ms), utterance_end_ms=max(1000, int(settings.vad_silence_ms) + 500))
+        # the initial mode; the mic session calls set_hands_free at build time and on every change
         kw.setdefault("hands_free", settings.input_mode == "hands_free")
+        kw.setdefault("vad_min_speech_ms", float(getattr(settings, "vad_min_speech_ms", 60.0)))
         return cls(api_key=keys.deepgram_api_key, options=opts, **kw)
 
     def __repr__(self) -> str:
         return f"DeepgramListener(url={self.url!r}, model={self.options.model!r})"
 
+    def set_hands_free(self, hands_free: bool) -> None:
+        """Read on every frame and every result: takes effect at once, mid-session too."""
+        self.hands_free = bool(hands_free)
+
     # ------------------------------------------------------------ connection
     async def start(self) -> None:
-        """Open the socket now (session start). Raises :class:`ProviderError` (e.g. a bad key)."""
+        """Open the socket now (session start), retrying 429/5xx/network failures a
+        couple of times with backoff. Raises :class:`ProviderError` (e.g. a bad key)."""
         if self._started:
             return
         if not self._api_key and urlsplit(self.url).netloc.endswith("deepgram.com"):
             raise AuthError("No Deepgram API key is set: add it on the settings page or set DEEPGRAM_API_KEY.")
         self._started = True
         try:
-            await self._connect()
+            await self._connect_with_retry(self.start_retries)
         except BaseException:
             self._started = False
             raise
         self._writer_task = asyncio.create_task(self._writer(), name="deepgram-writer")
+
+    async def _connect_with_retry(self, retries: int) -> None:
+        attempt = 0
+        while True:
+            self.stats["start_attempts"] += 1
+            try:
+                await self._connect()
+                return
+            except ProviderError as exc:
+                if not exc.retryable or attempt >= retries or self._closing:
+                    raise
+                delay = self.start_backoff_s[min(attempt, len(self.start_backoff_s) - 1)] if self.start_backoff_s else 0.0
+                if exc.retry_after_s is not None:
+                    delay = max(delay, min(exc.retry_after_s, 2.0))
+                log.info("Deepgram connect failed (%s); retry %d in %.2fs", exc.kind, attempt + 1, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
 
     async def _connect(self) -> None:
         stack = contextlib.AsyncExitStack()
@@ -316,9 +396,13 @@ class DeepgramListener(Listener):
         self._conn_id += 1
         self._conn_audio_s = 0.0
         self._last_send = time.monotonic()
+        self._awaiting_since = None
         self._reader_task = asyncio.create_task(self._reader(sock, self._conn_id), name="deepgram-reader")
 
     async def _drop_connection(self) -> None:
+        reader, self._reader_task = self._reader_task, None
+        if reader is not None and reader is not asyncio.current_task() and not reader.done():
+            reader.cancel()
         stack, self._stack, self._sock = self._stack, None, None
         if stack is not None:
             with contextlib.suppress(Exception):
@@ -347,6 +431,13 @@ class DeepgramListener(Listener):
             for f in frames:
                 await self._send_frame(f)
             self.stats["replayed_frames"] += len(frames)
+            if self._finalizing:
+                # a Finalize sent on the old socket may be lost with it: ask again
+                await self._sock.send_finalize()
+            elif self._finals:
+                # the new socket never heard the words already final: it will not end
+                # that turn. End it locally after the endpointing silence.
+                self._endpoint_armed = True
             return
         raise last or StreamDropped(f"The connection to the {SERVICE} dropped and could not be re-opened.")
 
@@ -361,11 +452,16 @@ class DeepgramListener(Listener):
             self._unfinal.popleft()
         await self._sock.send_media(f.pcm)
         self._last_send = time.monotonic()
+        if f.voiced and self._awaiting_since is None:
+            self._awaiting_since = self._last_send
         self.stats["frames_sent"] += 1
+
+    def _watchdog_due(self) -> bool:
+        return self._awaiting_since is not None and self.watchdog_s > 0 and time.monotonic() - self._awaiting_since >= self.watchdog_s
 
     async def _writer(self) -> None:
         """The only coroutine that writes to the socket (keeps frame order across reconnects)."""
-        tick = max(0.05, min(0.5, self.keepalive_s / 2))
+        tick = max(0.05, min(0.5, self.keepalive_s / 2, self.watchdog_s / 4 if self.watchdog_s > 0 else 0.5))
         try:
             while True:
                 try:
@@ -378,6 +474,10 @@ class DeepgramListener(Listener):
                             await self._reconnect()
                         continue
                     if self._sock is None or not self._reader_alive():
+                        await self._reconnect()
+                    elif self._watchdog_due():
+                        log.info("Deepgram sent nothing for %.1fs of voiced audio; reconnecting", self.watchdog_s)
+                        self.stats["watchdog_reconnects"] += 1
                         await self._reconnect()
                     if item is _CLOSE:
                         await self._sock.send_close_stream()
@@ -398,7 +498,7 @@ class DeepgramListener(Listener):
                         return
                     log.info("Deepgram send failed (%s); reconnecting", type(exc).__name__)
                     await self._reconnect()
-                    if item is _FINALIZE:
+                    if item is _FINALIZE and not self._finalizing:
                         await self._sock.send_finalize()
         except ProviderError as exc:
             self._fail(exc)
@@ -409,11 +509,54 @@ class DeepgramListener(Listener):
         return self._reader_task is not None and not self._reader_task.done()
 
     def _fail(self, exc: ProviderError) -> None:
+        """The socket cannot be (re)opened: say so, keep listening (see :meth:`_maybe_recover`)."""
         if self.failed is None and not self._closing:
             self.failed = exc
             log.warning("Deepgram session failed: %s", exc.user_message)
             self._events.put_nowait(ListenNotice(exc.user_message, kind="error"))
-            self._events.put_nowait(_END)
+            # words already final are the user's: end that turn with them
+            if self._finals:
+                self._end_turn()
+            self._finalizing = False
+            self._held.clear()
+            self._recover_attempt = 0
+            first = 30.0 if exc.kind == "auth" else (self.recover_backoff_s[0] if self.recover_backoff_s else 1.0)
+            self._recover_at = time.monotonic() + first
+
+    def _maybe_recover(self, voiced: bool) -> None:
+        """After a failure, the next voiced frame past the backoff reopens the socket."""
+        if not voiced or self._recover_task is not None or self._closing or time.monotonic() < self._recover_at:
+            return
+        self._recover_task = asyncio.create_task(self._recover(), name="deepgram-recover")
+
+    async def _recover(self) -> None:
+        try:
+            await self._drop_connection()
+            if self._writer_task is not None and not self._writer_task.done():
+                self._writer_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._writer_task
+            try:
+                await self._connect_with_retry(0)
+            except ProviderError as exc:
+                self._recover_attempt += 1
+                backoff = self.recover_backoff_s[min(self._recover_attempt, len(self.recover_backoff_s) - 1)] if self.recover_backoff_s else 5.0
+                self._recover_at = time.monotonic() + (max(backoff, 30.0) if exc.kind == "auth" else backoff)
+                log.info("Deepgram still unavailable (%s); next try in %.0fs", exc.kind, backoff)
+                return
+            if self._closing:
+                return
+            self._unfinal.clear()
+            self._q = asyncio.Queue()
+            for pcm, t in self._held:  # what the user said while the socket was down
+                self._q.put_nowait(_Frame(pcm, t, voiced=True))
+            self._held.clear()
+            self.failed = None
+            self.stats["recoveries"] += 1
+            self._writer_task = asyncio.create_task(self._writer(), name="deepgram-writer")
+            self._events.put_nowait(ListenNotice(f"The {SERVICE} is back.", kind="info"))
+        finally:
+            self._recover_task = None
 
     # ------------------------------------------------------------ reader
     async def _reader(self, sock, conn_id: int) -> None:
@@ -422,6 +565,8 @@ class DeepgramListener(Listener):
                 msg = await sock.recv()
                 if isinstance(msg, (bytes, bytearray)):
                     continue
+                if conn_id == self._conn_id:
+                    self._awaiting_since = None
                 self._handle(_as_dict(msg), conn_id)
         except asyncio.CancelledError:
             raise
@@ -448,11 +593,13 @@ class DeepgramListener(Listener):
             self._on_results(m, conn_id)
         elif kind == "SpeechStarted":
             t = self._t_of(float(m.get("timestamp") or 0.0), conn_id)
-            if not self._announced:
-                self._announced = True
-                self._events.put_nowait(SpeechStarted(t_ms=t if t is not None else now_ms(), source="stt"))
+            t = t if t is not None else now_ms()
+            if self._barge == "confirmed" or (self._barge is None and t < self._barge_floor):
+                return  # already reported, or an onset from before the silence that re-armed us
+            self._barge = "confirmed"  # Deepgram's VAD heard speech: that is a confirmed start
+            self._events.put_nowait(SpeechStarted(t_ms=t, source="stt"))
         elif kind == "UtteranceEnd":
-            if self._finals:
+            if self._finals and self.hands_free:
                 self._end_turn()
         elif kind == "Metadata":
             self._closed.set()
@@ -480,7 +627,10 @@ class DeepgramListener(Listener):
             last_end = float(words[-1].get("end", end_s)) if words else end_s
             t = self._t_of(last_end, conn_id)
             self._speech_end_ms = t if t is not None else self._last_voiced_t
-        if m.get("speech_final") or (self._finalizing and m.get("from_finalize")):
+        if self._finalizing and m.get("from_finalize"):
+            self._end_turn()
+        elif m.get("speech_final") and self.hands_free and not self._finalizing:
+            # endpointing: the end of turn (in push-to-talk only the release ends it)
             self._end_turn()
         elif text:
             self._events.put_nowait(PreliminaryTranscript(" ".join(self._finals), speech_end_ms=self._speech_end_ms))
@@ -490,6 +640,7 @@ class DeepgramListener(Listener):
         text = " ".join(parts).strip()
         finalizing = self._finalizing
         self._finalizing = False
+        self._endpoint_armed = False
         if self._finalize_timer is not None:
             self._finalize_timer.cancel()
             self._finalize_timer = None
@@ -500,47 +651,101 @@ class DeepgramListener(Listener):
         elif finalizing:
             self._events.put_nowait(ListenNotice("No speech was recognized.", kind="empty"))
         self._finals, self._interim, self._speech_end_ms = [], "", None
-        self._announced = False
+        if self._barge == "confirmed":
+            self._barge = None
+            self._barge_floor = self._last_voiced_t
 
     # ------------------------------------------------------------ Listener API
     def _voiced(self, pcm16: bytes) -> bool:
-        if self.vad is not None:
-            return bool(self.vad(pcm16))
+        vad = self.vad
+        if vad is not None:
+            t0 = time.perf_counter()
+            try:
+                return bool(vad(pcm16))
+            except Exception as exc:  # EngineUnavailable: the VAD helper died; never kill the mic
+                log.warning("server VAD failed (%s: %s); using the energy gate for this session", type(exc).__name__, getattr(exc, "user_message", exc))
+                self.vad = None
+                close = getattr(vad, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
+            finally:
+                dt = (time.perf_counter() - t0) * 1000.0
+                self.stats["vad_calls"] += 1
+                self.stats["vad_ms"] += dt
+                if dt > self.stats["vad_max_ms"]:
+                    self.stats["vad_max_ms"] = dt
         return rms16(pcm16) > self.energy_threshold
+
+    def _barge_in(self, voiced: bool, frame_ms: float, t_ms: float) -> None:
+        """Speech-start reporting from our own gate (see the module notes)."""
+        if voiced:
+            self._voiced_ms += frame_ms
+            self._unvoiced_ms = 0.0
+            if self.vad is None:
+                return
+            onset_t = t_ms - self._voiced_ms
+            if self._barge is None and self._voiced_ms >= self.vad_onset_ms - 1e-6:
+                confirmed = self._voiced_ms >= self.vad_min_ms - 1e-6
+                self._barge = "confirmed" if confirmed else "tentative"
+                self._events.put_nowait(SpeechStarted(t_ms=onset_t, source="vad", tentative=not confirmed))
+            elif self._barge == "tentative" and self._voiced_ms >= self.vad_min_ms - 1e-6:
+                self._barge = "confirmed"
+                self._events.put_nowait(SpeechStarted(t_ms=onset_t, source="vad", tentative=False))
+            return
+        self._unvoiced_ms += frame_ms
+        if self._barge == "tentative" and self._unvoiced_ms >= DISCARD_SILENCE_MS:
+            self._barge = None  # too short to be speech: resume playback
+            self._barge_floor = self._last_voiced_t
+            self._events.put_nowait(SpeechDiscarded(t_ms=t_ms))
+        if self._unvoiced_ms >= DISCARD_SILENCE_MS:
+            self._voiced_ms = 0.0
+        if self._barge == "confirmed" and self._unvoiced_ms >= REANNOUNCE_SILENCE_MS and not self._finals and not self._interim and not self._finalizing:
+            # 300 ms of silence, no words pending: the next voice is a new speech start
+            # (the session's echo guard may have ignored the last one)
+            self._barge = None
+            self._barge_floor = self._last_voiced_t
 
     async def push(self, pcm16: bytes, t_ms: float) -> None:
         if not self._started:
             await self.start()
-        if self.failed is not None or self._closing:
+        if self._closing:
             return
         self.stats["frames_pushed"] += 1
         voiced = self._voiced(pcm16)
+        frame_ms = len(pcm16) / 2 / self.options.sample_rate * 1000.0
+        if self.failed is not None:
+            if voiced or self._held:
+                self._held.append((pcm16, t_ms))
+            if voiced:
+                self._last_voiced_t = t_ms
+            self._maybe_recover(voiced)
+            return
+        self._barge_in(voiced, frame_ms, t_ms)
         if voiced:
-            self._voiced_run += 1
-            if self.vad is not None and not self._announced and self._voiced_run >= self.vad_min_frames:
-                # our own VAD saw speech: report barge-in now rather than wait for Deepgram
-                self._announced = True
-                self._events.put_nowait(SpeechStarted(t_ms=t_ms - 20.0 * self._voiced_run, source="vad"))
             if self._last_voiced_t == -math.inf or t_ms - self._last_voiced_t > self.silence_stream_ms:
                 for pcm, t in self._preroll:  # the onset just before the gate opened
                     self._q.put_nowait(_Frame(pcm, t))
                 self._preroll.clear()
             self._last_voiced_t = t_ms
-        else:
-            self._voiced_run = 0
-        streaming = (not self.hands_free) or voiced or (t_ms - self._last_voiced_t <= self.silence_stream_ms) or bool(self._finals) or self._finalizing
+        elif self.hands_free and self._finals and not self._finalizing:
+            silent_ms = t_ms - self._last_voiced_t
+            if silent_ms >= (self.local_endpoint_ms if self._endpoint_armed else self.safety_endpoint_ms):
+                # the server will not end this turn (a reconnect lost its endpointing
+                # state, or it went quiet): Finalize, and its result ends the turn
+                log.info("no end of turn from Deepgram after %.0f ms of silence; sending Finalize", silent_ms)
+                self.stats["local_endpoints"] += 1
+                self._start_finalize()
+        streaming = (not self.hands_free) or voiced or (t_ms - self._last_voiced_t <= self.silence_stream_ms) or self._finalizing
         if streaming:
-            self._q.put_nowait(_Frame(pcm16, t_ms))
+            self._q.put_nowait(_Frame(pcm16, t_ms, voiced))
         else:
             self._preroll.append((pcm16, t_ms))
 
     def events(self) -> AsyncIterator[ListenEvent]:
         return queued_events(self._events, _END)
 
-    async def finish_utterance(self) -> None:
-        """Push-to-talk released: Finalize now; the ``from_finalize`` result ends the turn."""
-        if not self._started or self.failed is not None:
-            return
+    def _start_finalize(self) -> None:
         for pcm, t in self._preroll:
             self._q.put_nowait(_Frame(pcm, t))
         self._preroll.clear()
@@ -549,6 +754,16 @@ class DeepgramListener(Listener):
         if self._finalize_timer is not None:
             self._finalize_timer.cancel()
         self._finalize_timer = asyncio.create_task(self._finalize_deadline())
+
+    async def finish_utterance(self) -> None:
+        """Push-to-talk released: Finalize now; the ``from_finalize`` result ends the turn."""
+        if not self._started or self._closing:
+            return
+        if self.failed is not None:
+            if self._finals:
+                self._end_turn()
+            return
+        self._start_finalize()
 
     async def _finalize_deadline(self) -> None:
         await asyncio.sleep(self.finalize_timeout_s)
@@ -564,21 +779,28 @@ class DeepgramListener(Listener):
         self._closing = True
         if self._finalize_timer is not None:
             self._finalize_timer.cancel()
-        if self._writer_task is not None and not self._writer_task.done():
+        if self._recover_task is not None:
+            self._recover_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._recover_task
+        if self._writer_task is not None and not self._writer_task.done() and self.failed is None:
             self._q.put_nowait(_CLOSE)
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 async with asyncio.timeout(2.0):
                     await self._writer_task
                     await self._closed.wait()
+        if self._writer_task is not None:
             self._writer_task.cancel()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+        reader = self._reader_task
+        if reader is not None:
+            reader.cancel()
         close_vad = getattr(self.vad, "close", None)
         if close_vad is not None:
             with contextlib.suppress(Exception):
                 close_vad()
+        if reader is not None:
             with contextlib.suppress(BaseException):
-                await self._reader_task
+                await reader
         await self._drop_connection()
         self._events.put_nowait(_END)
 
