@@ -46,6 +46,14 @@ async def test_deepgram_listener_is_started_at_session_start(monkeypatch):
         wrapped = await build_listener(s.replace(fallback_to_local=True), KEYS)
         assert isinstance(wrapped, FallbackListener) and not wrapped.switched
         assert len(srv.sessions) == 2
+        assert not wrapped.hands_free and not wrapped.active.hands_free
+        assert wrapped.active.vad_min_ms == s.vad_min_speech_ms  # tentative onset, confirmed after the setting
+        wrapped.set_hands_free(True)  # the mic session switches the mode mid-session
+        assert wrapped.active.hands_free
+        # after a fallback, a fresh Deepgram listener (with its own VAD gate) is tried between turns
+        again = wrapped.primary_factory()
+        assert isinstance(again, DeepgramListener) and again is not wrapped.active and isinstance(again.vad, SileroGate)
+        await again.aclose()
         await wrapped.aclose()
 
 

@@ -24,7 +24,13 @@ the same words after a reconnect.
 
 Faults are queued per connection with :meth:`FakeDeepgramServer.then`:
 ``reject_status``, ``drop_after_audio_s`` (abort the TCP connection, no close
-frame), ``handshake_delay_s``; ``profile.message_delay_s`` delays every message.
+frame), ``drop_after_is_final`` (abort right after the first ``is_final`` result
+with words, before its ``speech_final``), ``mute_after_audio_s`` (keep the socket
+open and keep reading, but never send another message: a dead server),
+``handshake_delay_s``; ``profile.message_delay_s`` delays every message.
+``profile.combined_final``: when endpointing fires on the segment's own silence,
+one ``Results`` carries both ``is_final`` and ``speech_final`` (what real Deepgram
+usually sends) instead of an empty ``speech_final`` result after it.
 
 Usage::
 
@@ -89,6 +95,8 @@ class ConnFault:
     reject_status: int | None = None  # refuse the handshake with this HTTP status
     drop_after_audio_s: float | None = None  # abort the socket once this much audio arrived
     handshake_delay_s: float = 0.0
+    drop_after_is_final: bool = False  # abort right after the first is_final result with words (before speech_final)
+    mute_after_audio_s: float | None = None  # after this much audio, send nothing more (socket stays open)
 
 
 @dataclass
@@ -105,6 +113,7 @@ class LiveSession:
     closed_code: int | None = None
     dropped: bool = False
     keepalive_at: list[float] = field(default_factory=list)
+    muted: int = 0  # messages withheld by mute_after_audio_s
 
 
 class _Recognizer:
@@ -422,9 +431,16 @@ class FakeDeepgramServer:
                 delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                if fault.mute_after_audio_s is not None and sess.audio_bytes >= fault.mute_after_audio_s * rec.rate * 2 and msg.get("type") != "Metadata":
+                    sess.muted += 1
+                    continue
                 sess.sent.append(msg)
                 writer.write(_frame(1, json.dumps(msg).encode()))
                 await writer.drain()
+                if fault.drop_after_is_final and msg.get("type") == "Results" and msg.get("is_final") and not msg.get("speech_final") and msg["channel"]["alternatives"][0]["transcript"]:
+                    sess.dropped = True
+                    writer.transport.abort()
+                    return
 
         send_task = asyncio.create_task(sender())
         try:

@@ -11,8 +11,11 @@ embedded engines, which :mod:`.engines` loads once per process).
   wrapped in :class:`FallbackTTS` when ``fallback_to_local``; ``local`` -> Piper.
 * STT (whole clip): ``stt_provider`` ``deepgram`` -> pre-recorded ``/v1/listen``; else Whisper.
 * Listener (live session): ``deepgram`` -> :class:`DeepgramListener` (socket opened
-  here, at session start), wrapped in :class:`FallbackListener` when
-  ``fallback_to_local``; ``local`` -> the embedded VAD + Whisper listener.
+  here, at session start, with the server's Silero VAD as its barge-in gate),
+  wrapped in :class:`FallbackListener` when ``fallback_to_local`` (which re-opens a
+  fresh Deepgram listener between turns after a fallback); ``local`` -> the
+  embedded VAD + Whisper listener. The mic session sets the input mode with
+  ``set_hands_free`` (the settings' ``input_mode`` is only the initial value).
 
 The embedded engines are imported lazily, inside the ``_local_*`` functions only, so
 cloud-only deployments never load model runtimes and the names live in one place.
@@ -115,15 +118,23 @@ async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener
         return await _local_listener(settings)
     from .deepgram_stt import DeepgramListener
 
-    if "vad" not in listener_options:
-        # barge-in from whichever is first: our own VAD or Deepgram's SpeechStarted
-        listener_options["vad"] = _server_vad()
-    cloud = DeepgramListener.from_settings(settings, keys, **listener_options)
+    with_vad = "vad" not in listener_options
+
+    def make_cloud() -> Listener:
+        opts = dict(listener_options)
+        if with_vad:
+            # barge-in from whichever is first: our own VAD (tentative at its onset,
+            # confirmed after vad_min_speech_ms) or Deepgram's SpeechStarted
+            opts["vad"] = _server_vad()
+        return DeepgramListener.from_settings(settings, keys, **opts)
+
+    cloud = make_cloud()
     if not settings.fallback_to_local:
         await cloud.start()
         return cloud
     from .fallback import FallbackListener
 
-    listener = FallbackListener(cloud, lambda: _local_listener(settings))
+    # primary_factory: after a fallback, Deepgram is tried again between turns
+    listener = FallbackListener(cloud, lambda: _local_listener(settings), primary_factory=make_cloud)
     await listener.start()
     return listener

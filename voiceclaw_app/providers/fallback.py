@@ -8,7 +8,11 @@ Policy (issue: cloud providers; setting ``fallback_to_local``, on by default):
   cloud again: :meth:`FallbackTTS.warm` (called when the user starts speaking) resets.
 * **STT**: if the Deepgram socket cannot be (re)opened, the session continues on the
   local VAD + Whisper listener; the audio of the utterance in progress is replayed
-  into it so the user's words are not lost, and a notice says so.
+  into it so the user's words are not lost, and a notice says so. That lasts for the
+  rest of the turn: once the local turn has ended (and after a backoff), a fresh
+  cloud listener (``primary_factory``) is opened between turns; when it is up the
+  session switches back and a notice says so. The input mode (:meth:`set_hands_free`)
+  is forwarded to whichever listener is active.
 * The LLM never falls back here (finishing a gateway reply with the tiny local model
   would be nonsense).
 
@@ -23,6 +27,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections import deque
 from typing import AsyncIterator, Awaitable, Callable, Union
 
@@ -30,6 +35,8 @@ from .base import (
     AudioClip,
     CancelToken,
     EndOfTurn,
+    SpeechDiscarded,
+    SpeechStarted,
     Listener,
     ListenEvent,
     ListenNotice,
@@ -166,23 +173,37 @@ class FallbackListener(Listener):
     unless ``fallback_on_auth``) or reports a fatal ``ListenNotice(kind="error")``
     mid-session. Audio since the last end of turn is kept (bounded) and replayed into
     the embedded listener, so an utterance in progress survives the switch.
+
+    ``primary_factory`` (optional) builds a fresh, unstarted cloud listener: with it,
+    the cloud is tried again between turns (after the fallen-back turn ended, then
+    with a growing backoff ``retry_backoff_s``) and the session switches back to it.
     """
 
-    def __init__(self, primary: Listener, fallback_factory: ListenerFactory, *, enabled: bool = True, fallback_on_auth: bool = True, replay_s: float = 30.0, on_notice: NoticeCallback | None = None):
+    def __init__(self, primary: Listener, fallback_factory: ListenerFactory, *, enabled: bool = True, fallback_on_auth: bool = True, replay_s: float = 30.0, on_notice: NoticeCallback | None = None,
+                 primary_factory: ListenerFactory | None = None, retry_backoff_s: tuple[float, ...] = (2.0, 10.0, 30.0, 60.0)):
         self.primary = primary
         self.fallback_factory = fallback_factory
+        self.primary_factory = primary_factory
+        self.retry_backoff_s = retry_backoff_s
         self.enabled = enabled
         self.fallback_on_auth = fallback_on_auth
         self.on_notice = on_notice
         self.notices: list[str] = []
+        self.hands_free = getattr(primary, "hands_free", True)
         self._active: Listener = primary
         self._switched = False
+        self.fallbacks = 0  # how many times this session switched to the embedded listener
+        self.restores = 0  # how many times it switched back to the cloud
         self._out: asyncio.Queue = asyncio.Queue()
         self._pump: asyncio.Task | None = None
         self._started = False
         self._closing = False
         self._switch_lock = asyncio.Lock()
         self._frames: deque[tuple[bytes, float]] = deque(maxlen=max(1, int(replay_s / 0.02)))
+        self._in_turn = False  # the active listener reported speech that has not ended yet
+        self._retry_at: float | None = None
+        self._retry_attempt = 0
+        self._retry_task: asyncio.Task | None = None
 
     @property
     def active(self) -> Listener:
@@ -190,13 +211,26 @@ class FallbackListener(Listener):
 
     @property
     def switched(self) -> bool:
+        """On the embedded listener now."""
         return self._switched
+
+    def set_hands_free(self, hands_free: bool) -> None:
+        self.hands_free = bool(hands_free)
+        self._active.set_hands_free(self.hands_free)
+
+    def _notify(self, msg: str, kind: str) -> None:
+        self.notices.append(msg)
+        if self.on_notice is not None:
+            with contextlib.suppress(Exception):
+                self.on_notice(msg)
+        self._out.put_nowait(ListenNotice(msg, kind=kind))
 
     async def start(self) -> None:
         """Open the primary now (session start); on failure, start the embedded listener."""
         if self._started:
             return
         self._started = True
+        self.primary.set_hands_free(self.hands_free)
         start = getattr(self.primary, "start", None)
         try:
             if start is not None:
@@ -211,28 +245,84 @@ class FallbackListener(Listener):
 
     async def _switch(self, reason: str) -> None:
         async with self._switch_lock:
-            if self._switched:
+            if self._switched or self._closing:
                 return
             self._switched = True
+            self.fallbacks += 1
             log.warning("cloud listener failed (%s); switching to the embedded listener", reason)
             old = self._active
             fallback: Listener = await _build(self.fallback_factory)  # type: ignore[assignment]
+            fallback.set_hands_free(self.hands_free)
             start = getattr(fallback, "start", None)
             if start is not None:
                 await start()
             self._active = fallback
-            msg = f"{reason} Using the built-in speech recognition for now."
-            self.notices.append(msg)
-            if self.on_notice is not None:
-                with contextlib.suppress(Exception):
-                    self.on_notice(msg)
-            self._out.put_nowait(ListenNotice(msg, kind="fallback"))
+            self._notify(f"{reason} Using the built-in speech recognition for now.", "fallback")
             for pcm, t in list(self._frames):  # the utterance in progress
                 await fallback.push(pcm, t)
             self._pump = asyncio.create_task(self._pump_from(fallback))
+            self._schedule_retry()
             if old is not fallback:
                 with contextlib.suppress(Exception):
                     await old.aclose()
+
+    # ---- back to the cloud, between turns
+    def _schedule_retry(self) -> None:
+        if self.primary_factory is None or not self.retry_backoff_s:
+            self._retry_at = None
+            return
+        delay = self.retry_backoff_s[min(self._retry_attempt, len(self.retry_backoff_s) - 1)]
+        self._retry_at = time.monotonic() + delay
+
+    def _maybe_retry_primary(self) -> None:
+        if (self._switched and self._retry_at is not None and self._retry_task is None and not self._in_turn
+                and not self._closing and time.monotonic() >= self._retry_at):
+            self._retry_task = asyncio.create_task(self._retry_primary())
+
+    async def _retry_primary(self) -> None:
+        try:
+            new: Listener = await _build(self.primary_factory)  # type: ignore[arg-type]
+            new.set_hands_free(self.hands_free)
+            start = getattr(new, "start", None)
+            try:
+                if start is not None:
+                    await start()
+            except ProviderError as exc:
+                self._retry_attempt += 1
+                self._schedule_retry()
+                log.info("cloud listener still unavailable (%s); staying on the embedded listener", exc.kind)
+                return
+            async with self._switch_lock:
+                if self._closing or not self._switched or self._in_turn:
+                    # the user started talking meanwhile: never switch inside a turn
+                    with contextlib.suppress(Exception):
+                        await new.aclose()
+                    self._retry_at = time.monotonic()
+                    return
+                old = self._active
+                self.primary = new
+                self._active = new
+                self._switched = False
+                self._retry_at = None
+                self._retry_attempt = 0
+                self.restores += 1
+                if self._pump is not None:
+                    self._pump.cancel()
+                self._pump = asyncio.create_task(self._pump_from(new))
+                for pcm, t in list(self._frames)[-50:]:  # the last second: an onset in progress
+                    await new.push(pcm, t)
+                log.info("cloud listener is back")
+                self._notify("Cloud speech recognition is back.", "info")
+                with contextlib.suppress(Exception):
+                    await old.aclose()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("re-opening the cloud listener failed")
+            self._retry_attempt += 1
+            self._schedule_retry()
+        finally:
+            self._retry_task = None
 
     async def _pump_from(self, listener: Listener) -> None:
         try:
@@ -242,6 +332,10 @@ class FallbackListener(Listener):
                 if isinstance(ev, ListenNotice) and ev.kind == "error" and listener is self.primary and self.enabled and not self._closing:
                     asyncio.create_task(self._switch(ev.message))
                     return
+                if isinstance(ev, SpeechStarted):
+                    self._in_turn = True
+                elif isinstance(ev, (EndOfTurn, SpeechDiscarded)) or (isinstance(ev, ListenNotice) and ev.kind in ("empty", "error")):
+                    self._in_turn = False
                 if isinstance(ev, EndOfTurn):
                     self._frames.clear()
                 self._out.put_nowait(ev)
@@ -259,6 +353,8 @@ class FallbackListener(Listener):
         if not self._started:
             await self.start()
         self._frames.append((pcm16, t_ms))
+        if self._switched:
+            self._maybe_retry_primary()
         await self._active.push(pcm16, t_ms)
 
     def events(self) -> AsyncIterator[ListenEvent]:
@@ -269,6 +365,10 @@ class FallbackListener(Listener):
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._retry_task
         await self._active.aclose()
         if self._pump is not None:
             self._pump.cancel()
