@@ -1,29 +1,69 @@
 // Audio queue: plays the turn's chunk WAV URLs in order, gaplessly (Web Audio,
 // scheduled back to back), fetching/decoding ahead while the current one plays.
 // Reports (JSON string to onReport): first_playing (with the server-clock time,
-// using the offset the mic socket measured), chunk (each chunk start), ended (queue
-// drained), stopped (barge-in/stop, with how many chunks started). Stops at once on
-// the window event "voiceclaw:barge-in" or when stopSeq changes.
+// using the offset the mic socket measured), chunk (each chunk start), ended (the
+// turn's audio is complete -- the `done` prop -- and has all played; a drain while
+// the LLM is slower than speech is not an end), stopped (barge-in/stop, with how many
+// chunks started). Window events: "voiceclaw:barge-in" stops at once,
+// "voiceclaw:pause" suspends playback (a tentative voice onset) and
+// "voiceclaw:resume" continues it gaplessly from where it stopped. stopSeq changes
+// stop it too. A turn that an earlier queue of this tab already played (the page was
+// left and reopened, or reloaded) is never played again.
 // data-played-count: chunks that started playing in this turn.
 import React, { useEffect, useRef } from "react";
 
 function clientNow() { return performance.timeOrigin + performance.now(); }
 
-export function AudioQueue({ urls, turnId, stopSeq, cue, onReport, ...rest }) {
+// The playback context is ours alone: the mic capture and the sound cues open their
+// own, so suspending this one pauses the reply and nothing else.
+let paused = false;
+let pauseSafety = null;
+const PAUSE_SAFETY_MS = 3000; // a pause nobody resolves (socket gone) ends by itself
+
+function playCtx(resumeIfSuspended = true) {
+  if (!window.__voiceclawPlayCtx) window.__voiceclawPlayCtx = new (window.AudioContext || window.webkitAudioContext)();
+  const c = window.__voiceclawPlayCtx;
+  if (resumeIfSuspended && !paused && c.state === "suspended") c.resume();
+  return c;
+}
+
+const PLAYED_KEY = "voiceclaw:played-turns";
+function playedTurns() {
+  if (!window.__voiceclawPlayedTurns) {
+    let saved = [];
+    try { saved = JSON.parse(window.sessionStorage.getItem(PLAYED_KEY) || "[]"); } catch (e) {}
+    window.__voiceclawPlayedTurns = Array.isArray(saved) ? saved : [];
+  }
+  return window.__voiceclawPlayedTurns;
+}
+function markPlayed(turn) {
+  if (!turn) return;
+  const list = playedTurns();
+  if (list.includes(turn)) return;
+  list.push(turn);
+  while (list.length > 50) list.shift();
+  try { window.sessionStorage.setItem(PLAYED_KEY, JSON.stringify(list)); } catch (e) {}
+}
+
+export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest }) {
   const el = useRef(null);
   const st = useRef(null);
-  const report = (obj) => { try { onReport && onReport(JSON.stringify(obj)); } catch (e) {} };
+  const doneRef = useRef(done);
+  doneRef.current = done;
+  const reportRef = useRef(onReport);
+  reportRef.current = onReport;
+  const report = (obj) => { try { reportRef.current && reportRef.current(JSON.stringify(obj)); } catch (e) {} };
+  const ctx = () => playCtx(true);
 
-  const ctx = () => {
-    if (!window.__voiceclawPlayCtx) window.__voiceclawPlayCtx = new (window.AudioContext || window.webkitAudioContext)();
-    const c = window.__voiceclawPlayCtx;
-    if (c.state === "suspended") c.resume();
-    return c;
+  const fresh = (turn) => ({ turn, buffers: [], fetching: new Set(), next: 0, at: 0, sources: [], started: 0, timers: [], pending: [], stopped: false, endTimer: null, ended: false, known: 0 });
+
+  const setAttr = (k, v) => { if (el.current) el.current.setAttribute(k, v); };
+  const setCount = (n) => setAttr("data-played-count", String(n));
+
+  const clearTimers = (s) => {
+    s.timers.forEach(clearTimeout); s.timers = [];
+    if (s.endTimer) { clearTimeout(s.endTimer); s.endTimer = null; }
   };
-
-  const fresh = (turn) => ({ turn, buffers: [], fetching: new Set(), next: 0, at: 0, sources: [], started: 0, timers: [], stopped: false, endTimer: null });
-
-  const setCount = (n) => { if (el.current) el.current.setAttribute("data-played-count", String(n)); };
 
   const stopAll = (tell) => {
     const s = st.current;
@@ -32,16 +72,61 @@ export function AudioQueue({ urls, turnId, stopSeq, cue, onReport, ...rest }) {
     s.stopped = true;
     s.sources.forEach((src) => { try { src.stop(); } catch (e) {} });
     s.sources = [];
-    s.timers.forEach(clearTimeout); s.timers = [];
-    if (s.endTimer) clearTimeout(s.endTimer);
-    if (el.current) el.current.setAttribute("data-state", "stopped");
+    s.pending = [];
+    clearTimers(s);
+    setAttr("data-state", "stopped");
     if (tell && wasPlaying) report({ event: "stopped", turn: s.turn, played: s.started, client_ms: clientNow() });
+  };
+
+  // chunk-start reports follow the context's clock (frozen while paused)
+  const armStarts = (s) => {
+    s.timers.forEach(clearTimeout); s.timers = [];
+    if (paused || s.stopped) return;
+    const c = ctx();
+    const lat = (c.outputLatency || c.baseLatency || 0) * 1000;
+    s.pending.forEach((p) => {
+      const delayMs = (p.when - c.currentTime) * 1000;
+      const playAt = clientNow() + Math.max(0, delayMs) + lat;
+      s.timers.push(setTimeout(() => {
+        if (s.stopped || st.current !== s || paused) return;
+        s.pending = s.pending.filter((x) => x !== p);
+        s.started = Math.max(s.started, p.i + 1);
+        setCount(s.started);
+        setAttr("data-state", "playing");
+        if (p.i === 0) {
+          const off = window.__voiceclawClockOffset;
+          report({ event: "first_playing", turn: s.turn, index: 0, client_ms: playAt, server_ms: off === undefined ? null : playAt + off });
+        } else {
+          report({ event: "chunk", turn: s.turn, index: p.i });
+        }
+      }, Math.max(0, delayMs)));
+    });
+  };
+
+  // "ended": everything known was scheduled, has played, and the turn is done producing audio
+  const checkEnd = (s) => {
+    if (s.stopped || st.current !== s || paused || s.ended || s.next === 0) return;
+    if (s.next < (s.known || 0)) return; // more chunks are on their way
+    const c = ctx();
+    if (c.currentTime + 0.02 < s.at) { armEnd(s); return; }
+    if (!doneRef.current) { setAttr("data-state", "waiting"); return; } // drained mid-reply: wait for the next chunk
+    s.ended = true;
+    setAttr("data-state", "ended");
+    report({ event: "ended", turn: s.turn, played: s.started });
+  };
+  const armEnd = (s) => {
+    if (s.endTimer) clearTimeout(s.endTimer);
+    s.endTimer = null;
+    if (paused || s.stopped) return;
+    const c = ctx();
+    s.endTimer = setTimeout(() => checkEnd(s), Math.max(0, (s.at - c.currentTime) * 1000) + 30);
   };
 
   const schedule = () => {
     const s = st.current;
     if (!s || s.stopped) return;
     const c = ctx();
+    let added = false;
     while (s.buffers[s.next]) {
       const i = s.next;
       const buf = s.buffers[i];
@@ -54,27 +139,13 @@ export function AudioQueue({ urls, turnId, stopSeq, cue, onReport, ...rest }) {
       s.sources.push(src);
       src.onended = () => { s.sources = s.sources.filter((x) => x !== src); };
       s.next += 1;
-      const lat = (c.outputLatency || c.baseLatency || 0) * 1000;
-      const delayMs = (when - c.currentTime) * 1000;
-      const playAt = clientNow() + delayMs + lat;
-      s.timers.push(setTimeout(() => {
-        if (s.stopped || st.current !== s) return;
-        s.started = Math.max(s.started, i + 1);
-        setCount(s.started);
-        if (el.current) el.current.setAttribute("data-state", "playing");
-        if (i === 0) {
-          const off = window.__voiceclawClockOffset;
-          report({ event: "first_playing", turn: s.turn, index: 0, client_ms: playAt, server_ms: off === undefined ? null : playAt + off });
-        } else {
-          report({ event: "chunk", turn: s.turn, index: i });
-        }
-      }, Math.max(0, delayMs)));
-      if (s.endTimer) clearTimeout(s.endTimer);
-      s.endTimer = setTimeout(() => {
-        if (s.stopped || st.current !== s || s.next < (s.known || 0)) return;
-        if (el.current) el.current.setAttribute("data-state", "ended");
-        report({ event: "ended", turn: s.turn, played: s.started });
-      }, Math.max(0, (s.at - c.currentTime) * 1000) + 30);
+      s.pending.push({ i, when });
+      added = true;
+    }
+    if (added) {
+      markPlayed(s.turn);
+      armStarts(s);
+      armEnd(s);
     }
   };
 
@@ -86,22 +157,34 @@ export function AudioQueue({ urls, turnId, stopSeq, cue, onReport, ...rest }) {
       .then((r) => { if (!r.ok) throw new Error("HTTP " + r.status); return r.arrayBuffer(); })
       .then((data) => ctx().decodeAudioData(data))
       .then((buf) => { if (st.current === s && !s.stopped) { s.buffers[i] = buf; schedule(); } })
-      .catch((e) => { console.warn("audio chunk failed", url, e); if (st.current === s) { s.buffers[i] = ctx().createBuffer(1, 1, 22050); schedule(); } });
+      .catch((e) => { console.warn("audio chunk failed", url, e); if (st.current === s && !s.stopped) { s.buffers[i] = ctx().createBuffer(1, 1, 22050); schedule(); } });
   };
 
-  // new turn -> new queue
+  // new turn -> new queue; a turn an earlier queue of this tab played stays silent
   useEffect(() => {
     if (st.current && st.current.turn !== turnId) stopAll(false);
-    if (!st.current || st.current.turn !== turnId) { st.current = fresh(turnId); setCount(0); if (el.current) el.current.setAttribute("data-state", "idle"); }
+    if (!st.current || st.current.turn !== turnId) {
+      const s = fresh(turnId);
+      if (turnId && typeof window !== "undefined" && playedTurns().includes(turnId)) s.stopped = true;
+      st.current = s;
+      setCount(0);
+      setAttr("data-state", "idle");
+    }
   }, [turnId]);
 
   // new URLs: fetch all of them now (they are short), play in order
   useEffect(() => {
     const s = st.current;
     if (!s || s.stopped || !urls) return;
-    s.known = urls.length;
+    s.known = Math.max(s.known || 0, urls.length);
     urls.forEach((u, i) => load(i, u));
   }, [urls, turnId]);
+
+  // the turn finished producing audio: a drained queue has now ended
+  useEffect(() => {
+    const s = st.current;
+    if (done && s && !s.stopped) checkEnd(s);
+  }, [done]);
 
   const firstStop = useRef(true);
   useEffect(() => {
@@ -115,12 +198,55 @@ export function AudioQueue({ urls, turnId, stopSeq, cue, onReport, ...rest }) {
   }, [cue]);
 
   useEffect(() => {
-    const onBarge = () => stopAll(true);
+    const unpause = () => {
+      if (pauseSafety) { clearTimeout(pauseSafety); pauseSafety = null; }
+      if (!paused) return false;
+      paused = false;
+      return true;
+    };
+    const onBarge = () => {
+      stopAll(true);
+      if (unpause() && window.__voiceclawPlayCtx) window.__voiceclawPlayCtx.resume();
+    };
+    const onPause = () => {
+      const s = st.current;
+      if (pauseSafety) clearTimeout(pauseSafety);
+      pauseSafety = setTimeout(onResume, PAUSE_SAFETY_MS);
+      if (paused) return;
+      paused = true;
+      const c = window.__voiceclawPlayCtx;
+      if (c && c.state === "running") c.suspend();
+      if (s) clearTimers(s);
+      if (s && !s.stopped && s.sources.length) setAttr("data-state", "paused");
+    };
+    function onResume() {
+      if (!unpause()) return;
+      const c = window.__voiceclawPlayCtx;
+      const s = st.current;
+      const go = () => {
+        if (!s || s.stopped || st.current !== s) return;
+        if (s.sources.length) setAttr("data-state", "playing");
+        armStarts(s);
+        armEnd(s);
+      };
+      if (c && c.state === "suspended") c.resume().then(go, go); else go();
+    }
     const unlock = () => { try { ctx(); } catch (e) {} };
     window.addEventListener("voiceclaw:barge-in", onBarge);
+    window.addEventListener("voiceclaw:pause", onPause);
+    window.addEventListener("voiceclaw:resume", onResume);
     window.addEventListener("pointerdown", unlock, { once: true });
     window.addEventListener("keydown", unlock, { once: true });
-    return () => { window.removeEventListener("voiceclaw:barge-in", onBarge); };
+    return () => {
+      window.removeEventListener("voiceclaw:barge-in", onBarge);
+      window.removeEventListener("voiceclaw:pause", onPause);
+      window.removeEventListener("voiceclaw:resume", onResume);
+      window.removeEventListener("pointerdown", unlock);
+      window.removeEventListener("keydown", unlock);
+      // leaving the page: nothing of this queue keeps playing
+      stopAll(false);
+      if (unpause() && window.__voiceclawPlayCtx) window.__voiceclawPlayCtx.resume();
+    };
   }, []);
 
   return <div id="audio-queue" ref={el} data-played-count="0" data-state="idle" {...rest} />;

@@ -4,6 +4,10 @@
 // space bar), a level meter, a mic picker and a clear message when the mic is
 // denied or missing. The socket opens on mount (hello -> ready, ping/pong for the
 // clock offset, kept in window.__voiceclawClockOffset for the audio queue).
+// Playback control from the server (pause / resume / barge_in) is re-dispatched as
+// window events for the audio queue. With VOICECLAW_ACCESS_TOKEN set on the server,
+// open the page once as /?access_token=...: the token is kept in localStorage and
+// sent in the hello; a refusal (close code 4003) stops the reconnect loop.
 import React, { useEffect, useRef, useState } from "react";
 import { getBackendURL, getToken } from "$/utils/state";
 import env from "$/env.json";
@@ -27,6 +31,24 @@ function cue(kind) {
 }
 if (typeof window !== "undefined") window.__voiceclawCue = cue;
 
+const ACCESS_KEY = "voiceclaw:access_token";
+const ACCESS_MESSAGE = "This server needs an access token: open the page once as /?access_token=...";
+
+// ?access_token=... is taken from the URL once, kept in localStorage and removed from the address bar
+function accessToken() {
+  if (typeof window === "undefined") return "";
+  try {
+    const url = new URL(window.location.href);
+    const given = url.searchParams.get("access_token");
+    if (given !== null) {
+      if (given) window.localStorage.setItem(ACCESS_KEY, given); else window.localStorage.removeItem(ACCESS_KEY);
+      url.searchParams.delete("access_token");
+      window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
+    }
+    return window.localStorage.getItem(ACCESS_KEY) || "";
+  } catch (e) { return ""; }
+}
+
 function wsURL() {
   const u = getBackendURL(env.EVENT);
   u.pathname = "/ws/voice";
@@ -34,7 +56,7 @@ function wsURL() {
   return u.toString();
 }
 
-export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
+export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) {
   const wsRef = useRef(null);
   const capRef = useRef(null); // {ctx, stream, node, src}
   const meterRef = useRef(null);
@@ -45,18 +67,30 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
   const [deviceId, setDeviceId] = useState("");
   const [takenOver, setTakenOver] = useState(false);
   const holdingRef = useRef(false);
-  const emit = (s) => { try { onEvent && onEvent(s); } catch (e) {} };
+  // refs for what timers and window listeners read (no stale closures)
+  const deviceRef = useRef("");
+  const activeRef = useRef(false);
+  const busyRef = useRef(!!busy);
+  const refusedRef = useRef(false); // the server wants an access token: do not reconnect
+  const onEventRef = useRef(onEvent);
+  onEventRef.current = onEvent;
+  busyRef.current = !!busy;
+  const emit = (s) => { try { onEventRef.current && onEventRef.current(s); } catch (e) {} };
   modeRef.current = mode;
+  const setActiveBoth = (v) => { activeRef.current = v; setActive(v); };
 
   // ---- the socket -------------------------------------------------------
   const connect = () => {
-    if (typeof window === "undefined") return;
+    if (typeof window === "undefined" || refusedRef.current) return;
     const ws = new WebSocket(wsURL());
     ws.binaryType = "arraybuffer";
     wsRef.current = ws;
     let pings = [];
     ws.onopen = () => {
-      ws.send(JSON.stringify({ type: "hello", client_token: getToken(), sample_rate: 16000, mode: modeRef.current }));
+      const hello = { type: "hello", client_token: getToken(), sample_rate: 16000, mode: modeRef.current };
+      const access = accessToken();
+      if (access) hello.access_token = access;
+      ws.send(JSON.stringify(hello));
     };
     ws.onmessage = (ev) => {
       let msg;
@@ -74,6 +108,10 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
         window.__voiceclawClockOffset = pings[0].offset; // the fastest round trip is the most accurate
       } else if (msg.type === "barge_in") {
         window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
+      } else if (msg.type === "pause") {
+        window.dispatchEvent(new CustomEvent("voiceclaw:pause"));
+      } else if (msg.type === "resume") {
+        window.dispatchEvent(new CustomEvent("voiceclaw:resume"));
       } else if (msg.type === "taken_over") {
         setTakenOver(true);
         stopCapture(false);
@@ -85,7 +123,15 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
     ws.onclose = (ev) => {
       if (wsRef.current === ws) wsRef.current = null;
       if (ev.code === 4001) return; // taken over: do not reconnect and steal it back
-      setTimeout(() => { if (!wsRef.current && !window.__voiceclawTakenOver) connect(); }, 1000);
+      if (ev.code === 4002) return; // this tab opened a newer socket
+      if (ev.code === 4003) { // refused: no (or a wrong) access token; retrying cannot help
+        refusedRef.current = true;
+        stopCapture(false);
+        setError(ACCESS_MESSAGE);
+        emit("error:" + ACCESS_MESSAGE);
+        return;
+      }
+      setTimeout(() => { if (!wsRef.current && !window.__voiceclawTakenOver && !refusedRef.current) connect(); }, 1000);
     };
   };
 
@@ -110,6 +156,7 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
   // ---- capture ----------------------------------------------------------
   const startCapture = async () => {
     if (capRef.current) return true;
+    if (refusedRef.current) { setError(ACCESS_MESSAGE); emit("error:" + ACCESS_MESSAGE); return false; }
     setError("");
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
       const m = "The browser gives the microphone only to secure pages (https or localhost).";
@@ -121,9 +168,10 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
       await new Promise((r) => setTimeout(r, 300));
     }
     try {
+      const wanted = deviceRef.current;
       const stream = await navigator.mediaDevices.getUserMedia({
         audio: {
-          deviceId: deviceId ? { exact: deviceId } : undefined,
+          deviceId: wanted ? { exact: wanted } : undefined,
           channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true,
         },
       });
@@ -143,6 +191,12 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
       };
       src.connect(node);
       const sink = ctx.createGain(); sink.gain.value = 0; node.connect(sink).connect(ctx.destination);
+      if (capRef.current) { // a concurrent start won: keep that one
+        try { src.disconnect(); node.disconnect(); } catch (e) {}
+        stream.getTracks().forEach((t) => t.stop());
+        ctx.close();
+        return true;
+      }
       capRef.current = { ctx, stream, node, src };
       refreshDevices();
       return true;
@@ -166,7 +220,7 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
       c.ctx.close();
     }
     if (meterRef.current) meterRef.current.style.width = "0%";
-    setActive(false);
+    setActiveBoth(false);
     if (tell) { send(JSON.stringify({ type: "stop" })); emit("stopped"); cue("stop"); }
   };
 
@@ -204,31 +258,54 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
     send(JSON.stringify({ type: "ptt_start" }));
     const ok = await startCapture();
     if (!ok) { holdingRef.current = false; return; }
-    setActive(true); emit("listening"); cue("start");
+    setActiveBoth(true); emit("listening"); cue("start");
   };
   const pttUp = () => {
     if (!holdingRef.current) return;
     holdingRef.current = false;
     send(JSON.stringify({ type: "ptt_end" }));
-    setActive(false); emit("stopped"); cue("stop");
+    setActiveBoth(false); emit("stopped"); cue("stop");
   };
+  // the space-bar listeners call the latest handlers
+  const pttRef = useRef({ down: pttDown, up: pttUp });
+  pttRef.current = { down: pttDown, up: pttUp };
 
   useEffect(() => {
     if (mode !== "push_to_talk") return;
     const isTyping = (t) => t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT" || t.isContentEditable);
-    const down = (e) => { if (e.code === "Space" && !e.repeat && !isTyping(e.target)) { e.preventDefault(); pttDown(); } };
-    const up = (e) => { if (e.code === "Space" && !isTyping(e.target)) { e.preventDefault(); pttUp(); } };
+    const down = (e) => { if (e.code === "Space" && !e.repeat && !isTyping(e.target)) { e.preventDefault(); pttRef.current.down(); } };
+    const up = (e) => { if (e.code === "Space" && !isTyping(e.target)) { e.preventDefault(); pttRef.current.up(); } };
     window.addEventListener("keydown", down);
     window.addEventListener("keyup", up);
     return () => { window.removeEventListener("keydown", down); window.removeEventListener("keyup", up); };
   }, [mode]);
 
   const onClick = async () => {
-    if (mode === "push_to_talk") return;
-    if (active) { stopCapture(true); return; }
+    if (modeRef.current === "push_to_talk") return;
+    const playing = typeof document !== "undefined" && document.querySelector("#audio-queue[data-state='playing'], #audio-queue[data-state='paused']");
+    if (busyRef.current || playing) {
+      // the assistant is thinking or speaking: the tap interrupts it (and keeps or starts listening)
+      window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
+      await ensureSocket();
+      send(JSON.stringify({ type: "barge_in" }));
+      if (activeRef.current) return;
+    } else if (activeRef.current) { stopCapture(true); return; }
     await ensureSocket();
     const ok = await startCapture();
-    if (ok) { setActive(true); emit("listening"); cue("start"); }
+    if (ok) { setActiveBoth(true); emit("listening"); cue("start"); }
+  };
+
+  // another microphone picked: restart capture on it, interrupting nothing
+  const switchDevice = async (id) => {
+    deviceRef.current = id;
+    setDeviceId(id);
+    if (!capRef.current) return;
+    const holding = holdingRef.current;
+    stopCapture(false);
+    holdingRef.current = holding;
+    const ok = await startCapture();
+    if (ok && (modeRef.current !== "push_to_talk" || holdingRef.current)) setActiveBoth(true);
+    else if (!ok) emit("stopped");
   };
 
   const label = mode === "push_to_talk" ? (active ? "Release to send" : "Hold to talk") : (active ? "Listening… tap to stop" : "Tap to talk");
@@ -246,12 +323,12 @@ export function MicCapture({ mode, stopSeq, disabled, onEvent, ...rest }) {
         onPointerLeave={mode === "push_to_talk" ? pttUp : undefined}
       >{label}</button>
       <div className="vc-meter" aria-label="input level"><div id="level-meter" ref={meterRef} style={{ width: "0%" }} /></div>
-      <select id="mic-picker" value={deviceId} onChange={(e) => { setDeviceId(e.target.value); if (capRef.current) { stopCapture(false); setTimeout(onClick, 50); } }}>
+      <select id="mic-picker" value={deviceId} onChange={(e) => { switchDevice(e.target.value); }}>
         <option value="">Default microphone</option>
         {devices.map((d, i) => <option key={d.deviceId || i} value={d.deviceId}>{d.label || "Microphone " + (i + 1)}</option>)}
       </select>
       {error ? <div id="mic-error" role="alert" className="vc-error">{error}</div> : null}
-      {takenOver ? <div id="mic-taken-over" role="status">Another tab took over the microphone. <a href="#" onClick={(e) => { e.preventDefault(); window.__voiceclawTakenOver = false; connect(); }}>Use it here</a></div> : null}
+      {takenOver ? <div id="mic-taken-over" role="status">Another tab took over the microphone. <a href="#" onClick={(e) => { e.preventDefault(); window.__voiceclawTakenOver = false; if (!wsRef.current) connect(); }}>Use it here</a></div> : null}
     </div>
   );
 }

@@ -19,7 +19,9 @@ class FakeStream:
         self.seg_tail: list[str] = []
         self.audio_turn = ""
         self.audio_urls: list[str] = []
+        self.audio_done = True
         self.stop_seq = 0
+        self.audio_stop_seq = 0
         self.cue = ""
         self.updates: list[int] = []  # bytes of each update's streaming payload
 
@@ -31,6 +33,7 @@ class FakeStream:
         if turn_id:
             self.audio_turn = turn_id
             self.audio_urls = []
+            self.audio_done = False
 
 
 class FakeChat:

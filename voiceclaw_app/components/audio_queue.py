@@ -8,6 +8,8 @@ class AudioQueue(rx.NoSSRComponent):
     tag = "AudioQueue"
     urls: rx.Var[list[str]]
     turn_id: rx.Var[str]
+    #: the turn has produced all its audio: "ended" is reported only then
+    done: rx.Var[bool]
     stop_seq: rx.Var[int]
     cue: rx.Var[str]
     on_report: rx.EventHandler[rx.event.passthrough_event_spec(str)]

@@ -9,6 +9,8 @@ class MicCapture(rx.NoSSRComponent):
     mode: rx.Var[str]
     stop_seq: rx.Var[int]
     disabled: rx.Var[bool]
+    #: the assistant is thinking or speaking: a tap on the button (hands-free) barges in
+    busy: rx.Var[bool]
     on_event: rx.EventHandler[rx.event.passthrough_event_spec(str)]
 
 

@@ -107,6 +107,10 @@ def history() -> rx.Component:
             width="100%",
             margin_top="1em",
         ),
-        audio_queue(urls=HistoryState.replay_urls, turn_id=HistoryState.replay_turn, stop_seq=0, cue="", on_report=HistoryState.on_audio_event),
+        rx.cond(
+            HistoryState.replaying,
+            rx.button("Stop replay", id="stop-replay", color_scheme="red", variant="soft", on_click=HistoryState.stop_replay, position="fixed", bottom="1em", right="1em"),
+        ),
+        audio_queue(urls=HistoryState.replay_urls, turn_id=HistoryState.replay_turn, done=True, stop_seq=HistoryState.replay_stop_seq, cue="", on_report=HistoryState.on_audio_event),
         title="History",
     )

@@ -53,7 +53,8 @@ KEY_LABELS = {"llm_api_key": "LLM / gateway token", "deepgram_api_key": "Deepgra
 
 
 def field_input(name: str, kind: str) -> rx.Component:
-    common = dict(name=name, id=name, default_value=SettingsState.values[name])
+    # on_change keeps the form's current values in state: preview and tests use them unsaved
+    common = dict(name=name, id=name, default_value=SettingsState.values[name], on_change=lambda v: SettingsState.set_field(name, v))
     if kind == "textarea":
         return rx.el.textarea(rows=4, style={"width": "100%"}, **common)
     if kind == "select":

@@ -1,10 +1,14 @@
 """``/ws/voice``: the browser's microphone stream (contract in shared/docs/contracts.md).
 
 hello -> ready (server_time_ms), ping -> pong (clock offset), binary 16 kHz PCM16
-frames -> ``Listener.push``, control messages ``ptt_start`` / ``ptt_end`` / ``stop``.
+frames -> ``Listener.push``, control messages ``ptt_start`` / ``ptt_end`` / ``stop`` / ``mode`` / ``barge_in``
+(the voice button pressed while the assistant speaks).
 Listener events drive the dashboard through Reflex state (``app.modify_state``);
-``{"type": "barge_in"}`` goes straight back on this socket so playback stops without
-waiting for a state update. One active voice session per user: a new socket takes
+playback control goes straight back on this socket so it acts without waiting for a
+state update: ``{"type": "pause"}`` on a tentative voice onset while the assistant
+speaks (a cough may follow: the turn is not cancelled), ``{"type": "resume"}`` when
+that onset is discarded, ``{"type": "barge_in"}`` when speech is confirmed (the turn
+is cancelled). One active voice session per user: a new socket takes
 the mic over and the previous tab is told (``{"type": "taken_over"}``).
 """
 
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import math
 import logging
 import os
 from typing import Any
@@ -22,12 +28,18 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ..db.models import new_id
 from ..pipeline.preemptive import TurnStarter
 from ..pipeline.timing import now_ms
-from ..providers.base import EndOfTurn, InterimTranscript, ListenNotice, SpeechStarted
+from ..providers.base import EndOfTurn, InterimTranscript, ListenNotice, ProviderError, SpeechDiscarded, SpeechStarted
 from ..states import services, turns
 
 log = logging.getLogger("voiceclaw.ws")
 
 MAX_FRAME_BYTES = 16000 * 2  # 1 s of audio: far above a 20-40 ms frame
+MAX_BUFFERED_FRAMES = 250  # ~5-10 s of audio held while the listener starts
+#: after a listener failure, frames are dropped this long before listening is retried
+RETRY_AFTER_FAILURE_MS = 5000.0
+#: a pause with neither a confirmation nor a discard after this long resumes playback
+PAUSE_TIMEOUT_S = 2.0
+ACCESS_REFUSED = "This server needs an access token: open the page once as /?access_token=..."
 _current: "VoiceSession | None" = None
 
 
@@ -46,6 +58,10 @@ class VoiceSession:
         self.closed = False
         self.samples = 0
         self.conversation_id = ""
+        #: a tentative onset paused playback; a confirmation barges in, a discard resumes
+        self.paused = False
+        self._pause_timer: asyncio.TimerHandle | None = None
+        self._failed_at: float | None = None
 
     async def send(self, msg: dict) -> None:
         if self.closed:
@@ -56,21 +72,58 @@ class VoiceSession:
 
     # ---- listener lifecycle ------------------------------------------
     async def _start_listener(self) -> None:
-        settings = await services.load_settings()
         try:
+            settings = await services.load_settings()
             listener = await services.build_listener(settings)
         except Exception as exc:
             log.exception("could not start listening")
-            msg = getattr(exc, "user_message", None) or f"Could not start listening: {exc}"
-            await turns.notify(self.token, lambda s, c: _set_error(c, msg))
-            await self.send({"type": "error", "message": msg})
+            await self._listening_failed(exc, "Could not start listening")
+            return
+        if self.closed:
+            with contextlib.suppress(Exception):
+                await listener.aclose()
             return
         self.listener = listener
+        self.apply_mode()
         self.starter = TurnStarter(self._prepare, speculative=settings.speculative)
         self._events_task = asyncio.get_running_loop().create_task(self._consume(listener))
         buffered, self._buffer = self._buffer, []
         for pcm, t in buffered:
+            if not await self._push(listener, pcm, t):
+                return
+
+    def apply_mode(self) -> None:
+        """Tell the listener the input mode (hands-free ends turns itself; push-to-talk waits for ptt_end)."""
+        if self.listener is None:
+            return
+        try:
+            self.listener.set_hands_free(self.mode == "hands_free")
+        except Exception:
+            log.exception("the listener refused the input mode")
+
+    def set_mode(self, mode: str) -> None:
+        if mode in ("push_to_talk", "hands_free"):
+            self.mode = mode
+            self.apply_mode()
+
+    async def _push(self, listener: Any, pcm: bytes, t: float) -> bool:
+        """Feed a frame; a provider failure is reported once and listening stops (retried later)."""
+        try:
             await listener.push(pcm, t)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("the listener failed on a frame")
+            await self._listening_failed(exc, "Listening failed")
+            return False
+
+    async def _listening_failed(self, exc: BaseException, what: str) -> None:
+        msg = exc.user_message if isinstance(exc, ProviderError) else (getattr(exc, "user_message", None) or f"{what}: {exc}")
+        self._failed_at = now_ms()
+        await self.stop_listening()
+        await turns.notify(self.token, lambda s, c: _set_error(c, msg))
+        await self.send({"type": "error", "message": msg})
 
     async def ensure_listener(self) -> None:
         if self.listener is None and self._starting is None:
@@ -84,13 +137,18 @@ class VoiceSession:
             return
         self.samples += len(pcm) // 2
         if self.listener is None:
-            self._buffer.append((pcm, t))
+            if self._failed_at is not None and t - self._failed_at < RETRY_AFTER_FAILURE_MS:
+                return  # the failure was reported; do not rebuild the listener 50 times a second
+            if len(self._buffer) < MAX_BUFFERED_FRAMES:
+                self._buffer.append((pcm, t))
             if self._starting is None:
+                self._failed_at = None
                 self._starting = asyncio.get_running_loop().create_task(self._start_listener())
             return
-        await self.listener.push(pcm, t)
+        await self._push(self.listener, pcm, t)
 
     async def stop_listening(self) -> None:
+        await self.clear_pause(resume=True)
         listener, self.listener = self.listener, None
         self._starting = None
         self._buffer = []
@@ -134,8 +192,17 @@ class VoiceSession:
     async def _on_listen_event(self, ev: Any) -> None:
         token = self.token
         if isinstance(ev, SpeechStarted):
-            if turns.speaking(token) and not turns.in_echo_guard(token):
+            if ev.tentative:
+                # a voice onset that may still be a cough: pause playback at once, keep the turn
+                if not self.paused and turns.speaking(token) and not turns.in_echo_guard(token):
+                    await self.pause()
+                return  # the turn starter waits for confirmed speech
+            if self.paused or (turns.speaking(token) and not turns.in_echo_guard(token)):
                 await self.barge_in()
+        elif isinstance(ev, SpeechDiscarded):
+            if self.paused:
+                await self.clear_pause(resume=True)
+            return
         elif isinstance(ev, InterimTranscript):
             text = ev.text
 
@@ -163,7 +230,27 @@ class VoiceSession:
             self._fresh_conversation = ""
             turns.start_turn(token, committed.text, speak=self.starter.speak, spoken_input=True, conversation_id=self.conversation_id, early=committed.turn)
 
+    async def pause(self) -> None:
+        self.paused = True
+        await self.send({"type": "pause", "server_time_ms": now_ms()})
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._pause_timer = loop.call_later(PAUSE_TIMEOUT_S, lambda: loop.create_task(self.clear_pause(resume=True)))
+
+    async def clear_pause(self, *, resume: bool) -> None:
+        """End a pause: resume playback (discarded onset) or just forget it (barge-in)."""
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+        if not self.paused:
+            return
+        self.paused = False
+        if resume:
+            await self.send({"type": "resume", "server_time_ms": now_ms()})
+
     async def barge_in(self) -> None:
+        await self.clear_pause(resume=False)
         await self.send({"type": "barge_in", "server_time_ms": now_ms()})
         turns.interrupt(self.token, reason="barge_in")
 
@@ -173,18 +260,34 @@ class VoiceSession:
         if kind == "ping":
             await self.send({"type": "pong", "client_time_ms": msg.get("client_time_ms"), "server_time_ms": now_ms()})
         elif kind == "ptt_start":
-            self.mode = "push_to_talk"
-            if turns.active(self.token) is not None:
+            self.set_mode("push_to_talk")
+            self._failed_at = None
+            if turns.speaking(self.token):
                 await self.barge_in()
             await self.ensure_listener()
         elif kind == "ptt_end":
             if self.listener is not None:
-                await self.listener.finish_utterance()
+                try:
+                    await self.listener.finish_utterance()
+                except Exception as exc:
+                    log.exception("could not end the utterance")
+                    await self._listening_failed(exc, "Listening failed")
+        elif kind == "barge_in":  # the voice button pressed while the assistant speaks
+            self._failed_at = None
+            if turns.speaking(self.token) or self.paused:
+                await self.barge_in()
         elif kind == "stop":
+            self._failed_at = None
             await self.stop_listening()
             turns.interrupt(self.token, reason="stop")
-        elif kind == "mode" and msg.get("mode") in ("push_to_talk", "hands_free"):
-            self.mode = msg["mode"]
+        elif kind == "mode":
+            self.set_mode(msg.get("mode"))
+
+    async def replaced(self) -> None:
+        """The same tab opened a new socket (reload, reconnect): close the old one quietly."""
+        await self.close()
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=4002)
 
     async def take_over(self) -> None:
         await self.send({"type": "taken_over"})
@@ -198,6 +301,9 @@ class VoiceSession:
             return
         await self.stop_listening()
         self.closed = True
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
         if turns.VOICE_SENDERS.get(self.token) == self.send:
             turns.VOICE_SENDERS.pop(self.token, None)
 
@@ -228,6 +334,27 @@ def _valid_token(token: Any) -> bool:
     return isinstance(token, str) and 8 <= len(token) <= 128 and all(c.isalnum() or c in "-_" for c in token)
 
 
+def _sample_rate_ok(value: Any) -> bool:
+    """The hello's ``sample_rate``: absent means 16000; anything else must be the number 16000."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(rate) and rate == 16000
+
+
+def _access_ok(hello: dict) -> bool:
+    access = os.environ.get("VOICECLAW_ACCESS_TOKEN", "")
+    if not access:
+        return True
+    given = hello.get("access_token")
+    return isinstance(given, str) and hmac.compare_digest(given.encode(), access.encode())
+
+
 async def ws_voice(websocket: WebSocket) -> None:
     global _current
     await websocket.accept()
@@ -240,19 +367,22 @@ async def ws_voice(websocket: WebSocket) -> None:
         await websocket.send_text(json.dumps({"type": "error", "message": "bad hello"}))
         await websocket.close(code=4000)
         return
-    access = os.environ.get("VOICECLAW_ACCESS_TOKEN", "")
-    if access and hello.get("access_token") != access:
-        await websocket.send_text(json.dumps({"type": "error", "message": "not logged in"}))
+    if not _access_ok(hello):
+        await websocket.send_text(json.dumps({"type": "error", "code": "access_token", "message": ACCESS_REFUSED}))
         await websocket.close(code=4003)
         return
-    if int(hello.get("sample_rate") or 16000) != 16000:
+    if not _sample_rate_ok(hello.get("sample_rate")):
         await websocket.send_text(json.dumps({"type": "error", "message": "send 16 kHz PCM"}))
         await websocket.close(code=4000)
         return
-    session = VoiceSession(websocket, hello["client_token"], hello.get("mode") or "hands_free")
+    mode = hello.get("mode") if hello.get("mode") in ("push_to_talk", "hands_free") else "hands_free"
+    session = VoiceSession(websocket, hello["client_token"], mode)
     previous, _current = _current, session
     if previous is not None and not previous.closed:
-        await previous.take_over()
+        if previous.token == session.token:
+            await previous.replaced()  # the same tab reconnected (reload): no takeover notice
+        else:
+            await previous.take_over()
     turns.VOICE_SENDERS[session.token] = session.send
     await session.send({"type": "ready", "server_time_ms": now_ms()})
     try:

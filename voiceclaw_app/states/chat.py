@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 
 import reflex as rx
 
@@ -57,11 +58,19 @@ class ChatState(rx.State):
     @rx.event(background=True)
     async def on_load(self):
         """Load the conversation list and settings; report engine warm-up until ready."""
-        from . import services
+        from . import services, turns
 
         settings = await services.load_settings()
         convs = await asyncio.to_thread(repo.list_conversations, "", 50)
         async with self:
+            # a (re)loaded page plays nothing of what it played before: forget the
+            # finished turn's URLs so the new audio queue does not replay them
+            stream = await self.get_state(StreamState)
+            token = self.router.session.client_token
+            turns.playback_gone(token)
+            if turns.active(token) is None or stream.audio_turn != turns.active(token).turn_id:
+                stream.audio_urls = []
+                stream.audio_done = True
             self.input_mode = settings.input_mode
             self.conversations = [_conv_row(c) for c in convs]
             if self.conversation_id:
@@ -101,22 +110,35 @@ class ChatState(rx.State):
         self.mic_on = False
         stream = await self.get_state(StreamState)
         stream.stop_seq += 1
+        stream.audio_stop_seq += 1
         if self.status in ("thinking", "speaking", "listening"):
             self.status = "idle"
 
-    @rx.event
-    async def new_conversation(self):
+    async def _leave_conversation(self, reason: str) -> None:
+        """Cancel the running turn and stop its playback (the mic keeps listening)."""
         from . import turns
 
-        turns.interrupt(self.router.session.client_token, reason="new")
+        turns.interrupt(self.router.session.client_token, reason=reason)
+        stream = await self.get_state(StreamState)
+        stream.reset_turn("")
+        stream.audio_stop_seq += 1
+        stream.audio_urls = []
+        stream.audio_done = True
+        if self.status in ("thinking", "speaking"):
+            self.status = "listening" if self.mic_on else "idle"
+
+    @rx.event
+    async def new_conversation(self):
+        await self._leave_conversation("new")
         self.conversation_id = ""
         self.messages = []
         self.last_audio_ids = []
-        stream = await self.get_state(StreamState)
-        stream.reset_turn("")
 
     @rx.event
     async def pick_conversation(self, conversation_id: str):
+        if not isinstance(conversation_id, str) or not conversation_id:
+            return
+        await self._leave_conversation("pick")
         msgs = await asyncio.to_thread(repo.list_messages, conversation_id)
         self.conversation_id = conversation_id
         self.messages = [_msg_row(m) for m in msgs]
@@ -133,8 +155,9 @@ class ChatState(rx.State):
             self.notice = "No audio to replay."
             return
         stream = await self.get_state(StreamState)
-        stream.audio_turn = f"replay-{rx.State.__name__}-{len(urls)}-{stream.stop_seq}-{id(urls)}"
+        stream.audio_turn = f"replay-{secrets.token_hex(6)}"
         stream.audio_urls = urls
+        stream.audio_done = True
 
     # ---- reports from the browser components (small payloads) ----------
     @rx.event
@@ -164,7 +187,7 @@ class ChatState(rx.State):
             self.status = "error"
 
     @rx.event
-    def on_audio_event(self, payload: str):
+    async def on_audio_event(self, payload: str):
         """The audio queue: {"event": "first_playing"|"chunk"|"ended"|"stopped", ...}."""
         from . import turns
 
@@ -172,13 +195,22 @@ class ChatState(rx.State):
             data = json.loads(payload)
         except ValueError:
             return
+        if not isinstance(data, dict):
+            return
         token = self.router.session.client_token
         kind = data.get("event")
         turns.audio_report(token, data)
+        stream = await self.get_state(StreamState)
+        current = data.get("turn") == stream.audio_turn
+        if not current:
+            return  # a late report of a queue that was replaced
         if kind in ("first_playing", "chunk") and self.status in ("thinking", "listening", "idle"):
             self.status = "speaking"
-        elif kind in ("ended", "stopped") and self.status == "speaking":
-            self.status = "listening" if self.mic_on else "idle"
+        elif kind in ("ended", "stopped"):
+            if self.status == "speaking":
+                self.status = "listening" if self.mic_on else "idle"
+            if stream.audio_done or kind == "stopped":
+                stream.audio_urls = []  # played: a remounted queue must not play them again
 
 
 class StreamState(rx.State):
@@ -191,7 +223,12 @@ class StreamState(rx.State):
     seg_tail: list[str] = []
     audio_turn: str = ""
     audio_urls: list[str] = []
+    #: the turn has produced all its audio: the queue reports "ended" only then
+    audio_done: bool = True
+    #: Stop button (mic and playback)
     stop_seq: int = 0
+    #: playback only (new conversation, another conversation picked)
+    audio_stop_seq: int = 0
     cue: str = ""
 
     def reset_turn(self, turn_id: str) -> None:
@@ -202,6 +239,7 @@ class StreamState(rx.State):
         if turn_id:
             self.audio_turn = turn_id
             self.audio_urls = []
+            self.audio_done = False
 
 
 def _msg_row(m: dict) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import reflex as rx
@@ -52,6 +53,8 @@ class HistoryState(rx.State):
     summary: list[dict[str, str]] = []
     replay_urls: list[str] = []
     replay_turn: str = ""
+    replay_stop_seq: int = 0
+    replaying: bool = False
     confirm_all: bool = False
 
     async def _refresh(self) -> None:
@@ -67,6 +70,8 @@ class HistoryState(rx.State):
 
     @rx.event
     async def on_load(self):
+        self.replay_urls = []  # a reloaded page plays nothing by itself
+        self.replaying = False
         await self._refresh()
         if self.selected:
             await self._load_conversation(self.selected)
@@ -149,8 +154,22 @@ class HistoryState(rx.State):
             if str(m["id"]) == message_id:
                 self.replay_urls = [store.url_for(a) for a in m["audio_ids"] if store.path_for(a) is not None]
                 self.replay_turn = f"replay-{message_id}-{time.time():.3f}"
+                self.replaying = bool(self.replay_urls)
                 return
 
     @rx.event
+    def stop_replay(self):
+        self.replay_stop_seq += 1
+        self.replaying = False
+        self.replay_urls = []
+
+    @rx.event
     def on_audio_event(self, payload: str):
-        """Replays report playback like the dashboard's queue; nothing to record."""
+        """Replays report playback like the dashboard's queue; only the end matters here."""
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(data, dict) and data.get("event") in ("ended", "stopped") and data.get("turn") == self.replay_turn:
+            self.replaying = False
+            self.replay_urls = []  # played: a reopened page does not play it again

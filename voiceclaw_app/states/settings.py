@@ -80,6 +80,27 @@ class SettingsState(rx.State):
         await self._reload()
 
     @rx.event
+    def set_field(self, name: str, value: str):
+        """A form field changed (not saved): preview and connection tests use it.
+        Key fields never come here (keys go from the submit straight to the key store)."""
+        if name in KEY_NAMES or not isinstance(name, str) or name not in self.values:
+            return
+        self.values = {**self.values, name: str(value if value is not None else "")}
+
+    async def _form_settings(self) -> VoiceSettings | None:
+        """(background handlers) The settings as the form shows them now (unsaved),
+        or None with the field messages set."""
+        async with self:
+            values = dict(self.values)
+        current = await asyncio.to_thread(repo.load_settings)
+        try:
+            return form_settings(values, current)
+        except SettingsError as exc:
+            async with self:
+                self.errors = dict(exc.errors)
+            return None
+
+    @rx.event
     async def apply_preset(self, name: str):
         if name not in PRESETS:
             return
@@ -105,7 +126,12 @@ class SettingsState(rx.State):
     async def test_connection(self, provider: str):
         async with self:
             self.test_results = {**self.test_results, provider: "testing…"}
-        result = await _test_provider(provider)
+        settings = await self._form_settings()
+        if settings is None:
+            async with self:
+                self.test_results = {**self.test_results, provider: "Failed: fix the fields marked in the form first."}
+            return
+        result = await _test_provider(provider, settings)
         async with self:
             self.test_results = {**self.test_results, provider: result}
 
@@ -114,7 +140,11 @@ class SettingsState(rx.State):
         async with self:
             self.preview_error = ""
             self.preview_url = ""
-        settings = await services.load_settings()
+        settings = await self._form_settings()
+        if settings is None:
+            async with self:
+                self.preview_error = "Fix the fields marked in the form first."
+            return
         try:
             url = await _preview(settings)
         except Exception as exc:
@@ -135,14 +165,25 @@ async def _tcp_connect_ms(url: str) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
-async def _test_provider(provider: str) -> str:
+def form_settings(values: dict[str, str], base: VoiceSettings) -> VoiceSettings:
+    """The form's current (unsaved) values over the saved settings; raises SettingsError."""
+    form = {k: v for k, v in (values or {}).items() if k not in KEY_NAMES}
+    for k in ("speculative", "fallback_to_local"):
+        if k in form:
+            form[k] = "on" if form[k] in ("on", True, "true") else "off"
+    return VoiceSettings.from_dict(form, base=base)
+
+
+async def _test_provider(provider: str, settings: VoiceSettings | None = None) -> str:
     """The "test connection" buttons: reachability, key, connect and first-token times
-    (the same checks as ``python -m voiceclaw_app.cli doctor``)."""
+    (the same checks as ``python -m voiceclaw_app.cli doctor``), for the form's
+    current values (``settings``; default: the saved ones). Keys stay server-side."""
     from ..pipeline.diagnostics import check_llm, check_tts
     from ..providers import factory
     from ..providers.base import ProviderError
 
-    settings = await services.load_settings()
+    if settings is None:
+        settings = await services.load_settings()
     keys = await asyncio.to_thread(services.key_store().load)
     try:
         if provider in ("llm", "tts"):

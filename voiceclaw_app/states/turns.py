@@ -81,11 +81,17 @@ class ActiveTurn:
     done: bool = False
     error: str = ""
     playing: bool = False  # the browser is playing this turn's audio (may outlive the turn)
+    #: the browser reported the end of this turn's playback (ended when complete, or stopped):
+    #: later reports (a replay of the same URLs) change nothing
+    playback_over: bool = False
+    first_playing_seen: bool = False
 
 
 ACTIVE: dict[str, ActiveTurn] = {}
 #: turn_id -> (timing row id, origin ms) for a playback report after the turn ended
 FINISHED_TIMINGS: dict[str, tuple[int, float, str]] = {}
+#: turns whose first_audio_playing was already stored: only the first report counts
+_PLAYING_STORED: set[str] = set()
 #: client token -> coroutine function sending a JSON message on the tab's mic socket
 VOICE_SENDERS: dict[str, Callable[[dict], Awaitable[None]]] = {}
 
@@ -123,26 +129,53 @@ def interrupt(token: str, reason: str = "barge_in") -> bool:
     return True
 
 
+def _int(value: Any, default: int = 0) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _server_ms(data: dict) -> float | None:
+    try:
+        v = data.get("server_ms")
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def audio_report(token: str, data: dict) -> None:
-    """Playback reports from the browser's audio queue."""
+    """Playback reports from the browser's audio queue.
+
+    Only the first ``first_playing`` of a turn counts (a replay of its URLs must not
+    rewrite the stored first_audio_playing / V2V), and once the turn's playback was
+    reported over (``ended`` when complete, or ``stopped``) later reports change
+    nothing: a Stop during a replay never cuts a reply that was heard in full.
+    """
     turn_id = str(data.get("turn", ""))
     kind = data.get("event")
     t = ACTIVE.get(token)
     if t is not None and t.turn_id == turn_id:
+        if t.playback_over:
+            return
         if kind in ("first_playing", "chunk"):
-            t.played = max(t.played, int(data.get("index", 0)) + 1)
+            t.played = max(t.played, _int(data.get("index")) + 1)
             if t.playback_started_ms is None:
                 t.playback_started_ms = now_ms()
-        if kind == "first_playing" and data.get("server_ms") is not None:
-            t.marks.mark("first_audio_playing", float(data["server_ms"]))
-            if t.done:
-                _late_playing(turn_id, float(data["server_ms"]))
-        if kind == "first_playing":
-            t.playing = True
+            t.playing = True  # also after a drain while the LLM was slower than speech
+        server_ms = _server_ms(data)
+        if kind == "first_playing" and not t.first_playing_seen:
+            t.first_playing_seen = True
+            if server_ms is not None and t.marks.first_audio_playing is None:
+                t.marks.mark("first_audio_playing", server_ms)
+                if t.done:
+                    _late_playing(turn_id, server_ms)
         if kind in ("stopped", "ended"):
             t.playing = False
+            if t.done or kind == "stopped":
+                t.playback_over = True
         if kind in ("stopped",) and data.get("played") is not None:
-            t.played = max(t.played, int(data["played"]))
+            t.played = max(t.played, _int(data["played"]))
             if t.done and t.speak and not t.interrupted:
                 # playback stopped mid-reply after the turn finished synthesizing
                 # (barge-in, Stop): keep what was played, marked interrupted
@@ -150,8 +183,17 @@ def audio_report(token: str, data: dict) -> None:
                 task = asyncio.get_running_loop().create_task(_store_cut(t))
                 _BACKGROUND.add(task)
                 task.add_done_callback(_BACKGROUND.discard)
-    elif kind == "first_playing" and data.get("server_ms") is not None:
-        _late_playing(turn_id, float(data["server_ms"]))
+    elif kind == "first_playing" and _server_ms(data) is not None:
+        _late_playing(turn_id, _server_ms(data))  # type: ignore[arg-type]
+
+
+def playback_gone(token: str) -> None:
+    """The page was (re)loaded: whatever it was playing is gone, nothing is playing now."""
+    t = ACTIVE.get(token)
+    if t is not None and t.playing:
+        t.playing = False
+        if t.done:
+            t.playback_over = True
 
 
 async def _store_cut(turn: ActiveTurn) -> None:
@@ -159,7 +201,7 @@ async def _store_cut(turn: ActiveTurn) -> None:
     content = _stored_reply(turn)
     if turn.message_id is not None:
         try:
-            await asyncio.to_thread(repo.update_assistant_message, turn.message_id, content, [a for a, _ in turn.chunks], finished=True, interrupted=True)
+            await asyncio.to_thread(repo.update_assistant_message, turn.message_id, content, _stored_audio(turn), finished=True, interrupted=True)
         except Exception:
             log.exception("could not store the interrupted reply")
     mid = str(turn.message_id or "")
@@ -172,8 +214,12 @@ async def _store_cut(turn: ActiveTurn) -> None:
 
 def _late_playing(turn_id: str, server_ms: float) -> None:
     info = FINISHED_TIMINGS.get(turn_id)
-    if info is None:
+    if info is None or turn_id in _PLAYING_STORED:
         return
+    _PLAYING_STORED.add(turn_id)
+    if len(_PLAYING_STORED) > 400:
+        _PLAYING_STORED.clear()
+        _PLAYING_STORED.update(FINISHED_TIMINGS)
     timing_id, origin, _ = info
     if timing_id:
         asyncio.get_running_loop().run_in_executor(None, repo.set_first_audio_playing, timing_id, server_ms - origin)
@@ -358,6 +404,13 @@ async def _on_event(turn: ActiveTurn, ev: Any) -> None:
             await notify(turn.token, apply)
 
 
+def _stored_audio(turn: ActiveTurn) -> list[str]:
+    """The audio ids kept with the reply: an interrupted spoken reply keeps the chunks
+    that were played, so a replay matches the stored text."""
+    chunks = turn.chunks[: turn.played] if turn.interrupted and turn.speak else turn.chunks
+    return [a for a, _ in chunks]
+
+
 def _stored_reply(turn: ActiveTurn) -> str:
     """What the history keeps: interrupted spoken replies end at the last played chunk."""
     if turn.interrupted and turn.speak:
@@ -380,7 +433,7 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
                 repo.update_assistant_message,
                 turn.message_id,
                 content,
-                [a for a, _ in turn.chunks],
+                _stored_audio(turn),
                 finished=True,
                 interrupted=turn.interrupted,
                 error=error,
@@ -390,21 +443,27 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
         log.exception("could not store the turn")
     origin = turn.marks.origin() or 0.0
     FINISHED_TIMINGS[turn.turn_id] = (timing_id, origin, turn.conversation_id)
+    if turn.marks.first_audio_playing is not None:
+        _PLAYING_STORED.add(turn.turn_id)  # stored with the timing row: later reports are replays
     if len(FINISHED_TIMINGS) > 200:
         for k in list(FINISHED_TIMINGS)[:100]:
             FINISHED_TIMINGS.pop(k, None)
     stages = turn.marks.stages()
     log.info("turn %s done interrupted=%s chunks=%d played=%d stages=%s", turn.turn_id, turn.interrupted, len(turn.chunks), turn.played, stages)
-    audio_ids = [a for a, _ in turn.chunks]
+    audio_ids = _stored_audio(turn)
     has_audio = bool(turn.chunks) and not turn.interrupted
 
     def apply(stream: StreamState, chat: ChatState) -> None:
+        shown = chat.conversation_id == turn.conversation_id  # not after "new conversation" or picking another one
         row = _msg_row({"id": turn.message_id, "role": "assistant", "content": content, "interrupted": turn.interrupted, "error": error})
-        if content or error or turn.interrupted:
+        if shown and (content or error or turn.interrupted):
             chat.messages = chat.messages + [row]
-        chat.last_audio_ids = audio_ids
-        if error:
+        if shown:
+            chat.last_audio_ids = audio_ids
+        if error and shown:
             chat.error = error
+        if stream.audio_turn == turn.turn_id:
+            stream.audio_done = True  # the queue may now report "ended" when it drains
         if stream.turn_id == turn.turn_id:
             stream.streaming = False
             stream.turn_id = ""
