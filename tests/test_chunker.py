@@ -59,22 +59,71 @@ def test_chunks_join_to_the_speakable_text(text):
     assert joined == SpeechFormatter().format_document(text)
 
 
+CLOSERS = "\"')]}»”’*_"
+
+
+def latest_deciding_position(text: str, chunks, k: int, prev_end: int) -> int | None:
+    """Where the text itself decides chunk ``k`` (computed from the text, not from the
+    chunker's own bookkeeping): None when only the end of the reply can (the last chunk).
+
+    A chunk ending at a mark is decided by the character after it: the mark itself for
+    a first-chunk ``,;!?`` glued to the next word, else the whitespace after it (at the
+    latest the end of that run of whitespace, e.g. a line break after trailing spaces).
+    A later chunk ending at a clause mark, an ellipsis or no mark at all is a long
+    sentence's cut, decided once the sentence is too long.
+    """
+    c = chunks[k]
+    s = text.index(c.text, prev_end)
+    e = s + len(c.text)
+    if e >= len(text) or not text[e:].strip():
+        return None
+    j = e - 1
+    while j > s and text[j] in CLOSERS:
+        j -= 1
+    mark = text[j]
+    if not text[e].isspace():
+        return e - 1 if mark in ",;!?" else e
+    run_end = e
+    while run_end + 1 < len(text) and text[run_end + 1].isspace():
+        run_end += 1
+    natural = mark in ".!?" and not text[s : j + 1].endswith("..")
+    if k == 0 or "\n" in text[e : run_end + 1] or natural:
+        return run_end
+    return max(run_end, prev_end + SpeechChunker.HARD_MAX + 1)
+
+
 @settings(max_examples=1000, deadline=None)
 @given(text=texts, data=st.data())
 def test_each_chunk_is_emitted_by_the_token_that_completes_it(text, data):
     tokens = split_points(text, data)
     got, emitted_at = stream(tokens)
+    assert got == chunk_text(text)
     ends = []
     total = 0
     for tok in tokens:
         total += len(tok)
         ends.append(total)
-    for chunk, k in zip(got, emitted_at):
-        if chunk.decided_at >= len(text):
-            continue  # the final flush
-        # the token that completes the chunk contains its deciding character...
-        completing = next(idx for idx, end in enumerate(ends) if end > chunk.decided_at)
-        assert k == completing, (chunk, k, completing)
+    prev_end = 0
+    for k, (chunk, at) in enumerate(zip(got, emitted_at)):
+        pos = latest_deciding_position(text, got, k, prev_end)
+        prev_end = text.index(chunk.text, prev_end) + len(chunk.text)
+        # never before the chunk's own text has arrived
+        assert at == len(tokens) or ends[at] >= prev_end, (chunk, at)
+        if pos is None:
+            assert k == len(got) - 1  # only the reply's last chunk may wait for flush()
+            continue
+        completing = next(idx for idx, end in enumerate(ends) if end > pos)
+        assert at < len(tokens), ("emitted only by flush()", chunk)
+        assert at <= completing, (chunk, at, completing)
+
+
+def test_a_chunker_that_waits_for_the_end_fails_the_promptness_check():
+    text = "Sure, the capital of France is Paris. It has many museums. And cafés."
+    tokens = [text[i : i + 3] for i in range(0, len(text), 3)]
+    chunks = chunk_text(text)
+    ends = [min(len(text), 3 * (i + 1)) for i in range(len(tokens))]
+    pos = latest_deciding_position(text, chunks, 0, 0)
+    assert pos is not None and next(idx for idx, end in enumerate(ends) if end > pos) < len(tokens) - 1
 
 
 def test_first_chunk_is_a_clause_once_it_has_enough_words():
