@@ -19,7 +19,7 @@ import pytest
 
 from voiceclaw_app.bench.local import word_error_rate
 from voiceclaw_app.providers.base import CancelToken, ChatMessage, LLMRequest
-from voiceclaw_app.providers.local_llm import DialoguePrompt, LocalLlamaLLM, persona_name
+from voiceclaw_app.providers.local_llm import DialoguePrompt, LocalLlamaLLM, fit_chat_messages, fold_system
 from voiceclaw_app.providers.local_stt import LocalWhisperSTT, pcm16_to_float, resample
 from voiceclaw_app.providers.local_tts import LocalPiperTTS
 
@@ -166,10 +166,108 @@ def test_dialogue_prompt_keeps_a_stable_prefix():
     assert p.for_reply([]).startswith(DialoguePrompt("Atlas", SYSTEM).header())
 
 
-def test_persona_name_comes_from_the_system_prompt():
-    assert persona_name([ChatMessage("system", "You are Nova, a helper.")], "Atlas") == "Nova"
-    assert persona_name([ChatMessage("system", "You are a helper.")], "Atlas") == "Atlas"
-    assert persona_name([], "Atlas") == "Atlas"
+def test_speaker_label_is_the_requests_assistant_name(llm):
+    msgs = [ChatMessage("system", SYSTEM), ChatMessage("user", "Hi.")]
+    renamed = llm.dialogue_for(LLMRequest(messages=msgs, assistant_name="Nova")).for_reply(msgs)
+    assert renamed.endswith("User: Hi.\nNova:") and "Atlas:" not in renamed
+    # a prompt that says "You are helpful" names nobody "helpful"
+    kind = [ChatMessage("system", "You are helpful and kind."), ChatMessage("user", "Hi.")]
+    for name in ("", "Nova"):
+        prompt = llm.dialogue_for(LLMRequest(messages=kind, assistant_name=name)).for_reply(kind)
+        assert "helpful:" not in prompt.lower()
+        assert prompt.endswith(f"User: Hi.\n{name or llm.assistant_name}:")
+    assert llm.dialogue_for(LLMRequest(messages=kind)).stops()[-2] == f"\n{llm.assistant_name}:"
+
+
+@pytest.mark.asyncio
+async def test_llm_speaks_as_the_renamed_assistant(llm):
+    msgs = [ChatMessage("system", "You are helpful and kind."), ChatMessage("user", "Hi, what is your name?")]
+    reply = await collect(llm, LLMRequest(messages=msgs, max_tokens=40, temperature=0.0, assistant_name="Nova"))
+    assert reply.strip() and "Nova:" not in reply and "helpful:" not in reply.lower()
+    # the next prefill (which only has the messages) keeps the renamed prefix
+    hist = msgs + [ChatMessage("assistant", reply)]
+    await asyncio.to_thread(llm.prefill_sync, hist)
+    prompt = llm._llm.detokenize(llm._llm._input_ids[: llm._llm.n_tokens].tolist()).decode("utf-8", "ignore")
+    assert "Nova: I'm Nova" in prompt and prompt.rstrip().endswith("User:")
+
+
+@pytest.mark.asyncio
+async def test_warm_evaluates_the_startup_header_only_once(llm, tts):
+    await llm.warm()  # the fixture's warm-up already ran
+    # the saved prompt differs from the start-up one: warm() must not evaluate the old header again
+    await asyncio.to_thread(llm.prefill_sync, [ChatMessage("system", "You are a cheerful guide. Answer briefly."), ChatMessage("user", "Hi.")])
+    before = llm._llm.n_tokens
+    ids = list(llm._llm._input_ids[:before])
+    evaluated = []
+    real_eval = llm._llm.eval
+    llm._llm.eval = lambda tokens: (evaluated.append(len(tokens)), real_eval(tokens))[1]
+    try:
+        for _ in range(3):
+            await llm.warm()
+    finally:
+        llm._llm.eval = real_eval
+    assert evaluated == [] and llm._llm.n_tokens == before and list(llm._llm._input_ids[:before]) == ids
+    calls = []
+    real = tts.synthesize_sync
+    tts.synthesize_sync = lambda *a, **k: (calls.append(a), real(*a, **k))[1]
+    try:
+        await tts.warm()
+        await tts.warm()
+    finally:
+        del tts.synthesize_sync
+    assert calls == []  # "Ready." was synthesized once, at load
+
+
+def _words(msgs: list[dict]) -> int:
+    return sum(len(m["content"].split()) + 2 for m in msgs)
+
+
+def test_chat_history_is_trimmed_oldest_first_to_fit():
+    system = {"role": "system", "content": "You are Nova."}
+    history = []
+    for i in range(40):
+        history += [{"role": "user", "content": f"question {i} " + "word " * 20}, {"role": "assistant", "content": f"answer {i} " + "word " * 20}]
+    new = {"role": "user", "content": "What now?"}
+    msgs = [system] + history + [new]
+    fitted = fit_chat_messages(msgs, _words, 300)
+    assert _words(fitted) <= 300
+    assert fitted[0] == system and fitted[-1] == new
+    assert fitted[1]["role"] == "user"  # alternation kept: history starts with a user line
+    kept = fitted[1:-1]
+    assert kept == history[-len(kept):] and len(kept) >= 6  # the newest exchanges, in order
+    assert fit_chat_messages(msgs, _words, 10_000) == msgs  # fits: unchanged
+    assert fit_chat_messages(msgs, _words, 5) == [system, new]  # never drops the system or new line
+
+
+def test_chat_system_prompt_folds_into_the_first_user_message():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]
+    folded = fold_system(msgs)
+    assert [m["role"] for m in folded] == ["user", "assistant", "user"]
+    assert folded[0]["content"] == "Be brief.\n\nHi" and msgs[1]["content"] == "Hi"
+
+
+def test_chat_template_path_folds_and_trims_with_the_models_tokenizer(llm):
+    """The chat path on the real tokenizer, with a template that refuses the system role."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}<start_of_turn>model\n"
+    )
+    saved = llm._formatter, llm.n_ctx
+    llm._formatter, llm.n_ctx = Jinja2ChatFormatter(template=template, eos_token="<eos>", bos_token="<bos>"), 512
+    try:
+        msgs = [ChatMessage("system", "You are Nova.")]
+        for i in range(60):
+            msgs += [ChatMessage("user", f"Tell me about topic number {i}, please."), ChatMessage("assistant", f"Topic {i} is an interesting subject with a long history.")]
+        msgs.append(ChatMessage("user", "And what about the last one?"))
+        fitted = llm.chat_messages(LLMRequest(messages=msgs), max_tokens=80)
+        assert all(m["role"] != "system" for m in fitted)
+        assert fitted[0]["role"] == "user" and fitted[0]["content"].startswith("You are Nova.")
+        assert fitted[-1]["content"] == "And what about the last one?"
+        assert llm._chat_tokens(fitted) <= 512 - 80 - 16 and len(fitted) > 3
+    finally:
+        llm._formatter, llm.n_ctx = saved
 
 
 async def collect(llm: LLMRequest, req, cancel=None) -> str:

@@ -6,9 +6,14 @@ the prompt is a persona line, four short example exchanges, then the conversatio
 as ``User:`` / ``<Name>:`` lines ending with ``<Name>:``; generation stops at the
 next ``User:`` line or a blank line. Replies are short and coherent, not smart.
 
+The speaker label is the settings' ``assistant_name`` (``LLMRequest.assistant_name``;
+the constructor's name when a request has none), never guessed from the prompt.
+
 If ``VOICECLAW_LOCAL_GGUF`` points at another GGUF whose metadata has a chat
 template (an instruction-tuned model), chat completion with that template is used
-instead.
+instead. The oldest messages are dropped until the prompt and the reply fit the
+context window, and a template that refuses a system role gets the system prompt
+folded into the first user message.
 
 Speed: the prompt always starts with the same persona and examples and grows
 only at the end, so llama.cpp reuses its KV cache for everything already
@@ -25,7 +30,6 @@ asyncio queue; the cancel token is checked at every token.
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
@@ -35,17 +39,38 @@ from .local_models import GEMMA_PACKAGE, LOCAL_GGUF_ENV, gemma_gguf_path
 from .local_stt import env_threads
 
 DEFAULT_MAX_TOKENS = 80
-_NAME_RE = re.compile(r"\byou are ([A-Z][\w-]{0,39})", re.IGNORECASE)
 
 
-def persona_name(messages: list[ChatMessage], default: str) -> str:
-    """The assistant's name: settings' ``assistant_name`` via the system prompt's "You are X"."""
-    for m in messages:
-        if m.role == "system":
-            match = _NAME_RE.search(m.content)
-            if match and match.group(1).lower() not in ("a", "an", "the"):
-                return match.group(1)
-    return default
+def fold_system(messages: list[dict]) -> list[dict]:
+    """For templates that reject a system role: the system prompt opens the first user message."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"])
+    rest = [dict(m) for m in messages if m["role"] != "system"]
+    if not system:
+        return rest
+    for m in rest:
+        if m["role"] == "user":
+            m["content"] = f"{system}\n\n{m['content']}"
+            return rest
+    return [{"role": "user", "content": system}] + rest
+
+
+def fit_chat_messages(messages: list[dict], count_tokens: Callable[[list[dict]], int], budget: int) -> list[dict]:
+    """Drop the oldest messages until ``count_tokens(messages) <= budget``.
+
+    The system messages and the last message (the user's new line) always stay;
+    the kept history starts with a user message, since templates that insist on
+    user/assistant alternation raise otherwise. If even that does not fit, the
+    shortest list is returned (the caller's context check reports it).
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    convo = [m for m in messages if m["role"] != "system"]
+    while True:
+        candidate = system + convo
+        if len(convo) <= 1 or count_tokens(candidate) <= budget:
+            return candidate
+        convo = convo[1:]
+        while len(convo) > 1 and convo[0]["role"] != "user":
+            convo = convo[1:]
 
 
 def _one_line(text: str, limit: int) -> str:
@@ -122,8 +147,8 @@ class LocalLlamaLLM(LLM):
     ) -> None:
         self.n_threads = n_threads or env_threads("VOICECLAW_LLM_THREADS", 2)
         self.n_ctx = n_ctx
-        self.assistant_name = assistant_name
-        self.system_prompt = system_prompt  # what warm() evaluates ahead of the first turn
+        self.assistant_name = assistant_name  # when a request carries none
+        self.system_prompt = system_prompt  # what the first warm() evaluates ahead of the first turn
         self.temperature = temperature
         # Measured: with 8 past exchanges in view the base model copies its own
         # earlier replies ("I'm looking for a ..." to every question); with 2 it
@@ -133,6 +158,9 @@ class LocalLlamaLLM(LLM):
         self._data_base = data_base
         self._llm = None
         self._chat = False
+        self._formatter = None  # the chat template, rendered to count prompt tokens
+        self._warmed = False
+        self._last_name = ""  # the latest request's assistant_name (prefill has only messages)
         self._load_lock = threading.Lock()
         self._lock = threading.Lock()  # every call into the model
 
@@ -156,7 +184,10 @@ class LocalLlamaLLM(LLM):
                     else f"The GGUF named by {LOCAL_GGUF_ENV} could not load.",
                     detail=str(exc),
                 ) from exc
-            self._chat = bool(llm.metadata.get("tokenizer.chat_template"))
+            template = llm.metadata.get("tokenizer.chat_template")
+            self._chat = bool(template)
+            if self._chat:
+                self._formatter = _chat_formatter(llm, template)
             self._llm = llm
 
     @property
@@ -168,29 +199,41 @@ class LocalLlamaLLM(LLM):
         return self._chat
 
     async def warm(self) -> None:
-        """Load, then evaluate the stable prompt header so the first turn hits the cache."""
+        """Load, and the first time only evaluate the stable prompt header.
+
+        ``TurnRunner.warm`` calls this at every speech start and then :meth:`prefill`
+        with the real messages, which does the real work: evaluating a header built
+        from the start-up settings again would cost a second prefill on every
+        utterance when the saved prompt differs.
+        """
+        if self._warmed:
+            return
         await asyncio.to_thread(self._warm_sync)
 
     def _warm_sync(self) -> None:
         self.load()
+        if self._warmed:
+            return
+        self._warmed = True
         if not self._chat:
             self.prefill_sync([ChatMessage("system", self.system_prompt)] if self.system_prompt else [])
 
     # ------------------------------------------------------------ prefill
-    async def prefill(self, messages: list[ChatMessage]) -> None:
+    async def prefill(self, messages: list[ChatMessage], assistant_name: str = "") -> None:
         """Evaluate the prompt for ``messages`` (history, no new user line) ahead of time.
 
         Call it while the user is speaking; the next :meth:`stream` then evaluates
-        only the new user line. A no-op for chat-template models.
+        only the new user line. ``assistant_name``: the request's (default: the
+        latest request's, else the constructor's). A no-op for chat-template models.
         """
-        await asyncio.to_thread(self.prefill_sync, messages)
+        await asyncio.to_thread(self.prefill_sync, messages, assistant_name)
 
-    def prefill_sync(self, messages: list[ChatMessage]) -> int:
+    def prefill_sync(self, messages: list[ChatMessage], assistant_name: str = "") -> int:
         """Blocking prefill; returns how many new tokens were evaluated."""
         self.load()
         if self._chat:
             return 0
-        prompt = self._dialogue(messages).for_prefill(self._recent([m for m in messages if m.role != "system"]))
+        prompt = self._dialogue(messages, assistant_name or self._last_name).for_prefill(self._recent([m for m in messages if m.role != "system"]))
         with self._lock:
             llm = self._llm
             tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
@@ -209,9 +252,30 @@ class LocalLlamaLLM(LLM):
             return len(tokens) - common
 
     # ------------------------------------------------------------ generation
-    def _dialogue(self, messages: list[ChatMessage]) -> DialoguePrompt:
+    def _dialogue(self, messages: list[ChatMessage], assistant_name: str = "") -> DialoguePrompt:
         system = next((m.content for m in messages if m.role == "system"), "")
-        return DialoguePrompt(persona_name(messages, self.assistant_name), system)
+        return DialoguePrompt((assistant_name or "").strip() or self.assistant_name, system)
+
+    def dialogue_for(self, request: LLMRequest) -> DialoguePrompt:
+        """The dialogue prompt ``stream`` uses for ``request`` (its speaker label is the request's name)."""
+        return self._dialogue(request.messages, request.assistant_name)
+
+    def chat_messages(self, request: LLMRequest, max_tokens: int) -> list[dict]:
+        """Chat-template path: the request's messages, fitted to the context window."""
+        msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+        budget = self.n_ctx - max_tokens - 16
+        try:
+            return fit_chat_messages(msgs, self._chat_tokens, budget)
+        except Exception:  # the template raised (e.g. "System role not supported")
+            if not any(m["role"] == "system" for m in msgs):
+                raise
+        # trim with the system prompt apart (so it is never trimmed away), then fold it in
+        fitted = fit_chat_messages(msgs, lambda m: self._chat_tokens(fold_system(m)), budget)
+        return fold_system(fitted)
+
+    def _chat_tokens(self, msgs: list[dict]) -> int:
+        prompt = self._formatter(messages=msgs).prompt if self._formatter is not None else "\n".join(m["content"] for m in msgs)
+        return len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
     def _recent(self, convo: list[ChatMessage]) -> list[ChatMessage]:
         """The last ``max_history_turns`` exchanges, plus a trailing new user line.
@@ -242,7 +306,7 @@ class LocalLlamaLLM(LLM):
         temperature = self.temperature if request.temperature is None else request.temperature
         with self._lock:
             if self._chat:
-                msgs = [{"role": m.role, "content": m.content} for m in request.messages]
+                msgs = self.chat_messages(request, max_tokens)
                 stream = self._llm.create_chat_completion(msgs, max_tokens=max_tokens, temperature=temperature, top_p=0.9, stream=True)
                 for chunk in stream:
                     if cancel.cancelled:
@@ -252,7 +316,9 @@ class LocalLlamaLLM(LLM):
                     if text:
                         yield text
                 return
-            dialogue = self._dialogue(request.messages)
+            if request.assistant_name.strip():
+                self._last_name = request.assistant_name.strip()
+            dialogue = self.dialogue_for(request)
             prompt = self._fit(dialogue.for_reply, request.messages, max_tokens)
             stream = self._llm.create_completion(
                 prompt, max_tokens=max_tokens, temperature=temperature, top_p=0.9, top_k=40,
@@ -301,6 +367,22 @@ class LocalLlamaLLM(LLM):
                 yield item
         finally:
             inner.cancel()
+
+
+def _chat_formatter(llm, template: str):
+    """The GGUF's chat template as llama-cpp-python renders it (None if it cannot)."""
+    try:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def piece(token_id: int) -> str:
+            try:
+                return llm.detokenize([token_id], special=True).decode("utf-8", "ignore") if token_id >= 0 else ""
+            except Exception:
+                return ""
+
+        return Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()), bos_token=piece(llm.token_bos()))
+    except Exception:
+        return None
 
 
 class _Either(CancelToken):

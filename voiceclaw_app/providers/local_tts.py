@@ -39,6 +39,7 @@ class LocalPiperTTS(TTS):
         self.threads = threads or env_threads("VOICECLAW_TTS_THREADS", 1)
         self._voice_dir = voice_dir
         self._voice = None
+        self._warmed = False
         self._load_lock = threading.Lock()
         self._call_lock = threading.Lock()
 
@@ -71,11 +72,17 @@ class LocalPiperTTS(TTS):
         return self._voice is not None
 
     async def warm(self) -> None:
+        """Load and run one synthesis, once: the pipeline calls this at every speech start."""
+        if self._warmed:
+            return
         await asyncio.to_thread(self._warm_sync)
 
     def _warm_sync(self) -> None:
         self.load()
+        if self._warmed:
+            return
         self.synthesize_sync("Ready.", speed=1.0)  # first onnxruntime run allocates its arenas
+        self._warmed = True
 
     def cache_identity(self, voice: str, speed: float) -> tuple[str, str, float]:
         return (self.name, voice or PIPER_VOICE, round(speed, 3))
