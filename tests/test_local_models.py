@@ -133,6 +133,54 @@ def test_piper_bad_config_names_its_package(tmp_path):
     assert PIPER_PACKAGE in err.value.user_message
 
 
+def test_damaged_cached_aux_file_is_rebuilt_on_load_failure(assembled):
+    """A corrupt tokenizer.json in the cache: loading rebuilds it from the packages and works."""
+    from voiceclaw_app.providers.local_stt import LocalWhisperSTT
+
+    target = whisper_model_dir(assembled)
+    tok = target / "tokenizer.json"
+    good = tok.read_bytes()
+    st = tok.stat()
+    tok.write_bytes(b"{not json" + b" " * (len(good) - 9))  # same size, same mtime: the marker cannot tell
+    import os
+
+    os.utime(tok, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert whisper_model_dir(assembled) == target and tok.read_bytes() != good  # fast path: not noticed
+    stt = LocalWhisperSTT(data_base=assembled, cpu_threads=1)
+    stt.load()
+    assert stt.loaded and tok.read_bytes() == good
+
+
+def test_changed_cached_aux_file_is_copied_again(assembled):
+    target = whisper_model_dir(assembled)
+    cfg = target / "config.json"
+    good = cfg.read_bytes()
+    cfg.write_text("{}")
+    whisper_model_dir(assembled)
+    assert cfg.read_bytes() == good
+    assert not [p for p in target.iterdir() if p.name.endswith(".tmp")]  # no temp files left
+
+
+def test_parallel_assembly_from_several_threads(tmp_path):
+    """Workers starting together: unique temp names, every caller gets the same good folder."""
+    errors, out = [], []
+
+    def go():
+        try:
+            out.append(local_models.whisper_model_dir(tmp_path))
+        except Exception as exc:  # pragma: no cover - the failure is the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(set(out)) == 1
+    assert (out[0] / "model.bin").stat().st_size == WHISPER_MODEL_SIZE
+    assert not [p for p in out[0].iterdir() if p.name.endswith(".tmp")]
+
+
 def test_piper_voice_that_cannot_load_names_its_package(tmp_path):
     """The TTS engine surfaces a damaged voice as the same actionable error."""
     from voiceclaw_app.providers.local_tts import LocalPiperTTS
@@ -219,4 +267,5 @@ def test_data_dir_layout_is_documented_in_markers(assembled):
     whisper_model_dir(tmp_path)
     marker = json.loads((tmp_path / "models" / "whisper-base" / ".verified.json").read_text())
     assert any(k.startswith("model.bin:") for k in marker["verified"])
+    assert all(any(k.startswith(n + ":") for k in marker["verified"]) for n in ("config.json", "tokenizer.json", "vocabulary.txt"))
     assert local_models.models_root(tmp_path) == tmp_path / "models"

