@@ -422,3 +422,21 @@ async def test_bench_local_prints_the_contract_shape():
     assert ttfa["p50"] >= result["stages_ms"]["endpointing"]["p50"] >= 450
     for name in ("endpointing", "stt", "llm_first_token", "tts_first"):
         assert set(result["stages_ms"][name]) == {"p50", "p95"}
+
+
+def test_bench_local_flags_work_through_the_bench_entry_point(monkeypatch, capsys):
+    import voiceclaw_app.bench.__main__ as bench_main
+    import voiceclaw_app.bench.local as bench_local
+
+    got = {}
+
+    async def fake_run_local(**kw):
+        got.update(kw)
+        return {"scenario": "local", "runs": 0, "time_to_first_audio_ms": {"p50": None, "p95": None}, "stages_ms": {}, "errors": 0}
+
+    monkeypatch.setattr(bench_local, "run_local", fake_run_local)
+    assert bench_main.main(["local", "--silence-ms", "200", "--no-speculative", "--no-prefill", "--json", "--runs", "2"]) == 0
+    assert got == {"runs": 2, "silence_ms": 200, "speculative": False, "prefill": False, "verbose": False}
+    assert json.loads(capsys.readouterr().out)["scenario"] == "local"
+    with pytest.raises(SystemExit):
+        bench_main.main(["pipeline", "--no-prefill"])

@@ -1,5 +1,8 @@
 """``python -m voiceclaw_app.bench SCENARIO [--json] [--runs N]``: one JSON object per run.
 
+``local`` also takes ``--silence-ms MS``, ``--no-speculative``, ``--no-prefill`` and ``-v``
+(the same flags as ``python -m voiceclaw_app.bench.local``).
+
 Scenarios: ``pipeline`` (text turns against local protocol servers), ``local``
 (embedded engines, voice to first audio), ``cloud`` (Deepgram/LLM/TTS protocol
 servers with the guide's latency profile), ``browser`` (true V2V in Chromium).
@@ -42,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runs", type=int, default=None, help="number of turns (scenario default otherwise)")
     parser.add_argument("--via-ws", action="store_true", help="cloud: drive the running app's /ws/voice instead of the pipeline directly")
+    local = parser.add_argument_group("local scenario")
+    local.add_argument("--silence-ms", type=int, default=None, help="local: vad_silence_ms (end-of-turn silence wait)")
+    local.add_argument("--no-speculative", action="store_true", help="local: no work before the end of turn is decided")
+    local.add_argument("--no-prefill", action="store_true", help="local: no LLM prefill while the user speaks")
+    local.add_argument("-v", "--verbose", action="store_true", help="local: print each run as it finishes")
     args = parser.parse_args(argv)
+    local_flags = args.silence_ms is not None or args.no_speculative or args.no_prefill or args.verbose
+    if local_flags and args.scenario != "local":
+        parser.error("--silence-ms, --no-speculative, --no-prefill and -v apply to the local scenario only")
     # The protocol test servers live in tests/; make the repo root importable.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
@@ -53,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fn = _scenario(args.scenario)
     kwargs = {"runs": args.runs} if args.runs is not None else {}
+    if args.scenario == "local":
+        kwargs.update(silence_ms=args.silence_ms, speculative=False if args.no_speculative else None, prefill=not args.no_prefill, verbose=args.verbose)
     result = fn(**kwargs)
     if inspect.isawaitable(result):
         result = asyncio.run(result)
