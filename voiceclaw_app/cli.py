@@ -122,36 +122,65 @@ def cmd_ask(args: argparse.Namespace) -> int:
     out_dir = Path(args.speak) if args.speak else None
 
     async def run() -> int:
-        llm = build_llm(settings, keys)
-        tts = build_tts(settings, keys) if out_dir else None
-        store = AudioStore(out_dir if out_dir else Path(tempfile_dir()))
-        runner = TurnRunner(llm=llm, tts=tts, audio_store=store, settings=settings)
+        import tempfile
+
+        from .providers.base import AudioClip
+
+        tts = None
         rc = 0
         try:
-            await runner.warm()
-            async for ev in runner.run(runner.prepare([], "cli"), args.text, speak=out_dir is not None):
-                if isinstance(ev, LLMToken):
-                    print(ev.text, end="", flush=True)
-                elif isinstance(ev, StillWorking):
-                    print(f"\n[still working after {ev.waited_ms / 1000:.1f} s]", file=sys.stderr)
-                elif isinstance(ev, TurnNotice):
-                    print(f"\n[{ev.message}]", file=sys.stderr)
-                elif isinstance(ev, AudioReady):
-                    print(f"\n[audio {ev.seq}: {store.root / (ev.audio_id + '.wav')} ({ev.duration_ms / 1000:.2f} s)]", file=sys.stderr)
-                elif isinstance(ev, (TurnDone, TurnError)):
-                    print()
-                    if isinstance(ev, TurnError):
-                        print(f"Error: {ev.message}", file=sys.stderr)
-                        rc = 1
-                    stages = ", ".join(f"{k} {v:.0f} ms" for k, v in ev.marks.stages().items())
-                    print(f"timings: {stages}", file=sys.stderr)
-        finally:
-            await llm.aclose()
-            if tts is not None:
-                await tts.aclose()
+            llm = build_llm(settings, keys)
+        except ProviderError as exc:
+            print(exc.user_message, file=sys.stderr)
+            return 1
+        # the turn's pieces and the TTS cache go to a scratch folder; DIR gets one WAV per chunk
+        with tempfile.TemporaryDirectory(prefix="voiceclaw-ask-") as scratch:
+            try:
+                tts = build_tts(settings, keys) if out_dir else None
+                store = AudioStore(Path(scratch))
+                runner = TurnRunner(llm=llm, tts=tts, audio_store=store, settings=settings)
+                parts: dict[int, list[AudioClip]] = {}
+                await runner.warm()
+                async for ev in runner.run(runner.prepare([], "cli"), args.text, speak=out_dir is not None):
+                    if isinstance(ev, LLMToken):
+                        print(ev.text, end="", flush=True)
+                    elif isinstance(ev, StillWorking):
+                        print(f"\n[still working after {ev.waited_ms / 1000:.1f} s]", file=sys.stderr)
+                    elif isinstance(ev, TurnNotice):
+                        print(f"\n[{ev.message}]", file=sys.stderr)
+                    elif isinstance(ev, AudioReady):
+                        path = store.path_for(ev.audio_id)
+                        if path is not None:
+                            parts.setdefault(ev.seq, []).append(AudioClip.from_wav(path.read_bytes()))
+                    elif isinstance(ev, (TurnDone, TurnError)):
+                        print()
+                        if isinstance(ev, TurnError):
+                            print(f"Error: {ev.message}", file=sys.stderr)
+                            rc = 1
+                        stages = ", ".join(f"{k} {v:.0f} ms" for k, v in ev.marks.stages().items())
+                        print(f"timings: {stages}", file=sys.stderr)
+                if out_dir is not None:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    for n, seq in enumerate(sorted(parts), start=1):
+                        clips = parts[seq]
+                        whole = AudioClip.from_pcm16(b"".join(c.pcm16() for c in clips), clips[0].sample_rate)
+                        target = out_dir / f"chunk-{n:02d}.wav"
+                        target.write_bytes(whole.wav)
+                        print(f"[audio {n}: {target} ({whole.duration_ms / 1000:.2f} s)]", file=sys.stderr)
+            except ProviderError as exc:  # e.g. EngineUnavailable from build_llm/build_tts
+                print(exc.user_message, file=sys.stderr)
+                rc = 1
+            finally:
+                await llm.aclose()
+                if tts is not None:
+                    await tts.aclose()
         return rc
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except ProviderError as exc:
+        print(exc.user_message, file=sys.stderr)
+        return 1
 
 
 def tempfile_dir() -> str:
@@ -171,8 +200,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .providers.factory import build_llm, build_stt, build_tts
     from .secrets import KeyStore
 
+    from .config import env_headers_problem
+
     settings = VoiceSettings.from_env()
     problems = settings.problems()
+    headers_problem = env_headers_problem()
+    if headers_problem:
+        problems = {**problems, "llm_headers": headers_problem}
     for field_name, message in problems.items():
         print(f"settings: {field_name}: {message}")
     keys = KeyStore().load()
