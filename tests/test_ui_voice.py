@@ -1,0 +1,397 @@
+"""The mic socket's decisions (/ws/voice) and the turn registry's playback reports.
+
+A fake listener (a real ``Listener`` subclass) and the in-memory sink of
+test_states; the socket is a small in-memory stand-in for Starlette's WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import pytest
+
+from voiceclaw_app.pipeline.timing import TurnMarks, now_ms
+from voiceclaw_app.providers.base import EngineUnavailable, Listener, SpeechDiscarded, SpeechStarted, queued_events
+
+from .test_states import FakeRunner, env  # noqa: F401  (env is a fixture)
+
+TOKEN = "tok-voice-0001"
+
+
+class FakeWS:
+    """Enough of starlette's WebSocket for ws_voice: scripted input, recorded output."""
+
+    def __init__(self, incoming: list[dict] | None = None):
+        self.sent: list[dict] = []
+        self.closed_with: int | None = None
+        self.incoming = list(incoming or [])
+
+    async def accept(self):
+        pass
+
+    async def receive_text(self):
+        return self.incoming.pop(0)["text"]
+
+    async def receive(self):
+        if self.incoming:
+            return self.incoming.pop(0)
+        return {"type": "websocket.disconnect"}
+
+    async def send_text(self, text):
+        self.sent.append(json.loads(text))
+
+    async def close(self, code=1000):
+        self.closed_with = code
+
+    def types(self) -> list[str]:
+        return [m.get("type") for m in self.sent]
+
+
+class FakeListener(Listener):
+    def __init__(self, fail_push: Exception | None = None):
+        self.q: asyncio.Queue = asyncio.Queue()
+        self._end = object()
+        self.pushed = 0
+        self.fail_push = fail_push
+        self.modes: list[bool] = []
+        self.closed = False
+
+    async def push(self, pcm16, t_ms):
+        if self.fail_push is not None:
+            raise self.fail_push
+        self.pushed += 1
+
+    def events(self):
+        return queued_events(self.q, self._end)
+
+    def set_hands_free(self, hands_free):
+        super().set_hands_free(hands_free)
+        self.modes.append(hands_free)
+
+    async def aclose(self):
+        self.closed = True
+        self.q.put_nowait(self._end)
+
+
+@pytest.fixture()
+def voice(env, monkeypatch):  # noqa: F811
+    from voiceclaw_app.server import ws_voice
+    from voiceclaw_app.states import services, turns
+
+    built: list[FakeListener] = []
+    holder = {"fail_push": None}
+
+    async def fake_build_listener(settings):
+        lst = FakeListener(fail_push=holder["fail_push"])
+        built.append(lst)
+        return lst
+
+    monkeypatch.setattr(services, "build_listener", fake_build_listener)
+    monkeypatch.setattr(ws_voice, "_current", None)
+    yield ws_voice, turns, env[0], built, holder
+    turns.ACTIVE.clear()
+    turns.VOICE_SENDERS.clear()
+
+
+def _speaking_turn(turns, *, started_ago_ms: float = 1000.0, done: bool = False):
+    t = turns.ActiveTurn(turn_id="t-speaking", token=TOKEN, conversation_id="c", speak=True)
+    t.playing = True
+    t.playback_started_ms = now_ms() - started_ago_ms
+    t.done = done
+    turns.ACTIVE[TOKEN] = t
+    return t
+
+
+# ---------------------------------------------------------------- pause / resume / barge-in
+async def test_tentative_onset_pauses_and_a_discard_resumes_without_cancelling(voice):
+    ws_voice, turns, sink, _, _ = voice
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    turn = _speaking_turn(turns)
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
+    assert ws.types() == ["pause"]
+    assert not turn.cancel.cancelled and not turn.interrupted
+    # a second tentative onset does not pause twice
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
+    assert ws.types() == ["pause"]
+    await session._on_listen_event(SpeechDiscarded(t_ms=now_ms()))
+    assert ws.types() == ["pause", "resume"]
+    assert not turn.cancel.cancelled and not turn.interrupted
+    # a discard with no pause outstanding sends nothing
+    await session._on_listen_event(SpeechDiscarded(t_ms=now_ms()))
+    assert ws.types() == ["pause", "resume"]
+    await session.close()
+
+
+async def test_confirmed_speech_after_a_pause_barges_in(voice):
+    ws_voice, turns, sink, _, _ = voice
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    turn = _speaking_turn(turns)
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=False))
+    assert ws.types() == ["pause", "barge_in"]
+    assert turn.cancel.cancelled and turn.interrupted
+    assert not session.paused
+    await session.close()
+
+
+async def test_confirmed_speech_while_speaking_barges_in_even_without_a_pause(voice):
+    ws_voice, turns, sink, _, _ = voice
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    turn = _speaking_turn(turns)
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
+    assert ws.types() == ["barge_in"]
+    assert turn.interrupted
+
+
+async def test_echo_guard_and_silence_keep_playback_going(voice):
+    ws_voice, turns, sink, _, _ = voice
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    # nothing is speaking: no pause, no barge-in
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
+    assert ws.types() == []
+    # within the first 300 ms of playback: our own voice, ignored
+    turn = _speaking_turn(turns, started_ago_ms=50.0)
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
+    assert ws.types() == []
+    assert not turn.interrupted
+
+
+async def test_an_unresolved_pause_resumes_by_itself(voice, monkeypatch):
+    ws_voice, turns, sink, _, _ = voice
+    monkeypatch.setattr(ws_voice, "PAUSE_TIMEOUT_S", 0.05)
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    _speaking_turn(turns)
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
+    await asyncio.sleep(0.2)
+    assert ws.types() == ["pause", "resume"]
+
+
+async def test_button_barge_in_control_cancels_a_speaking_turn(voice):
+    ws_voice, turns, sink, _, _ = voice
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    turn = _speaking_turn(turns)
+    await session.on_control({"type": "barge_in"})
+    assert ws.types() == ["barge_in"] and turn.interrupted
+
+
+# ---------------------------------------------------------------- listener mode and failures
+async def test_listener_gets_the_input_mode_when_built_and_on_every_change(voice):
+    ws_voice, turns, sink, built, _ = voice
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "push_to_talk")
+    await session.ensure_listener()
+    assert built and built[0].modes == [False]
+    await session.on_control({"type": "mode", "mode": "hands_free"})
+    assert built[0].modes[-1] is True and built[0].hands_free
+    await session.on_control({"type": "mode", "mode": "nonsense"})
+    assert built[0].modes[-1] is True
+    await session.on_control({"type": "ptt_start"})
+    assert built[0].modes[-1] is False and session.mode == "push_to_talk"
+    await session.close()
+
+
+async def test_a_provider_error_on_push_is_reported_and_the_socket_survives(voice):
+    ws_voice, turns, sink, built, holder = voice
+    holder["fail_push"] = EngineUnavailable("The speech model files are missing: run make setup.")
+    ws = FakeWS()
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    frame = b"\x00\x01" * 320
+    await session.on_audio(frame)
+    await asyncio.wait_for(session._starting, 2)
+    for _ in range(20):  # frames right after the failure do not rebuild the listener
+        await session.on_audio(frame)
+    assert len(built) == 1
+    assert built[0].closed
+    assert [m for m in ws.sent if m["type"] == "error"] == [{"type": "error", "message": "The speech model files are missing: run make setup."}]
+    assert sink.chat.error == "The speech model files are missing: run make setup." and sink.chat.status == "error"
+    assert not session.closed
+    # the user presses stop / the button again: listening is retried
+    holder["fail_push"] = None
+    await session.on_control({"type": "stop"})
+    await session.on_audio(frame)
+    await asyncio.wait_for(session._starting, 2)
+    await session.on_audio(frame)
+    assert len(built) == 2 and built[1].pushed == 2
+    await session.close()
+
+
+# ---------------------------------------------------------------- hello
+@pytest.mark.parametrize("rate", ["abc", {"x": 1}, [16000], 44100, "nan", True])
+async def test_bad_sample_rates_are_refused_without_crashing(voice, rate):
+    ws_voice, *_ = voice
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": rate})}])
+    await ws_voice.ws_voice(ws)
+    assert ws.closed_with == 4000
+    assert ws.types() == ["error"]
+
+
+@pytest.mark.parametrize("rate", [16000, "16000", 16000.0, None])
+async def test_good_sample_rates_are_accepted(voice, rate):
+    ws_voice, *_ = voice
+    hello = {"type": "hello", "client_token": TOKEN}
+    if rate is not None:
+        hello["sample_rate"] = rate
+    ws = FakeWS([{"text": json.dumps(hello)}])
+    await ws_voice.ws_voice(ws)
+    assert ws.types()[0] == "ready" and ws.closed_with is None
+
+
+async def test_access_token_is_required_when_configured(voice, monkeypatch):
+    ws_voice, *_ = voice
+    monkeypatch.setenv("VOICECLAW_ACCESS_TOKEN", "s3cret-token")
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
+    await ws_voice.ws_voice(ws)
+    assert ws.closed_with == 4003
+    assert "access_token" in ws.sent[0]["message"]
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "wrong"})}])
+    await ws_voice.ws_voice(ws)
+    assert ws.closed_with == 4003
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "s3cret-token"})}])
+    await ws_voice.ws_voice(ws)
+    assert ws.types()[0] == "ready"
+
+
+async def test_a_reload_of_the_same_tab_is_not_a_takeover(voice):
+    ws_voice, turns, sink, _, _ = voice
+    old_ws = FakeWS()
+    old = ws_voice.VoiceSession(old_ws, TOKEN, "hands_free")
+    ws_voice._current = old
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
+    await ws_voice.ws_voice(ws)
+    assert "taken_over" not in old_ws.types() and old.closed
+    assert not getattr(sink.chat, "taken_over", False)
+    # another tab (another token) does take it over
+    other_ws = FakeWS()
+    other = ws_voice.VoiceSession(other_ws, "tok-other-tab-2", "hands_free")
+    ws_voice._current = other
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
+    await ws_voice.ws_voice(ws)
+    assert "taken_over" in other_ws.types() and other_ws.closed_with == 4001
+
+
+# ---------------------------------------------------------------- playback reports
+async def _finished_turn(env, chunks, tokens=None, conv=""):
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner(tokens or [t + " " for _, t in chunks], chunks)
+    turn = turns.start_turn(TOKEN, "hello", speak=True, spoken_input=True, conversation_id=conv, marks=TurnMarks(speech_end=now_ms() - 500, stt_final=now_ms() - 400))
+    await turn.task
+    return turn
+
+
+async def test_only_the_first_first_playing_report_counts(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    turn = await _finished_turn(env, [("f1f1f1f1f1", "One."), ("f2f2f2f2f2", "Two.")])
+    origin = turn.marks.origin()
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 900.0})
+    await asyncio.sleep(0.2)
+    first = repo.timings_for(turn.conversation_id)[0]["first_audio_playing"]
+    assert first == pytest.approx(900.0, abs=0.2)
+    # a replay of the same URLs (a remounted queue) reports again: ignored, while active and after
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 60000.0})
+    turns.ACTIVE.pop(TOKEN)
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 90000.0})
+    await asyncio.sleep(0.2)
+    assert repo.timings_for(turn.conversation_id)[0]["first_audio_playing"] == first
+    assert turn.marks.first_audio_playing == origin + 900.0
+
+
+async def test_a_stop_after_the_reply_was_heard_does_not_cut_it(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    turn = await _finished_turn(env, [("h1h1h1h1h1", "One."), ("h2h2h2h2h2", "Two.")])
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
+    turns.audio_report(TOKEN, {"event": "chunk", "turn": turn.turn_id, "index": 1})
+    turns.audio_report(TOKEN, {"event": "ended", "turn": turn.turn_id, "played": 2})
+    assert not turns.speaking(TOKEN)
+    # the same turn replayed and stopped after one chunk
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
+    turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 1})
+    await asyncio.sleep(0.1)
+    msg = repo.list_messages(turn.conversation_id)[-1]
+    assert msg["content"] == "One. Two." and not msg["interrupted"]
+    assert not turns.speaking(TOKEN)
+
+
+async def test_a_stop_during_playback_after_synthesis_cuts_to_played_chunks(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    turn = await _finished_turn(env, [("p1p1p1p1p1", "One."), ("p2p2p2p2p2", "Two."), ("p3p3p3p3p3", "Three.")])
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
+    assert turns.speaking(TOKEN)
+    turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 1})
+    for _ in range(50):
+        msg = repo.list_messages(turn.conversation_id)[-1]
+        if msg["interrupted"]:
+            break
+        await asyncio.sleep(0.02)
+    assert msg["content"] == "One." and msg["interrupted"]
+    assert msg["audio_ids"] == ["p1p1p1p1p1"]
+
+
+async def test_chunk_reports_set_playing_again_after_a_drain(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner(["One. ", "Two."], [("d1d1d1d1d1", "One."), ("d2d2d2d2d2", "Two.")], chunk_delay=0.3)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
+    while not turn.chunks:
+        await asyncio.sleep(0.01)
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
+    assert turn.playing
+    # an old queue drained before the next chunk came: "ended" mid-reply
+    turns.audio_report(TOKEN, {"event": "ended", "turn": turn.turn_id, "played": 1})
+    assert not turn.playing and not turn.playback_over
+    turns.audio_report(TOKEN, {"event": "chunk", "turn": turn.turn_id, "index": 1})
+    assert turn.playing and turn.played == 2
+    await turn.task
+    assert turns.speaking(TOKEN)  # the browser still plays the last chunk
+    assert sink.stream.audio_done
+
+
+async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], [("i1i1i1i1i1", "One."), ("i2i2i2i2i2", "Two."), ("i3i3i3i3i3", "Three.")], chunk_delay=0.05)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
+    while len(turn.chunks) < 2:
+        await asyncio.sleep(0.01)
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
+    assert turns.interrupt(TOKEN)
+    with contextlib.suppress(asyncio.CancelledError):
+        await turn.task
+    msg = repo.list_messages(turn.conversation_id)[-1]
+    assert msg["content"] == "One." and msg["interrupted"]
+    assert msg["audio_ids"] == ["i1i1i1i1i1"]
+    assert sink.chat.last_audio_ids == ["i1i1i1i1i1"]
+
+
+async def test_a_cancelled_turn_does_not_append_to_another_conversation(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner([f" w{i}" for i in range(200)], [], token_delay=0.01)
+    turn = turns.start_turn(TOKEN, "first conversation", speak=False, spoken_input=False)
+    while not turn.segments and not turn.pending:
+        await asyncio.sleep(0.01)
+    old_conv = turn.conversation_id
+    assert sink.chat.conversation_id == old_conv
+    # "New conversation" pressed mid-turn: the tab shows an empty conversation now
+    sink.chat.conversation_id = ""
+    sink.chat.messages = []
+    assert turns.interrupt(TOKEN, reason="new")
+    with contextlib.suppress(asyncio.CancelledError):
+        await turn.task
+    assert sink.chat.messages == []
+    assert sink.chat.conversation_id == ""
+    stored = repo.list_messages(old_conv)
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["interrupted"]
+
+
+async def test_a_finished_turn_appends_to_the_conversation_it_belongs_to(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    turn = await _finished_turn(env, [("a1a1a1a1a1", "Hello there.")])
+    assert [m["role"] for m in sink.chat.messages] == ["user", "assistant"]
+    assert sink.chat.conversation_id == turn.conversation_id
