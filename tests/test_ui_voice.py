@@ -395,3 +395,21 @@ async def test_a_finished_turn_appends_to_the_conversation_it_belongs_to(env):  
     turn = await _finished_turn(env, [("a1a1a1a1a1", "Hello there.")])
     assert [m["role"] for m in sink.chat.messages] == ["user", "assistant"]
     assert sink.chat.conversation_id == turn.conversation_id
+
+
+# ---------------------------------------------------------------- settings form (unsaved values)
+def test_preview_and_tests_use_the_forms_current_values(env):  # noqa: F811
+    from voiceclaw_app.config import SettingsError
+    from voiceclaw_app.states.settings import form_settings, to_form
+
+    sink, holder, turns, repo = env
+    saved = repo.load_settings()
+    values = to_form(saved)
+    values.update({"tts_voice": "en_GB-alba-medium", "tts_speed": "1.5", "llm_model_voice": "openclaw:voice", "openai_api_key": "sk-must-not-pass"})
+    settings = form_settings(values, saved)
+    assert (settings.tts_voice, settings.tts_speed, settings.llm_model_voice) == ("en_GB-alba-medium", 1.5, "openclaw:voice")
+    assert repo.load_settings() == saved  # nothing saved
+    values["tts_speed"] = "99"
+    with pytest.raises(SettingsError) as exc:
+        form_settings(values, saved)
+    assert "tts_speed" in exc.value.errors
