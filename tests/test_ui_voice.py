@@ -413,3 +413,26 @@ def test_preview_and_tests_use_the_forms_current_values(env):  # noqa: F811
     with pytest.raises(SettingsError) as exc:
         form_settings(values, saved)
     assert "tts_speed" in exc.value.errors
+
+
+async def test_a_stopped_report_after_the_cut_keeps_the_chunk_that_had_started(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], [("s1s1s1s1s1", "One."), ("s2s2s2s2s2", "Two."), ("s3s3s3s3s3", "Three.")], chunk_delay=0.05)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
+    while len(turn.chunks) < 2:
+        await asyncio.sleep(0.01)
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
+    assert turns.interrupt(TOKEN)
+    with contextlib.suppress(asyncio.CancelledError):
+        await turn.task
+    assert repo.list_messages(turn.conversation_id)[-1]["content"] == "One."
+    # the page's queue had started chunk 2 before the barge-in reached it
+    turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 2})
+    for _ in range(50):
+        msg = repo.list_messages(turn.conversation_id)[-1]
+        if msg["content"] != "One.":
+            break
+        await asyncio.sleep(0.02)
+    assert msg["content"] == "One. Two." and msg["interrupted"]
+    assert msg["audio_ids"] == ["s1s1s1s1s1", "s2s2s2s2s2"]
+    assert sink.chat.messages[-1]["content"] == "One. Two."

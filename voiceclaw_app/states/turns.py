@@ -85,6 +85,7 @@ class ActiveTurn:
     #: later reports (a replay of the same URLs) change nothing
     playback_over: bool = False
     first_playing_seen: bool = False
+    finished: bool = False  # _finish stored the reply
 
 
 ACTIVE: dict[str, ActiveTurn] = {}
@@ -175,16 +176,24 @@ def audio_report(token: str, data: dict) -> None:
             if t.done or kind == "stopped":
                 t.playback_over = True
         if kind in ("stopped",) and data.get("played") is not None:
+            before = t.played
             t.played = max(t.played, _int(data["played"]))
-            if t.done and t.speak and not t.interrupted:
+            if t.finished and t.speak and t.interrupted and t.played > before:
+                # a chunk started just before the barge-in reached the page: keep it too
+                _spawn(_store_cut(t))
+            elif t.done and t.speak and not t.interrupted:
                 # playback stopped mid-reply after the turn finished synthesizing
                 # (barge-in, Stop): keep what was played, marked interrupted
                 t.interrupted = True
-                task = asyncio.get_running_loop().create_task(_store_cut(t))
-                _BACKGROUND.add(task)
-                task.add_done_callback(_BACKGROUND.discard)
+                _spawn(_store_cut(t))
     elif kind == "first_playing" and _server_ms(data) is not None:
         _late_playing(turn_id, _server_ms(data))  # type: ignore[arg-type]
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def playback_gone(token: str) -> None:
@@ -425,6 +434,7 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
         turn.segments.append(turn.pending)
         turn.pending = ""
     turn.marks.mark("turn_done")
+    played_at_store = turn.played
     content = _stored_reply(turn)
     timing_id = 0
     try:
@@ -477,3 +487,6 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
             chat.status = "speaking"
 
     await notify(turn.token, apply)
+    turn.finished = True
+    if turn.interrupted and turn.speak and turn.played > played_at_store:
+        await _store_cut(turn)  # a "stopped" report with more played chunks came in meanwhile
