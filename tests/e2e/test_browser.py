@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from .conftest import build_mic_wav, screenshot, wait_ready
+from .conftest import build_mic_wav, screenshot
+from .conftest import wait_ready as _wait_not_warming
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +41,21 @@ def _played(page) -> int:
     return int(page.get_attribute("#audio-queue", "data-played-count") or 0)
 
 
+def wait_ready(page, timeout_s: float = 240) -> None:
+    """Stricter than the bench's helper: the mic socket answered (clock offset measured,
+    so the page is hydrated and on_load ran) and the status stayed off "warming up"
+    across two on_load polls."""
+    page.wait_for_selector("#voice-status")
+    page.wait_for_function("window.__voiceclawClockOffset !== undefined", timeout=30000)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        _wait_not_warming(page, timeout_s=max(1.0, deadline - time.time()))
+        time.sleep(1.2)  # on_load re-checks the engines every second
+        if (page.text_content("#voice-status") or "").strip() != "warming up":
+            return
+    raise RuntimeError("the engines never finished warming up")
+
+
 def test_typed_turn_streams_and_plays(app_server, launch_browser):
     base, data, _ = app_server
     page = launch_browser().new_page()
@@ -55,6 +71,18 @@ def test_typed_turn_streams_and_plays(app_server, launch_browser):
     reply = page.text_content('#transcript [data-role="assistant"]:not([data-streaming])')
     assert reply and len(reply.strip()) > len("Assistant")
     screenshot(page, "dashboard")
+    # the reply played to its end; going to another page and back, or reloading, never plays it again
+    assert _poll(lambda: page.get_attribute("#audio-queue", "data-state") == "ended", 90), "playback never ended"
+    page.click("#nav-history")
+    page.wait_for_selector("#conversation-list", timeout=15000)
+    page.click("#nav-talk")
+    page.wait_for_selector("#audio-queue", timeout=15000)
+    page.wait_for_timeout(3000)
+    assert _played(page) == 0, "the last answer was replayed after returning to the page"
+    page.reload()
+    wait_ready(page)
+    page.wait_for_timeout(3000)
+    assert _played(page) == 0, "the last answer was replayed after a reload"
 
 
 def test_settings_validation_save_and_keys_never_leak(app_server, launch_browser):
@@ -205,6 +233,7 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     # after speech end) is playing then, past the 300 ms self-echo guard
     build_mic_wav([("q_music", 2.0), ("q_time", 20.0)], wav, lead_silence_s=1.5)
     page = launch_browser(wav).new_page()
+    started = time.time()
     # a slow voice makes even a one-sentence reply long enough to interrupt
     page.goto(base + "/settings")
     _settings_loaded(page)
@@ -219,14 +248,22 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     assert stopped, "playback was not interrupted"
     assert _poll(lambda: page.query_selector("#transcript .vc-interrupted"), 30), "the reply was not marked interrupted"
     played = _played(page)
+    shown = page.text_content("#transcript .vc-msg:has(.vc-interrupted) >> nth=-1") or ""
     page.click("#stop-button")
-    # the history keeps the reply up to the last chunk actually played, marked interrupted
+    # the history keeps the reply up to the last chunk actually played, marked interrupted:
+    # this test's reply is the latest interrupted one created since it started
     base_dir = app_server[1]
-    rows = _poll(lambda: _interrupted_replies(base_dir), 15)
+    rows = _poll(lambda: _interrupted_replies(base_dir, since=started - 1), 15)
     assert rows, "no interrupted reply stored"
-    content, audio_ids = rows[0]
-    assert len(json.loads(audio_ids)) >= 1
-    assert played >= 1 and (content.strip() or played == 0)
+    content, audio_ids = rows[-1]
+    # one stored audio id per chunk that started playing, no more
+    assert played >= 1
+    assert _poll(lambda: len(json.loads(_interrupted_replies(base_dir, since=started - 1)[-1][1])) == played, 10), (audio_ids, played)
+    content = _interrupted_replies(base_dir, since=started - 1)[-1][0]
+    assert content.strip(), "the stored reply is empty although a chunk played"
+    # the page shows the same cut text as the history (markdown may drop some punctuation)
+    words = re.findall(r"[a-z0-9]+", content.lower())
+    assert words and all(w in shown.lower() for w in words[-3:]), (content, shown)
     page.goto(base + "/settings")
     _settings_loaded(page)
     page.fill("#tts_speed", "1")
@@ -234,11 +271,9 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     _saved(page)
 
 
-def _interrupted_replies(data_dir):
-    import sqlite3
-
+def _interrupted_replies(data_dir, since: float = 0.0):
     db = sqlite3.connect(str(data_dir / "voiceclaw.db"))
     try:
-        return db.execute("select content, audio_ids from vc_message where role='assistant' and interrupted=1 order by id").fetchall()
+        return db.execute("select content, audio_ids from vc_message where role='assistant' and interrupted=1 and created_at >= ? order by id", (since,)).fetchall()
     finally:
         db.close()
