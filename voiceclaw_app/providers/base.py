@@ -164,10 +164,11 @@ class LLM(abc.ABC):
     async def warm(self) -> None:
         """Open/refresh the connection (or load the model) before the turn needs it."""
 
-    async def prefill(self, messages: list[ChatMessage]) -> None:
+    async def prefill(self, messages: list[ChatMessage], assistant_name: str = "") -> None:
         """Process the request's prefix (system prompt + history) before the user's
-        words are known. Embedded models evaluate it into their cache; remote ones
-        have nothing to do."""
+        words are known. Embedded models evaluate it into their cache (with the
+        request's ``assistant_name``, part of a dialogue prompt); remote ones have
+        nothing to do."""
 
     async def aclose(self) -> None:
         """Release connections."""
