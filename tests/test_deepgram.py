@@ -290,3 +290,192 @@ async def test_prerecorded_fallback_and_errors():
         assert (await stt.transcribe(tone(0.4), sample_rate=RATE)).text == "Again."  # retried after 503
         with pytest.raises(AuthError, match="rejected the API key"):
             await DeepgramSTT(api_key="bad", url=srv.url).transcribe(tone(0.2))
+
+
+# ---------------------------------------------------------------- barge-in re-arming, tentative onsets
+@pytest.mark.asyncio
+@pytest.mark.parametrize("gate", ["deepgram", "vad"])
+async def test_speech_start_reported_again_after_silence_with_no_words(gate):
+    # a noise burst / echo gives a speech start but no words and no end of turn (the
+    # session's echo guard ignored it); the user's real speech after >= 300 ms of
+    # silence must be reported too
+    from voiceclaw_app.providers.deepgram_stt import rms16
+
+    async with FakeDeepgramServer(api_key=KEY, script=(["Stop talking."] if gate == "vad" else ["", "Stop talking."])) as srv:
+        if gate == "vad":  # our gate hears the quiet burst, Deepgram (threshold 400) does not
+            lst = make_listener(srv, vad=lambda pcm: rms16(pcm) > 300)
+            loud = tone(0.3)
+            burst = struct.pack(f"<{len(loud) // 2}h", *(v // 12 for v in struct.unpack(f"<{len(loud) // 2}h", loud)))  # RMS ~350
+        else:  # Deepgram's SpeechStarted, an empty segment, no endpointing: nothing ends a turn
+            lst = DeepgramListener(api_key=KEY, url=srv.url, options=DeepgramOptions(endpointing_ms=0, utterance_end_ms=1000), silence_stream_ms=1500)
+            burst = tone(0.3)
+        await lst.start()
+        t = await push_audio(lst, burst + silence(0.5), 0.0)
+        first = await collect_until(lst, (SpeechStarted,))
+        assert first[-1].t_ms < 100
+        t = await push_audio(lst, tone(0.6) + silence(1.4), t)
+        events = await collect_until(lst, (EndOfTurn,))
+        assert events[-1].text == "Stop talking."
+        again = [e for e in events if isinstance(e, SpeechStarted) and not e.tentative]
+        assert len(again) == 1 and abs(again[0].t_ms - 800) <= 25, events
+        await lst.aclose()
+
+
+@pytest.mark.asyncio
+async def test_vad_onset_is_tentative_then_discarded_or_confirmed():
+    from voiceclaw_app.providers.base import SpeechDiscarded
+    from voiceclaw_app.providers.deepgram_stt import rms16
+
+    # Deepgram's own SpeechStarted comes late here, so the server VAD decides
+    async with FakeDeepgramServer(api_key=KEY, script=["", "Wait a second."], profile=DeepgramProfile(speech_started_after_s=0.5)) as srv:
+        lst = make_listener(srv, vad=lambda pcm: rms16(pcm) > 300, vad_min_speech_ms=200)
+        await lst.start()
+        t = await push_audio(lst, silence(0.1) + tone(0.1) + silence(0.4), 0.0)  # a cough
+        events = await collect_until(lst, (SpeechDiscarded,))
+        starts = [e for e in events if isinstance(e, SpeechStarted)]
+        assert len(starts) == 1 and starts[0].tentative and starts[0].source == "vad"
+        assert abs(starts[0].t_ms - 100) <= 25
+        t = await push_audio(lst, tone(0.8) + silence(0.6), t)
+        events = await collect_until(lst, (EndOfTurn,))
+        starts = [e for e in events if isinstance(e, SpeechStarted)]
+        assert [s.tentative for s in starts] == [True, False], events  # pause playback, then cancel the reply
+        assert not any(isinstance(e, SpeechDiscarded) for e in events)
+        assert events[-1].text == "Wait a second."
+        assert lst.stats["vad_calls"] > 0
+        await lst.aclose()
+
+
+@pytest.mark.asyncio
+async def test_vad_failure_falls_back_to_the_energy_gate():
+    from voiceclaw_app.providers.base import EngineUnavailable
+
+    def broken(pcm: bytes) -> bool:
+        raise EngineUnavailable("Voice detection stopped working.")
+
+    async with FakeDeepgramServer(api_key=KEY, script=["Still here."]) as srv:
+        lst = make_listener(srv, vad=broken)
+        await lst.start()
+        await push_audio(lst, tone(0.5) + silence(0.6), 0.0)  # push() must not raise
+        events = await collect_until(lst, (EndOfTurn,))
+        assert events[-1].text == "Still here." and lst.vad is None
+        await lst.aclose()
+
+
+# ---------------------------------------------------------------- push-to-talk, mode switches
+@pytest.mark.asyncio
+@pytest.mark.parametrize("combined", [False, True])
+async def test_push_to_talk_pause_and_linger_do_not_end_the_turn(combined):
+    # speech_final (separate or on the is_final result) and UtteranceEnd fire during the
+    # held button; only the release ends the turn, with both segments
+    async with FakeDeepgramServer(api_key=KEY, script=["What is the weather", "in Paris tomorrow?"], profile=DeepgramProfile(combined_final=combined)) as srv:
+        lst = make_listener(srv)
+        lst.set_hands_free(False)  # what the mic session does at build time
+        await lst.start()
+        t = await push_audio(lst, tone(0.6) + silence(0.6), 0.0)
+        t = await push_audio(lst, tone(0.6) + silence(1.4), t)  # linger before release
+        sent = srv.sessions[0].sent
+        assert any(m.get("speech_final") for m in sent) and any(m["type"] == "UtteranceEnd" for m in sent)
+        await asyncio.sleep(0.1)
+        await lst.finish_utterance()
+        events = await collect_until(lst, (EndOfTurn, ListenNotice))
+        assert isinstance(events[-1], EndOfTurn), events
+        assert events[-1].text == "What is the weather in Paris tomorrow?"
+        assert [e for e in events if isinstance(e, EndOfTurn)] == [events[-1]]
+        assert lst.stats["frames_sent"] >= 3.2 / 0.02 - 2  # push-to-talk streams everything
+        await lst.aclose()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("combined", [False, True])
+async def test_mode_switch_mid_session_takes_effect(combined):
+    async with FakeDeepgramServer(api_key=KEY, script=["First question.", "Second one."], profile=DeepgramProfile(combined_final=combined)) as srv:
+        lst = make_listener(srv, hands_free=False, silence_stream_ms=400)
+        await lst.start()
+        t = await push_audio(lst, tone(0.5) + silence(0.6), 0.0)
+        await lst.finish_utterance()
+        assert (await collect_until(lst, (EndOfTurn,)))[-1].text == "First question."
+        lst.set_hands_free(True)
+        t = await push_audio(lst, tone(0.5) + silence(0.5), t)
+        events = await collect_until(lst, (EndOfTurn,))  # endpointing ends it, no release
+        assert events[-1].text == "Second one."
+        assert (not combined) == any(isinstance(e, PreliminaryTranscript) for e in events)
+        before = lst.stats["frames_sent"]
+        await push_audio(lst, silence(1.0), t, speed=8.0)
+        assert lst.stats["frames_sent"] - before <= 0.4 / 0.02 + 1  # hands-free: long silence not streamed
+        await lst.aclose()
+
+
+# ---------------------------------------------------------------- reconnects that lose the end of turn
+@pytest.mark.asyncio
+@pytest.mark.parametrize("speed", [4.0, 1.0])
+async def test_drop_between_is_final_and_speech_final_still_ends_the_turn(speed):
+    srv = FakeDeepgramServer(api_key=KEY, script=["Call my mother."])
+    srv.then(drop_after_is_final=True)
+    async with srv:
+        lst = make_listener(srv)
+        await lst.start()
+        t_end = await push_audio(lst, silence(0.1) + tone(0.7), 0.0, speed=speed)
+        t = await push_audio(lst, silence(0.9), t_end, speed=speed)
+        events = await collect_until(lst, (EndOfTurn, ListenNotice), timeout=3.0)
+        assert isinstance(events[-1], EndOfTurn), events
+        assert events[-1].text == "Call my mother." and abs(events[-1].speech_end_ms - t_end) <= 25
+        assert srv.sessions[0].dropped and len(srv.sessions) == 2 and srv.sessions[1].finalizes == 1
+        assert lst.stats["local_endpoints"] == 1 and srv.finalized == ["Call my mother."]
+        # the turn is over: the long silence after it is not streamed any more
+        before = lst.stats["frames_sent"]
+        await push_audio(lst, silence(2.5), t, speed=8.0)
+        assert lst.stats["frames_sent"] - before <= 1.5 / 0.02 + 1
+        await lst.aclose()
+
+
+@pytest.mark.asyncio
+async def test_watchdog_reconnects_when_the_server_goes_silent():
+    srv = FakeDeepgramServer(api_key=KEY, script=["Are you there?", "Are you there?"])
+    srv.then(mute_after_audio_s=0.2)
+    async with srv:
+        lst = make_listener(srv, watchdog_s=0.4)
+        await lst.start()
+        t = await push_audio(lst, tone(1.2), 0.0, speed=1.0)
+        await push_audio(lst, silence(0.8), t, speed=2.0)
+        events = await collect_until(lst, (EndOfTurn,), timeout=4.0)
+        assert events[-1].text == "Are you there?"
+        assert srv.sessions[0].muted > 0 and not srv.sessions[0].dropped
+        assert lst.stats["watchdog_reconnects"] >= 1 and lst.stats["replayed_frames"] > 0
+        await lst.aclose()
+
+
+# ---------------------------------------------------------------- start retries, recovery without fallback
+@pytest.mark.asyncio
+async def test_start_retries_rate_limit_and_server_errors():
+    srv = FakeDeepgramServer(api_key=KEY, script=["Hi."])
+    srv.then(reject_status=429).then(reject_status=503)
+    async with srv:
+        lst = make_listener(srv, start_backoff_s=(0.05,))
+        await lst.start()
+        assert lst.stats["start_attempts"] == 3 and len(srv.sessions) == 1
+        await lst.aclose()
+    srv = FakeDeepgramServer(api_key=KEY)
+    srv.then(reject_status=503).then(reject_status=503).then(reject_status=503)
+    async with srv:
+        from voiceclaw_app.providers.base import ServerError
+
+        with pytest.raises(ServerError):
+            await make_listener(srv, start_backoff_s=(0.01,)).start()  # bounded: 3 attempts
+
+
+@pytest.mark.asyncio
+async def test_failed_session_keeps_the_mic_alive_and_recovers():
+    srv = FakeDeepgramServer(api_key=KEY, script=["Hello again."])
+    srv.then(drop_after_audio_s=0.3).then(reject_status=503).then(reject_status=503)
+    async with srv:
+        lst = make_listener(srv, max_reconnects=2, recover_backoff_s=(0.3,))
+        await lst.start()
+        t = await push_audio(lst, tone(0.4) + silence(0.3), 0.0)
+        events = await collect_until(lst, (ListenNotice,))
+        assert events[-1].kind == "error" and "internal error (HTTP 503)" in events[-1].message
+        await asyncio.sleep(0.3)
+        t = await push_audio(lst, tone(0.6) + silence(0.6), t)  # the next voiced frame re-opens
+        events = await collect_until(lst, (EndOfTurn,), timeout=4.0)
+        assert any(isinstance(e, ListenNotice) and e.kind == "info" and "back" in e.message for e in events)
+        assert events[-1].text == "Hello again." and lst.failed is None and lst.stats["recoveries"] == 1
+        await lst.aclose()
