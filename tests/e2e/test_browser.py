@@ -76,7 +76,7 @@ def test_typed_turn_streams_and_plays(app_server, launch_browser):
     page.click("#nav-history")
     page.wait_for_selector("#conversation-list", timeout=15000)
     page.click("#nav-talk")
-    page.wait_for_selector("#audio-queue", timeout=15000)
+    page.wait_for_selector("#audio-queue", state="attached", timeout=15000)
     page.wait_for_timeout(3000)
     assert _played(page) == 0, "the last answer was replayed after returning to the page"
     page.reload()
@@ -248,7 +248,6 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     assert stopped, "playback was not interrupted"
     assert _poll(lambda: page.query_selector("#transcript .vc-interrupted"), 30), "the reply was not marked interrupted"
     played = _played(page)
-    shown = page.text_content("#transcript .vc-msg:has(.vc-interrupted) >> nth=-1") or ""
     page.click("#stop-button")
     # the history keeps the reply up to the last chunk actually played, marked interrupted:
     # this test's reply is the latest interrupted one created since it started
@@ -260,6 +259,7 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     assert played >= 1
     assert _poll(lambda: len(json.loads(_interrupted_replies(base_dir, since=started - 1)[-1][1])) == played, 10), (audio_ids, played)
     content = _interrupted_replies(base_dir, since=started - 1)[-1][0]
+    shown = page.text_content("#transcript .vc-msg:has(.vc-interrupted) >> nth=-1") or ""
     assert content.strip(), "the stored reply is empty although a chunk played"
     # the page shows the same cut text as the history (markdown may drop some punctuation)
     words = re.findall(r"[a-z0-9]+", content.lower())
