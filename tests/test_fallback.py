@@ -16,7 +16,7 @@ import pytest
 from tests.servers.deepgram import FakeDeepgramServer
 from tests.servers.openai_speech import FakeSpeechServer, SpeechBehavior
 from tests.test_deepgram import collect_until, push_audio, silence, tone
-from voiceclaw_app.providers.base import TTS, AudioClip, CancelToken, EndOfTurn, Listener, ListenNotice, ServerError
+from voiceclaw_app.providers.base import TTS, AudioClip, CancelToken, EndOfTurn, Listener, ListenNotice, ServerError, SpeechStarted
 from voiceclaw_app.providers.deepgram_stt import DeepgramListener, DeepgramOptions, rms16
 from voiceclaw_app.providers.fallback import FallbackListener, FallbackTTS
 from voiceclaw_app.providers.openai_tts import OpenAITTS
@@ -51,6 +51,8 @@ class EnergyListener(Listener):
     async def push(self, pcm16: bytes, t_ms: float) -> None:
         self.pushed += 1
         if rms16(pcm16) > 300:
+            if self.last_voiced is None:
+                self.q.put_nowait(SpeechStarted(t_ms=t_ms, source="vad"))
             self.voiced_ms += len(pcm16) / 32.0
             self.last_voiced = t_ms
         elif self.last_voiced is not None and t_ms - self.last_voiced >= 300:
@@ -140,3 +142,51 @@ async def test_listener_bad_key_raises_when_fallback_on_auth_is_off():
 
         with pytest.raises(AuthError):
             await lst.start()
+
+
+@pytest.mark.asyncio
+async def test_listener_mode_is_forwarded_to_the_active_listener_and_the_fallback():
+    srv = FakeDeepgramServer(api_key=KEY, script=["x"])
+    srv.then(drop_after_audio_s=0.2).then(reject_status=503)
+    async with srv:
+        local = EnergyListener()
+        primary = DeepgramListener(api_key=KEY, url=srv.url, max_reconnects=1)
+        lst = FallbackListener(primary, lambda: local)
+        await lst.start()
+        lst.set_hands_free(False)
+        assert primary.hands_free is False
+        await push_audio(lst, tone(0.4), 0.0)
+        await collect_until(lst, (ListenNotice,))
+        assert lst.active is local and local.hands_free is False  # the mode survives the switch
+        lst.set_hands_free(True)
+        assert local.hands_free is True
+        await lst.aclose()
+
+
+@pytest.mark.asyncio
+async def test_listener_returns_to_the_cloud_after_the_fallen_back_turn():
+    # 503 at mic-on (3 start attempts), local for that turn, Deepgram again for the next
+    srv = FakeDeepgramServer(api_key=KEY, script=["Back on the cloud."])
+    srv.then(reject_status=503).then(reject_status=503).then(reject_status=503)
+
+    def cloud() -> DeepgramListener:
+        return DeepgramListener(api_key=KEY, url=srv.url, start_backoff_s=(0.01,))
+
+    async with srv:
+        local = EnergyListener()
+        lst = FallbackListener(cloud(), lambda: local, primary_factory=cloud, retry_backoff_s=(0.0,))
+        await lst.start()
+        assert lst.active is local and lst.switched
+        t = await push_audio(lst, silence(0.1) + tone(0.5), 0.0)
+        assert len(srv.sessions) == 0  # never inside a turn
+        t = await push_audio(lst, silence(0.4), t)
+        events = await collect_until(lst, (EndOfTurn,))
+        assert events[-1].text == "local 500 ms"
+        t = await push_audio(lst, silence(0.2), t)  # between turns: the cloud is re-opened
+        events = await collect_until(lst, (ListenNotice,))
+        assert events[-1].kind == "info" and "back" in events[-1].message
+        assert not lst.switched and isinstance(lst.active, DeepgramListener) and lst.restores == 1
+        await push_audio(lst, tone(0.6) + silence(0.6), t)
+        events = await collect_until(lst, (EndOfTurn,))
+        assert events[-1].text == "Back on the cloud."
+        await lst.aclose()

@@ -201,6 +201,7 @@ class FallbackListener(Listener):
         self._switch_lock = asyncio.Lock()
         self._frames: deque[tuple[bytes, float]] = deque(maxlen=max(1, int(replay_s / 0.02)))
         self._in_turn = False  # the active listener reported speech that has not ended yet
+        self._turn_pending = False  # switched: the embedded listener's first turn has not ended yet
         self._retry_at: float | None = None
         self._retry_attempt = 0
         self._retry_task: asyncio.Task | None = None
@@ -257,6 +258,7 @@ class FallbackListener(Listener):
             if start is not None:
                 await start()
             self._active = fallback
+            self._turn_pending = True
             self._notify(f"{reason} Using the built-in speech recognition for now.", "fallback")
             for pcm, t in list(self._frames):  # the utterance in progress
                 await fallback.push(pcm, t)
@@ -275,7 +277,7 @@ class FallbackListener(Listener):
         self._retry_at = time.monotonic() + delay
 
     def _maybe_retry_primary(self) -> None:
-        if (self._switched and self._retry_at is not None and self._retry_task is None and not self._in_turn
+        if (self._switched and self._retry_at is not None and self._retry_task is None and not self._in_turn and not self._turn_pending
                 and not self._closing and time.monotonic() >= self._retry_at):
             self._retry_task = asyncio.create_task(self._retry_primary())
 
@@ -293,7 +295,7 @@ class FallbackListener(Listener):
                 log.info("cloud listener still unavailable (%s); staying on the embedded listener", exc.kind)
                 return
             async with self._switch_lock:
-                if self._closing or not self._switched or self._in_turn:
+                if self._closing or not self._switched or self._in_turn or self._turn_pending:
                     # the user started talking meanwhile: never switch inside a turn
                     with contextlib.suppress(Exception):
                         await new.aclose()
@@ -336,6 +338,8 @@ class FallbackListener(Listener):
                     self._in_turn = True
                 elif isinstance(ev, (EndOfTurn, SpeechDiscarded)) or (isinstance(ev, ListenNotice) and ev.kind in ("empty", "error")):
                     self._in_turn = False
+                    if not isinstance(ev, SpeechDiscarded):
+                        self._turn_pending = False
                 if isinstance(ev, EndOfTurn):
                     self._frames.clear()
                 self._out.put_nowait(ev)
