@@ -104,7 +104,7 @@ class TurnRunner:
         Never fails the turn."""
         coros = [self.llm.warm()] + ([self.tts.warm()] if self.tts is not None else [])
         if prepared is not None:
-            coros.append(self.llm.prefill(prepared.base.messages))
+            coros.append(self.llm.prefill(prepared.base.messages, prepared.base.assistant_name))
         for result in await asyncio.gather(*coros, return_exceptions=True):
             if isinstance(result, Exception):
                 log.debug("warm-up failed: %s", result)
