@@ -187,3 +187,34 @@ async def test_parallel_chunks_do_not_mix():
         for t, c in zip(texts, clips):
             with wave.open(io.BytesIO(c.wav)) as w:
                 assert w.readframes(w.getnframes()) == srv.audio_for(t)
+
+
+@pytest.mark.asyncio
+async def test_trickling_server_hits_the_chunk_deadline_scaled_to_the_text():
+    # ~2 s of audio trickled at 4 KB/s (~0.08x real time): every read is fast, the chunk is not
+    async with FakeSpeechServer(api_key=KEY, behavior=SpeechBehavior(ttfb_s=0.0, realtime_factor=50.0)) as srv:
+        tts = tts_for(srv, max_retries=0, read_timeout_s=2.0, chunk_base_s=0.3, chunk_s_per_char=0.01)
+        assert tts.chunk_deadline_s(TEXT) == pytest.approx(0.3 + 0.01 * len(TEXT))
+        assert tts.chunk_deadline_s(TEXT * 4) > tts.chunk_deadline_s(TEXT)  # longer chunk, longer deadline
+        pieces = [c async for c in tts.synthesize_stream(TEXT, voice="alloy", speed=1.0)]  # a normal server is fine
+        assert sum(c.duration_ms for c in pieces) > 1000
+        for stream in (True, False):
+            srv.then(trickle_bytes_per_s=4000.0)
+            t0 = time.monotonic()
+            with pytest.raises(ProviderTimeout) as ei:
+                if stream:
+                    async for _ in tts.synthesize_stream(TEXT, voice="alloy", speed=1.0):
+                        pass
+                else:
+                    await tts.synthesize(TEXT, voice="alloy", speed=1.0)
+            assert 0.5 <= time.monotonic() - t0 < 1.5, stream
+            assert "for one sentence" in ei.value.user_message
+
+
+@pytest.mark.asyncio
+async def test_trickle_before_the_first_piece_is_retried_on_a_fresh_request():
+    async with FakeSpeechServer(api_key=KEY, behavior=SpeechBehavior(ttfb_s=0.0, realtime_factor=50.0)) as srv:
+        srv.then(trickle_bytes_per_s=2000.0)
+        tts = tts_for(srv, max_retries=1, read_timeout_s=2.0, chunk_base_s=0.3, chunk_s_per_char=0.01)
+        pieces = [c async for c in tts.synthesize_stream(TEXT, voice="alloy", speed=1.0)]
+        assert len(srv.bodies) == 2 and sum(c.duration_ms for c in pieces) > 1000

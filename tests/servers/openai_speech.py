@@ -8,7 +8,8 @@ character, like speech), so clients and benchmarks can check durations.
 
 Latency profile (``ttfb_s``: time to first byte, default 0.2 s; ``realtime_factor``:
 audio produced at N x real time, default 5) and faults (status codes with optional
-``Retry-After``, a drop mid-body, a stall before or after the headers) are set per
+``Retry-After``, a drop mid-body, a stall before or after the headers, a body
+trickled at ``trickle_bytes_per_s`` so no single read times out) are set per
 server (``behavior``) or queued per request (``then(...)``) so "429, then succeed"
 can be tested.
 
@@ -48,6 +49,7 @@ class SpeechBehavior:
     stall_before_headers: bool = False  # accept the request, never answer
     stall_after_bytes: int | None = None  # send some audio, then go silent (socket open)
     write_ms: float = 20.0  # how much wall time each body write covers
+    trickle_bytes_per_s: float | None = None  # send the body this slowly (each write well within a read timeout)
 
 
 def tone_pcm(text: str, sample_rate: int = SAMPLE_RATE, speed: float = 1.0) -> bytes:
@@ -149,7 +151,7 @@ class FakeSpeechServer(FakeServer):
         payload = (wav_header_streaming() + pcm) if fmt == "wav" else pcm
         await asyncio.sleep(b.ttfb_s)
         await out.start_chunked(200, "audio/wav" if fmt == "wav" else "audio/pcm")
-        bytes_per_s = SAMPLE_RATE * 2 * b.realtime_factor
+        bytes_per_s = b.trickle_bytes_per_s or SAMPLE_RATE * 2 * b.realtime_factor
         step = max(2, int(bytes_per_s * b.write_ms / 1000.0) & ~1)
         start = time.monotonic()
         sent = 0

@@ -22,6 +22,7 @@ over (a chunk is handed over whole, so any failure inside it is still retryable)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -61,7 +62,12 @@ MODELS = ("gpt-4o-mini-tts", "tts-1", "tts-1-hd")
 
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 10.0  # time to first byte and between bytes
-TOTAL_TIMEOUT_S = 30.0  # a whole chunk (chunks are a sentence or two)
+TOTAL_TIMEOUT_S = 30.0  # a whole chunk (chunks are a sentence or two), retries included
+# the deadline for one attempt at one chunk, scaled to its length: a base plus ~1.2x the
+# chunk's spoken duration (~65 ms per character at speed 1). A server trickling audio
+# slower than ~0.8x real time never trips the per-read timeout but would stall the turn.
+CHUNK_BASE_S = 4.0
+CHUNK_S_PER_CHAR = 0.08
 MAX_RETRIES = 2
 BACKOFF_S = (0.2, 0.6)
 #: a chunk's first piece is handed to the player once this much audio is here
@@ -153,6 +159,8 @@ class OpenAITTS(TTS):
         total_timeout_s: float = TOTAL_TIMEOUT_S,
         max_retries: int = MAX_RETRIES,
         backoff_s: tuple[float, ...] = BACKOFF_S,
+        chunk_base_s: float = CHUNK_BASE_S,
+        chunk_s_per_char: float = CHUNK_S_PER_CHAR,
     ):
         if response_format not in ("pcm", "wav"):
             raise ValueError("response_format must be 'pcm' or 'wav' (the low-latency formats)")
@@ -167,6 +175,8 @@ class OpenAITTS(TTS):
         self.total_timeout_s = total_timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.chunk_base_s = chunk_base_s
+        self.chunk_s_per_char = chunk_s_per_char
         self.service = _service_label(self.base_url)
 
     def __repr__(self) -> str:  # never show the key
@@ -182,6 +192,13 @@ class OpenAITTS(TTS):
         return (f"openai:{self.base_url}:{self.model}", voice or self.default_voice, round(speed, 3))
 
     # ------------------------------------------------------------------ helpers
+    def chunk_deadline_s(self, text: str, speed: float = 1.0) -> float:
+        """The most one attempt at this chunk may take, all reads together."""
+        return min(self.total_timeout_s, self.chunk_base_s + len(text) * self.chunk_s_per_char / max(0.25, speed or 1.0))
+
+    def _too_slow(self, deadline_s: float) -> ProviderTimeout:
+        return ProviderTimeout(f"The {self.service} took longer than {deadline_s:.0f} s for one sentence.", retryable=True, detail="chunk deadline")
+
     def _client(self) -> tuple[openai.AsyncOpenAI, httpx2.AsyncClient]:
         return _client_for(self.base_url, self._api_key, self.connect_timeout_s, self.read_timeout_s)
 
@@ -287,13 +304,27 @@ class OpenAITTS(TTS):
         cancel = cancel or CancelToken()
         attempt = 0
         started = time.monotonic()
+        deadline_s = self.chunk_deadline_s(text, speed)
         while True:
             meta: dict = {}
             buf = bytearray()
             handed = False
             piece_ms = FIRST_PIECE_MS
+            waited = 0.0  # time spent waiting on the server in this attempt (not on our consumer)
+            source = self.stream_pcm(text, voice=voice, speed=speed, cancel=cancel, meta=meta)
             try:
-                async for pcm in self.stream_pcm(text, voice=voice, speed=speed, cancel=cancel, meta=meta):
+                while True:
+                    t0 = time.monotonic()
+                    try:
+                        # the timeout covers only this wait, in this task (never across the yield)
+                        async with asyncio.timeout(max(0.0, deadline_s - waited)):
+                            pcm = await source.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise self._too_slow(deadline_s) from None
+                    finally:
+                        waited += time.monotonic() - t0
                     buf += pcm
                     rate = meta.get("sample_rate", PCM_SAMPLE_RATE)
                     if len(buf) >= 2 * rate * piece_ms // 1000:
@@ -318,6 +349,9 @@ class OpenAITTS(TTS):
                     raise
                 attempt += 1
                 await asyncio.sleep(delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    await source.aclose()
 
     async def synthesize(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AudioClip:
         """The chunk's whole audio as a WAV clip, retrying transient failures.
@@ -328,11 +362,12 @@ class OpenAITTS(TTS):
         cancel = cancel or CancelToken()
         attempt = 0
         started = time.monotonic()
+        deadline_s = self.chunk_deadline_s(text, speed)
         while True:
             meta: dict = {}
             parts: list[bytes] = []
             try:
-                async with asyncio.timeout(self.total_timeout_s):
+                async with asyncio.timeout(min(deadline_s, max(0.1, self.total_timeout_s - (time.monotonic() - started)))):
                     async for pcm in self.stream_pcm(text, voice=voice, speed=speed, cancel=cancel, meta=meta):
                         parts.append(pcm)
                 if cancel.cancelled:
@@ -342,7 +377,7 @@ class OpenAITTS(TTS):
                     raise ProtocolError(f"The {self.service} returned no audio.", retryable=True)
                 return AudioClip.from_pcm16(pcm_all, meta.get("sample_rate", PCM_SAMPLE_RATE))
             except TimeoutError as exc:
-                raise ProviderTimeout(f"The {self.service} took longer than {self.total_timeout_s:.0f} s for one sentence.") from exc
+                raise ProviderTimeout(f"The {self.service} took longer than {deadline_s:.0f} s for one sentence.") from exc
             except ProviderError as exc:
                 if not exc.retryable or attempt >= self.max_retries or cancel.cancelled:
                     raise
