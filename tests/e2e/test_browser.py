@@ -229,15 +229,18 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     base, _, _ = app_server
     wav = tmp_path / "mic.wav"
     # a question that invites a long answer, a pause long enough for the reply to start, then an interruption
-    # the second question starts ~2 s after the first ends: the reply (first audio ~1 s
-    # after speech end) is playing then, past the 300 ms self-echo guard
-    build_mic_wav([("q_music", 2.0), ("q_time", 20.0)], wav, lead_silence_s=1.5)
+    # the second question's first voiced sample comes ~2.5 s after the first one's last
+    # (gap 1.5 s + the fixture's lead-in): the reply (first audio ~0.8-1.3 s after speech
+    # end) is playing then, past the 300 ms self-echo guard. The embedded model's reply
+    # may be two words ("You're welcome.": 1.4 s at speed 0.5, over before the second
+    # question), hence the slowest voice, which makes it ~2.9 s.
+    build_mic_wav([("q_music", 1.5), ("q_time", 20.0)], wav, lead_silence_s=1.5)
     page = launch_browser(wav).new_page()
     started = time.time()
     # a slow voice makes even a one-sentence reply long enough to interrupt
     page.goto(base + "/settings")
     _settings_loaded(page)
-    page.fill("#tts_speed", "0.5")
+    page.fill("#tts_speed", "0.25")
     page.click("#save-settings")
     _saved(page)
     page.goto(base + "/")
