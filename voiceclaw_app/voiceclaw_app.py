@@ -29,7 +29,7 @@ api = Starlette(
 
 
 async def startup() -> None:
-    """Mark replies a crash left unfinished as interrupted; warm the embedded engines."""
+    """Mark replies a crash left unfinished as interrupted; warm the embedded engines; prune old audio."""
     try:
         n = await asyncio.to_thread(repo.recover_unfinished)
         if n:
@@ -37,7 +37,24 @@ async def startup() -> None:
     except Exception:
         log.exception("startup recovery failed (has `reflex db migrate` run?)")
     services.start_engine_warmup()
-    asyncio.get_running_loop().create_task(services.warm_default_runner())
+    loop = asyncio.get_running_loop()
+    loop.create_task(services.warm_default_runner())
+    loop.create_task(prune_audio_forever())
+
+
+async def prune_audio_forever() -> None:
+    """Retention: reply audio older than ``VOICECLAW_AUDIO_RETENTION_DAYS`` (default 7)
+    is deleted at startup and every 6 hours; history keeps the text (replay says the
+    audio is gone). The TTS cache prunes itself by size."""
+    days = services.audio_retention_days()
+    while True:
+        try:
+            n = await asyncio.to_thread(services.audio_store().prune, days * 86400.0)
+            if n:
+                log.info("retention: deleted %d audio file(s) older than %g day(s)", n, days)
+        except Exception:
+            log.exception("audio retention failed")
+        await asyncio.sleep(6 * 3600)
 
 
 app = rx.App(

@@ -22,9 +22,14 @@ chunk stored at its URL) - speech end (the fixture's last voiced sample);
 + the first chunk's remaining tokens + TTS first byte + the first chunk's audio
 transfer); ``time_to_first_audio_byte`` = when the TTS server sent the first audio
 byte of the reply (what a player that streams partial audio could start on);
-``barge_in`` = speech start detection latency of Deepgram's ``SpeechStarted`` (the
-profile's 50 ms plus the transport) and of the server's Silero VAD (with the
-``vad_min_speech_ms`` setting) on the same frames.
+``barge_in`` = speech start detection latency (after the fixture's first voiced
+sample) of each source, as the listener reports them: Deepgram's ``SpeechStarted``
+(the profile's 50 ms plus the transport), the server Silero gate's tentative onset
+(64 ms of voice: playback pauses) and its confirmation (``vad_min_speech_ms``), and
+the first of them. The listener is built as production builds it
+(``providers.factory``): with the server's Silero VAD as its per-frame gate
+(``vad_gate`` says whether it loaded; ``vad_gate_ms_per_frame`` is its measured cost
+on the event loop).
 
 This drives the listener and the pipeline's :class:`TurnStarter` directly rather
 than ``/ws/voice`` (the socket's handler goes through Reflex state, which needs the
@@ -89,18 +94,12 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
     answers = replies(len(fixtures), seed=11)
     answer_for = {fx.text: answers[i] for i, fx in enumerate(fixtures)}
     rng = np.random.default_rng(5)
-    try:
-        from ..providers.silero_vad import SileroTurnDetector, VoiceOnset
-
-        silero_ok = True
-    except Exception:  # pragma: no cover - the embedded VAD is optional for this bench
-        silero_ok = False
+    from ..providers.factory import _server_vad
 
     ttfa: list[float] = []
     overhead: list[float] = []
     first_byte: list[float] = []
-    stt_barge: list[float] = []
-    vad_barge: list[float] = []
+    barge: dict[str, list[float]] = {"deepgram_speech_started": [], "server_vad_tentative": [], "server_vad_confirmed": [], "first": []}
     stage_samples: list[dict[str, float]] = []
     errors = discarded = 0
     settings = VoiceSettings(tts_provider="openai", tts_voice="alloy", stt_provider="deepgram", vad_silence_ms=300)
@@ -110,11 +109,17 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
         last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
         return answer_for.get(last, "Let me think about that, one moment please.")
 
-    onset = {"ms": None, "speech_started": None}  # this utterance's voice onset, and Deepgram's SpeechStarted after it
+    onset: dict[str, Any] = {"ms": None, "seen": {}}  # this utterance's voice onset, and each source's first start after it
 
     def on_event(ev: ListenEvent) -> None:
-        if isinstance(ev, SpeechStarted) and onset["ms"] is not None and onset["speech_started"] is None and now_ms() >= onset["ms"]:
-            onset["speech_started"] = now_ms() - onset["ms"]
+        if not isinstance(ev, SpeechStarted) or onset["ms"] is None or now_ms() < onset["ms"]:
+            return
+        key = "deepgram_speech_started" if ev.source == "stt" else ("server_vad_tentative" if ev.tentative else "server_vad_confirmed")
+        seen = onset["seen"]
+        seen.setdefault(key, now_ms() - onset["ms"])
+        seen.setdefault("first", now_ms() - onset["ms"])
+        if key == "server_vad_confirmed":  # confirmed at once (no tentative step): the onset too
+            seen.setdefault("server_vad_tentative", seen[key])
 
     with tempfile.TemporaryDirectory() as tmp:
         async with FakeDeepgramServer(api_key="bench", profile=profile) as dg, FakeChatServer(ChatBehavior(ttft_s=TTFT_S, tokens_per_s=TOKENS_PER_S), reply_fn=reply_fn, api_key="bench") as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=TTS_TTFB_S, realtime_factor=TTS_REALTIME), api_key="bench") as speech:
@@ -122,7 +127,10 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
             store = AudioStore(Path(tmp))
             tts = OpenAITTS(base_url=speech.base_url, api_key="bench")
             runner = TurnRunner(llm=OpenAICompatLLM(chat.base_url, api_key="bench"), tts=tts, audio_store=store, settings=settings, cache=UncachedTTS(store))
-            listener = DeepgramListener(api_key="bench", url=dg.url, options=DeepgramOptions(endpointing_ms=300, utterance_end_ms=1000))
+            # as providers.factory builds it: the server's Silero VAD as the per-frame gate
+            listener = DeepgramListener(api_key="bench", url=dg.url, options=DeepgramOptions(endpointing_ms=300, utterance_end_ms=1000), vad=_server_vad(), vad_min_speech_ms=settings.vad_min_speech_ms)
+            vad_gate = listener.vad is not None
+            listener.set_hands_free(True)  # what the mic session does
             await listener.start()  # session start: the socket is open before anyone speaks
             prepare = WarmingPrepare(runner, lambda: [], "bench-cloud")
             session = StarterSession(listener, TurnStarter(prepare, speculative=preemptive), on_event=on_event)
@@ -131,23 +139,13 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                     fx = fixtures[i % len(fixtures)]
                     dg.say(*_segments(fx.text, fx.pcm))
                     out = session.expect()
-                    vad = SileroTurnDetector(silence_ms=settings.vad_silence_ms, min_speech_ms=settings.vad_min_speech_ms) if silero_ok else None
-                    vad_speech_started = None
                     lead = int(LEAD_S * RATE)
                     pcm = dither(lead, rng) + fx.pcm + dither(int(TAIL_S * RATE), rng)
                     t_start = now_ms()
-                    onset["ms"], onset["speech_started"] = t_start + 1000.0 * (lead + fx.first_voiced_sample) / RATE, None
+                    onset["ms"], onset["seen"] = t_start + 1000.0 * (lead + fx.first_voiced_sample) / RATE, {}
                     speech_end_ms = t_start + 1000.0 * (lead + fx.last_voiced_sample) / RATE
-                    try:
-                        async for _, frame, due in paced(pcm, FRAME_MS, t_start):
-                            await listener.push(frame, due)
-                            if vad is not None and vad_speech_started is None:
-                                for ev in vad.push(frame):
-                                    if isinstance(ev, VoiceOnset) and now_ms() >= onset["ms"]:
-                                        vad_speech_started = now_ms() - onset["ms"]
-                    finally:
-                        if vad is not None:
-                            vad.close()
+                    async for _, frame, due in paced(pcm, FRAME_MS, t_start):
+                        await listener.push(frame, due)
                     try:
                         await out.finished(5.0, 15.0)
                     except asyncio.TimeoutError:
@@ -170,10 +168,8 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                         bytes_after = [b * 1000.0 for b in speech.first_byte_at if b * 1000.0 >= m.tts_first_request]
                         if bytes_after:
                             first_byte.append(min(bytes_after) - speech_end_ms)
-                    if onset["speech_started"] is not None:
-                        stt_barge.append(onset["speech_started"])
-                    if vad_speech_started is not None:
-                        vad_barge.append(vad_speech_started)
+                    for key, v in onset["seen"].items():
+                        barge[key].append(v)
                     s = m.stages()
                     s["stt_final_after_speech_end"] = round(m.stt_final - speech_end_ms, 1)
                     s["eot_after_speech_end"] = round(m.eot_decided - speech_end_ms, 1) if m.eot_decided else None
@@ -182,6 +178,7 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                     stage_samples.append({k: v for k, v in s.items() if v is not None})
                     await asyncio.sleep(0.2)  # let the noise tail and keep-alive settle between turns
             finally:
+                vad_stats = dict(listener.stats)
                 await session.aclose()
                 await listener.aclose()
                 await prepare.settle()
@@ -192,7 +189,9 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
         "time_to_first_audio_ms": p50_p95(ttfa),
         "overhead_ms": p50_p95(overhead),
         "time_to_first_audio_byte_ms": p50_p95(first_byte),
-        "barge_in_ms": {"deepgram_speech_started": p50_p95(stt_barge), "server_vad": p50_p95(vad_barge)},
+        "barge_in_ms": {k: p50_p95(v) for k, v in barge.items()},
+        "vad_gate": vad_gate,
+        "vad_gate_ms_per_frame": {"mean": round(vad_stats["vad_ms"] / max(1, vad_stats["vad_calls"]), 3), "max": round(vad_stats["vad_max_ms"], 3), "frames": vad_stats["vad_calls"]},
         "stages_ms": stages(stage_samples),
         "errors": errors,
         "preemptive": preemptive,

@@ -6,7 +6,7 @@ from ..components.layout import page
 from ..states.settings import KEY_NAMES, SettingsState
 
 CHOICES = {
-    "llm_history_mode": ["client", "server"],
+    "llm_history_mode": ["auto", "server", "client"],
     "stt_provider": ["local", "deepgram"],
     "tts_provider": ["local", "openai"],
     "input_mode": ["hands_free", "push_to_talk"],
@@ -24,7 +24,7 @@ FIELDS = [
         ("llm_model_voice", "Model for voice", "text", "Gateway: openclaw:<agentId> (a lean 'voice' agent)"),
         ("llm_model_text", "Model for typed, muted turns", "text", ""),
         ("llm_headers", "Extra headers (JSON)", "text", 'e.g. {"x-openclaw-agent-id": "voice"}'),
-        ("llm_history_mode", "History kept by", "select", "server: the gateway keeps it (sends `user`); client: sent each turn"),
+        ("llm_history_mode", "History kept by", "select", "auto: server for gateway models (openclaw:<id>), client otherwise; server: the gateway keeps it (sends `user`); client: sent each turn"),
         ("llm_history_turns", "History turns sent", "number", ""),
         ("llm_read_timeout_s", "First-token timeout (s)", "number", ""),
     ]),

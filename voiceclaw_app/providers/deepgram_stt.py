@@ -322,6 +322,7 @@ class DeepgramListener(Listener):
         self._interim = ""
         self._speech_end_ms: float | None = None
         self._finalizing = False
+        self._finalize_sent = False  # the Finalize of this release reached a socket
         self._endpoint_armed = False  # local endpoint timer after a reconnect
         self._recover_attempt = 0
         self._recover_at = 0.0
@@ -431,8 +432,9 @@ class DeepgramListener(Listener):
             for f in frames:
                 await self._send_frame(f)
             self.stats["replayed_frames"] += len(frames)
-            if self._finalizing:
-                # a Finalize sent on the old socket may be lost with it: ask again
+            if self._finalizing and self._finalize_sent:
+                # the Finalize sent on the old socket was lost with it: ask again (one
+                # still queued goes out after the frames queued before it)
                 await self._sock.send_finalize()
             elif self._finals:
                 # the new socket never heard the words already final: it will not end
@@ -484,6 +486,7 @@ class DeepgramListener(Listener):
                         return
                     if item is _FINALIZE:
                         await self._sock.send_finalize()
+                        self._finalize_sent = True
                         self._last_send = time.monotonic()
                     elif isinstance(item, _Frame):
                         await self._send_frame(item)
@@ -498,8 +501,9 @@ class DeepgramListener(Listener):
                         return
                     log.info("Deepgram send failed (%s); reconnecting", type(exc).__name__)
                     await self._reconnect()
-                    if item is _FINALIZE and not self._finalizing:
+                    if item is _FINALIZE and not self._finalize_sent:
                         await self._sock.send_finalize()
+                        self._finalize_sent = True
         except ProviderError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -750,6 +754,7 @@ class DeepgramListener(Listener):
             self._q.put_nowait(_Frame(pcm, t))
         self._preroll.clear()
         self._finalizing = True
+        self._finalize_sent = False
         self._q.put_nowait(_FINALIZE)
         if self._finalize_timer is not None:
             self._finalize_timer.cancel()

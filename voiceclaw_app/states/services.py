@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 from typing import Any
 
 from ..config import VoiceSettings, data_dir
@@ -31,6 +32,17 @@ def audio_store() -> AudioStore:
     if _audio_store is None:
         _audio_store = AudioStore(data_dir() / "audio")
     return _audio_store
+
+
+def audio_retention_days() -> float:
+    """``VOICECLAW_AUDIO_RETENTION_DAYS`` (default 7; at least 1 hour's worth)."""
+    raw = os.environ.get("VOICECLAW_AUDIO_RETENTION_DAYS", "7")
+    try:
+        days = float(raw)
+    except ValueError:
+        log.warning("VOICECLAW_AUDIO_RETENTION_DAYS=%r is not a number; keeping audio 7 days", raw)
+        return 7.0
+    return max(days, 1 / 24)
 
 
 def key_store() -> KeyStore:
