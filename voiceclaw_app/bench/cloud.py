@@ -168,6 +168,11 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                         bytes_after = [b * 1000.0 for b in speech.first_byte_at if b * 1000.0 >= m.tts_first_request]
                         if bytes_after:
                             first_byte.append(min(bytes_after) - speech_end_ms)
+                    # the gate's own timing, even when Deepgram's SpeechStarted was reported first
+                    for kind, at in list(listener.vad_marks):
+                        key = "server_vad_tentative" if kind == "onset" else "server_vad_confirmed"
+                        if at >= onset["ms"] and key not in onset["seen"]:
+                            onset["seen"][key] = at - onset["ms"]
                     for key, v in onset["seen"].items():
                         barge[key].append(v)
                     s = m.stages()

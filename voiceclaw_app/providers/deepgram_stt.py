@@ -317,6 +317,9 @@ class DeepgramListener(Listener):
         # barge-in state: None (may report a start), "tentative", "confirmed"
         self._barge: str | None = None
         self._barge_floor = -math.inf  # Deepgram SpeechStarted before this (stale) is ignored
+        #: (kind, monotonic ms) when the local gate's voice reached the onset / the minimum
+        #: speech length, whether or not it was reported (Deepgram may have been first): the benchmark
+        self.vad_marks: deque[tuple[str, float]] = deque(maxlen=64)
         # transcript state of the current turn
         self._finals: list[str] = []
         self._interim = ""
@@ -684,10 +687,14 @@ class DeepgramListener(Listener):
     def _barge_in(self, voiced: bool, frame_ms: float, t_ms: float) -> None:
         """Speech-start reporting from our own gate (see the module notes)."""
         if voiced:
+            before = self._voiced_ms
             self._voiced_ms += frame_ms
             self._unvoiced_ms = 0.0
             if self.vad is None:
                 return
+            for kind, at in (("onset", self.vad_onset_ms), ("confirmed", self.vad_min_ms)):
+                if before < at - 1e-6 <= self._voiced_ms:
+                    self.vad_marks.append((kind, now_ms()))
             onset_t = t_ms - self._voiced_ms
             if self._barge is None and self._voiced_ms >= self.vad_onset_ms - 1e-6:
                 confirmed = self._voiced_ms >= self.vad_min_ms - 1e-6
