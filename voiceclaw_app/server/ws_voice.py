@@ -194,15 +194,14 @@ class VoiceSession:
         if isinstance(ev, SpeechStarted):
             if ev.tentative:
                 # a voice onset that may still be a cough: pause playback at once, keep the turn
+                # (the turn starter still sees it: it starts preparing the request now)
                 if not self.paused and turns.speaking(token) and not turns.in_echo_guard(token):
                     await self.pause()
-                return  # the turn starter waits for confirmed speech
-            if self.paused or (turns.speaking(token) and not turns.in_echo_guard(token)):
+            elif self.paused or (turns.speaking(token) and not turns.in_echo_guard(token)):
                 await self.barge_in()
         elif isinstance(ev, SpeechDiscarded):
             if self.paused:
                 await self.clear_pause(resume=True)
-            return
         elif isinstance(ev, InterimTranscript):
             text = ev.text
 
