@@ -479,3 +479,18 @@ async def test_failed_session_keeps_the_mic_alive_and_recovers():
         assert any(isinstance(e, ListenNotice) and e.kind == "info" and "back" in e.message for e in events)
         assert events[-1].text == "Hello again." and lst.failed is None and lst.stats["recoveries"] == 1
         await lst.aclose()
+
+
+@pytest.mark.asyncio
+async def test_push_to_talk_drop_mid_utterance_then_release():
+    srv = FakeDeepgramServer(api_key=KEY, script=["Turn it up."])
+    srv.then(drop_after_audio_s=0.5)
+    async with srv:
+        lst = make_listener(srv, hands_free=False)
+        await lst.start()
+        await push_audio(lst, tone(0.8) + silence(0.06), 0.0)
+        await lst.finish_utterance()
+        events = await collect_until(lst, (EndOfTurn, ListenNotice))
+        assert isinstance(events[-1], EndOfTurn) and events[-1].text == "Turn it up."
+        assert lst.stats["reconnects"] == 1 and srv.sessions[-1].finalizes >= 1
+        await lst.aclose()
