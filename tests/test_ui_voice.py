@@ -225,6 +225,27 @@ async def test_a_provider_error_on_push_is_reported_and_the_socket_survives(voic
     await session.close()
 
 
+async def test_a_listener_that_ends_by_itself_is_rebuilt_on_the_next_frame(voice):
+    """A cloud session that failed with fallback off ends its events: the mic must not go dead."""
+    ws_voice, turns, sink, built, _ = voice
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    frame = b"\x00\x01" * 320
+    await session.on_audio(frame)
+    await asyncio.wait_for(session._starting, 2)
+    assert len(built) == 1 and built[0].pushed == 1
+    built[0].q.put_nowait(built[0]._end)  # the listener's events end
+    for _ in range(100):
+        if session.listener is None:
+            break
+        await asyncio.sleep(0.01)
+    assert session.listener is None and built[0].closed
+    await session.on_audio(frame)
+    await asyncio.wait_for(session._starting, 2)
+    await session.on_audio(frame)
+    assert len(built) == 2 and built[1].pushed == 2
+    await session.close()
+
+
 # ---------------------------------------------------------------- hello
 @pytest.mark.parametrize("rate", ["abc", {"x": 1}, [16000], 44100, "nan", True])
 async def test_bad_sample_rates_are_refused_without_crashing(voice, rate):

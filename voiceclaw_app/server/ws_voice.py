@@ -168,6 +168,11 @@ class VoiceSession:
         try:
             async for ev in listener.events():
                 await self._on_listen_event(ev)
+            if self.listener is listener and not self.closed:
+                # the listener ended by itself (e.g. a cloud session that failed with
+                # fallback off): forget it, so the next voiced frame builds a new one
+                self._events_task = None
+                await self.stop_listening()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
