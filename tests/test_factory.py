@@ -105,6 +105,9 @@ async def test_deepgram_session_reports_barge_in_from_the_server_vad(monkeypatch
     async with FakeDeepgramServer(api_key="dg") as srv:
         monkeypatch.setenv("VOICECLAW_DEEPGRAM_URL", srv.url)
         srv.say("What is the weather like today?")
+        # frames go in faster than real time here, so make Deepgram's own SpeechStarted
+        # need more audio than the server VAD's onset: the VAD's must be reported
+        srv.profile.speech_started_after_s = 0.5
         lst = await build_listener(VoiceSettings(stt_provider="deepgram", fallback_to_local=False), KEYS)
         pcm, meta = fixture("q_weather")
         seen = []

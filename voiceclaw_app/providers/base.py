@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import concurrent.futures
 import io
 import threading
 import wave
@@ -36,6 +37,26 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+
+# ---------------------------------------------------------------- short blocking calls
+_FRAME_EXECUTOR: "concurrent.futures.ThreadPoolExecutor | None" = None
+_FRAME_EXECUTOR_LOCK = threading.Lock()
+
+
+async def run_per_frame(fn, *args):
+    """Run a short blocking per-frame call (a VAD round trip to its helper process)
+    off the event loop, on one dedicated thread.
+
+    Why not ``asyncio.to_thread``: the default executor also runs Whisper, Gemma and
+    Piper calls that take hundreds of ms; a frame's VAD must not queue behind them.
+    One thread keeps the calls in order (they are awaited one frame at a time)."""
+    global _FRAME_EXECUTOR
+    if _FRAME_EXECUTOR is None:
+        with _FRAME_EXECUTOR_LOCK:
+            if _FRAME_EXECUTOR is None:
+                _FRAME_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad-frames")
+    return await asyncio.get_running_loop().run_in_executor(_FRAME_EXECUTOR, fn, *args)
 
 
 # ---------------------------------------------------------------- errors

@@ -83,6 +83,7 @@ from .base import (
     STTCapabilities,
     Transcript,
     error_for_status,
+    run_per_frame,
     queued_events,
 )
 
@@ -723,7 +724,8 @@ class DeepgramListener(Listener):
         if self._closing:
             return
         self.stats["frames_pushed"] += 1
-        voiced = self._voiced(pcm16)
+        # the Silero gate is a round trip to the VAD helper process: off the event loop
+        voiced = await run_per_frame(self._voiced, pcm16) if self.vad is not None else self._voiced(pcm16)
         frame_ms = len(pcm16) / 2 / self.options.sample_rate * 1000.0
         if self.failed is not None:
             if voiced or self._held:
@@ -809,7 +811,7 @@ class DeepgramListener(Listener):
         close_vad = getattr(self.vad, "close", None)
         if close_vad is not None:
             with contextlib.suppress(Exception):
-                close_vad()
+                await run_per_frame(close_vad)  # after any frame still in the VAD thread
         if reader is not None:
             with contextlib.suppress(BaseException):
                 await reader

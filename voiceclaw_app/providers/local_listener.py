@@ -36,7 +36,7 @@ from typing import AsyncIterator
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
 from . import silero_vad as sv
-from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, queued_events
+from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, queued_events, run_per_frame
 
 log = logging.getLogger("voiceclaw.listener")
 _CLOSED = object()
@@ -88,7 +88,7 @@ class LocalListener(Listener):
             return
         seen = self.detector.windows_seen
         try:
-            events = self.detector.push(pcm16, t_ms)
+            events = await run_per_frame(self.detector.push, pcm16, t_ms)
         except ProviderError as exc:
             self._vad_error(exc)
             return
@@ -105,7 +105,7 @@ class LocalListener(Listener):
         if self._closed:
             return
         try:
-            events = self.detector.flush()
+            events = await run_per_frame(self.detector.flush)
         except ProviderError as exc:
             self._vad_error(exc)
             return
@@ -127,7 +127,7 @@ class LocalListener(Listener):
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self.detector.close()
+        await run_per_frame(self.detector.close)  # after any frame still in the VAD thread
         self._q.put_nowait(_CLOSED)
 
     # ------------------------------------------------------------ internals
