@@ -81,6 +81,8 @@ class ActiveTurn:
     done: bool = False
     error: str = ""
     playing: bool = False  # the browser is playing this turn's audio (may outlive the turn)
+    #: the latest write of this turn's assistant message (writes run in order, see _write_message)
+    db_last: "asyncio.Future | None" = None
     #: the browser reported the end of this turn's playback (ended when complete, or stopped):
     #: later reports (a replay of the same URLs) change nothing
     playback_over: bool = False
@@ -210,7 +212,7 @@ async def _store_cut(turn: ActiveTurn) -> None:
     content = _stored_reply(turn)
     if turn.message_id is not None:
         try:
-            await asyncio.to_thread(repo.update_assistant_message, turn.message_id, content, _stored_audio(turn), finished=True, interrupted=True)
+            await _write_message(turn, content, _stored_audio(turn), finished=True, interrupted=True)
         except Exception:
             log.exception("could not store the interrupted reply")
     mid = str(turn.message_id or "")
@@ -382,7 +384,7 @@ async def _on_event(turn: ActiveTurn, ev: Any) -> None:
 
         await notify(turn.token, apply)
         if turn.message_id is not None:
-            await asyncio.to_thread(repo.update_assistant_message, turn.message_id, turn.reply_text, [a for a, _ in turn.chunks])
+            await _write_message(turn, turn.reply_text, [a for a, _ in turn.chunks])
     elif kind == "StillWorking":
         n = int(ev.waited_ms)
 
@@ -413,6 +415,24 @@ async def _on_event(turn: ActiveTurn, ev: Any) -> None:
             await notify(turn.token, apply)
 
 
+async def _write_message(turn: ActiveTurn, content: str, audio_ids: list[str], **flags: Any) -> None:
+    """Write the turn's assistant message; writes of one turn run in order.
+
+    A barge-in cancels the turn task while an incremental write may be running in a
+    thread; abandoned, it could land after the final write and undo the cut. Each
+    write waits for the one before it, and survives the cancellation of its caller."""
+    prev = turn.db_last
+
+    async def run() -> None:
+        if prev is not None:
+            with contextlib.suppress(BaseException):
+                await prev
+        await asyncio.to_thread(repo.update_assistant_message, turn.message_id, content, audio_ids, **flags)
+
+    turn.db_last = fut = asyncio.ensure_future(run())
+    await asyncio.shield(fut)
+
+
 def _stored_audio(turn: ActiveTurn) -> list[str]:
     """The audio ids kept with the reply: an interrupted spoken reply keeps the chunks
     that were played, so a replay matches the stored text."""
@@ -439,15 +459,7 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
     timing_id = 0
     try:
         if turn.message_id is not None:
-            await asyncio.to_thread(
-                repo.update_assistant_message,
-                turn.message_id,
-                content,
-                _stored_audio(turn),
-                finished=True,
-                interrupted=turn.interrupted,
-                error=error,
-            )
+            await _write_message(turn, content, _stored_audio(turn), finished=True, interrupted=turn.interrupted, error=error)
             timing_id = await asyncio.to_thread(repo.save_timing, turn.conversation_id, turn.message_id, turn.marks, turn.marks.speech_end is not None)
     except Exception:
         log.exception("could not store the turn")
