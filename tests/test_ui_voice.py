@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 
 import pytest
@@ -57,11 +58,14 @@ class FakeListener(Listener):
         self.fail_push = fail_push
         self.modes: list[bool] = []
         self.closed = False
+        self.frames: list[float] = []
 
     async def push(self, pcm16, t_ms):
         if self.fail_push is not None:
             raise self.fail_push
         self.pushed += 1
+        self.frames.append(t_ms)
+        await asyncio.sleep(0.002)  # like the real listeners: the VAD runs off the loop
 
     def events(self):
         return queued_events(self.q, self._end)
@@ -243,6 +247,64 @@ async def test_a_listener_that_ends_by_itself_is_rebuilt_on_the_next_frame(voice
     await asyncio.wait_for(session._starting, 2)
     await session.on_audio(frame)
     assert len(built) == 2 and built[1].pushed == 2
+    await session.close()
+
+
+async def test_frames_said_while_the_listener_starts_reach_it_in_order(voice, monkeypatch):
+    """The user's first words are buffered while the listener starts; live frames that
+    arrive during the replay must queue behind them, not overtake them."""
+    ws_voice, turns, sink, built, _ = voice
+    from voiceclaw_app.states import services
+
+    real_build = services.build_listener
+
+    async def slow_build(settings):
+        await asyncio.sleep(0.05)
+        return await real_build(settings)
+
+    monkeypatch.setattr(services, "build_listener", slow_build)
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    frame = b"\x00\x01" * 320
+
+    times = itertools.count()
+    monkeypatch.setattr(ws_voice, "now_ms", lambda: float(next(times)))
+    for _ in range(30):  # buffered while the listener is built
+        await session.on_audio(frame)
+    starting = session._starting
+    # live frames keep coming while the buffer is replayed
+    while not starting.done():  # (real frames come every 20 ms; a replayed push takes ~2 ms here)
+        await session.on_audio(frame)
+        await asyncio.sleep(0.01)
+    for _ in range(5):
+        await session.on_audio(frame)
+    got = built[0].frames
+    assert len(got) >= 35
+    assert got == sorted(got), "frames reached the listener out of order"
+    await session.close()
+
+
+async def test_stop_while_the_listener_starts_does_not_bring_it_back(voice, monkeypatch):
+    ws_voice, turns, sink, built, _ = voice
+    from voiceclaw_app.states import services
+
+    real_build = services.build_listener
+    gate = asyncio.Event()
+
+    async def slow_build(settings):
+        await gate.wait()
+        return await real_build(settings)
+
+    monkeypatch.setattr(services, "build_listener", slow_build)
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    await session.on_audio(b"\x00\x01" * 320)
+    starting = session._starting
+    await asyncio.sleep(0.01)
+    await session.on_control({"type": "stop"})
+    gate.set()
+    await asyncio.gather(starting, return_exceptions=True)
+    await asyncio.sleep(0.01)
+    assert session.listener is None
+    assert all(lst.closed for lst in built)  # none built, or closed at once
     await session.close()
 
 

@@ -62,6 +62,7 @@ class VoiceSession:
         self.paused = False
         self._pause_timer: asyncio.TimerHandle | None = None
         self._failed_at: float | None = None
+        self._draining = False  # buffered frames are being replayed into a new listener
 
     async def send(self, msg: dict) -> None:
         if self.closed:
@@ -79,7 +80,8 @@ class VoiceSession:
             log.exception("could not start listening")
             await self._listening_failed(exc, "Could not start listening")
             return
-        if self.closed:
+        if self.closed or self._starting is not asyncio.current_task():
+            # the session closed, or listening was stopped, while this one was built
             with contextlib.suppress(Exception):
                 await listener.aclose()
             return
@@ -87,10 +89,17 @@ class VoiceSession:
         self.apply_mode()
         self.starter = TurnStarter(self._prepare, speculative=settings.speculative)
         self._events_task = asyncio.get_running_loop().create_task(self._consume(listener))
-        buffered, self._buffer = self._buffer, []
-        for pcm, t in buffered:
-            if not await self._push(listener, pcm, t):
-                return
+        # Replay what was said while the listener started (the user's first words), in
+        # order: each push may wait (the VAD runs off the loop), so live frames keep
+        # going to the buffer until it is empty.
+        self._draining = True
+        try:
+            while self._buffer and self.listener is listener:
+                pcm, t = self._buffer.pop(0)
+                if not await self._push(listener, pcm, t):
+                    return
+        finally:
+            self._draining = False
 
     def apply_mode(self) -> None:
         """Tell the listener the input mode (hands-free ends turns itself; push-to-talk waits for ptt_end)."""
@@ -128,20 +137,26 @@ class VoiceSession:
     async def ensure_listener(self) -> None:
         if self.listener is None and self._starting is None:
             self._starting = asyncio.get_running_loop().create_task(self._start_listener())
-        if self._starting is not None and not self._starting.done():
-            await asyncio.shield(self._starting)
+        task = self._starting
+        if task is not None and not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise  # this handler itself is being cancelled
+                # else: listening was stopped (or the tab taken over) while it started
 
     async def on_audio(self, pcm: bytes) -> None:
         t = now_ms()
         if len(pcm) > MAX_FRAME_BYTES or len(pcm) % 2:
             return
         self.samples += len(pcm) // 2
-        if self.listener is None:
+        if self.listener is None or self._draining:
             if self._failed_at is not None and t - self._failed_at < RETRY_AFTER_FAILURE_MS:
                 return  # the failure was reported; do not rebuild the listener 50 times a second
             if len(self._buffer) < MAX_BUFFERED_FRAMES:
                 self._buffer.append((pcm, t))
-            if self._starting is None:
+            if self._starting is None and self.listener is None:
                 self._failed_at = None
                 self._starting = asyncio.get_running_loop().create_task(self._start_listener())
             return
@@ -150,7 +165,9 @@ class VoiceSession:
     async def stop_listening(self) -> None:
         await self.clear_pause(resume=True)
         listener, self.listener = self.listener, None
-        self._starting = None
+        starting, self._starting = self._starting, None
+        if starting is not None and starting is not asyncio.current_task() and not starting.done():
+            starting.cancel()  # a listener still being built must not come back after Stop
         self._buffer = []
         if self._events_task is not None:
             self._events_task.cancel()
