@@ -16,7 +16,7 @@ import pytest
 from tests.servers.deepgram import FakeDeepgramServer
 from tests.servers.openai_speech import FakeSpeechServer, SpeechBehavior
 from tests.test_deepgram import collect_until, push_audio, silence, tone
-from voiceclaw_app.providers.base import TTS, AudioClip, CancelToken, EndOfTurn, Listener, ListenNotice, ServerError, SpeechStarted
+from voiceclaw_app.providers.base import TTS, AudioClip, CancelToken, EndOfTurn, Listener, ListenNotice, ServerError, SpeechStarted, queued_events
 from voiceclaw_app.providers.deepgram_stt import DeepgramListener, DeepgramOptions, rms16
 from voiceclaw_app.providers.fallback import FallbackListener, FallbackTTS
 from voiceclaw_app.providers.openai_tts import OpenAITTS
@@ -190,3 +190,51 @@ async def test_listener_returns_to_the_cloud_after_the_fallen_back_turn():
         events = await collect_until(lst, (EndOfTurn,))
         assert events[-1].text == "Back on the cloud."
         await lst.aclose()
+
+
+class _RecordingListener(Listener):
+    """A listener that records frame times; its push yields like the real ones (VAD off the loop)."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.end = object()
+        self.frames: list[float] = []
+        self.fail_after = fail_after
+
+    async def push(self, pcm16, t_ms):
+        self.frames.append(t_ms)
+        await asyncio.sleep(0.003)
+        if self.fail_after is not None and len(self.frames) == self.fail_after:
+            self.q.put_nowait(ListenNotice("The cloud recognizer went away.", kind="error"))
+
+    def events(self):
+        return queued_events(self.q, self.end)
+
+    async def aclose(self):
+        self.q.put_nowait(self.end)
+
+
+async def test_listener_switch_replays_the_utterance_before_any_live_frame():
+    """Frames that arrive while the embedded listener gets the replayed utterance must
+    queue behind it: the utterance reaches the fallback once and in order."""
+    built: list[_RecordingListener] = []
+
+    def make_fallback():
+        built.append(_RecordingListener())
+        return built[-1]
+
+    lst = FallbackListener(_RecordingListener(fail_after=20), make_fallback)
+    await lst.start()
+    frame = b"\x00\x01" * 320
+    for i in range(60):
+        await lst.push(frame, float(i))
+        await asyncio.sleep(0.001)
+    for _ in range(200):
+        if built and len(built[0].frames) >= 60:
+            break
+        await asyncio.sleep(0.01)
+    assert built, "no switch to the fallback"
+    got = built[0].frames
+    assert got == sorted(got), "frames reached the fallback out of order"
+    assert len(got) == len(set(got)) == 60, "a frame was lost or given twice"
+    await lst.aclose()

@@ -199,6 +199,9 @@ class FallbackListener(Listener):
         self._started = False
         self._closing = False
         self._switch_lock = asyncio.Lock()
+        #: held while a frame goes to the active listener and while a new listener gets
+        #: the replayed utterance: live frames never overtake the replay
+        self._push_lock = asyncio.Lock()
         self._frames: deque[tuple[bytes, float]] = deque(maxlen=max(1, int(replay_s / 0.02)))
         self._in_turn = False  # the active listener reported speech that has not ended yet
         self._turn_pending = False  # switched: the embedded listener's first turn has not ended yet
@@ -257,11 +260,12 @@ class FallbackListener(Listener):
             start = getattr(fallback, "start", None)
             if start is not None:
                 await start()
-            self._active = fallback
-            self._turn_pending = True
-            self._notify(f"{reason} Using the built-in speech recognition for now.", "fallback")
-            for pcm, t in list(self._frames):  # the utterance in progress
-                await fallback.push(pcm, t)
+            async with self._push_lock:
+                self._active = fallback
+                self._turn_pending = True
+                self._notify(f"{reason} Using the built-in speech recognition for now.", "fallback")
+                for pcm, t in list(self._frames):  # the utterance in progress
+                    await fallback.push(pcm, t)
             self._pump = asyncio.create_task(self._pump_from(fallback))
             self._schedule_retry()
             if old is not fallback:
@@ -301,18 +305,19 @@ class FallbackListener(Listener):
                         await new.aclose()
                     self._retry_at = time.monotonic()
                     return
-                old = self._active
-                self.primary = new
-                self._active = new
-                self._switched = False
-                self._retry_at = None
-                self._retry_attempt = 0
-                self.restores += 1
-                if self._pump is not None:
-                    self._pump.cancel()
-                self._pump = asyncio.create_task(self._pump_from(new))
-                for pcm, t in list(self._frames)[-50:]:  # the last second: an onset in progress
-                    await new.push(pcm, t)
+                async with self._push_lock:
+                    old = self._active
+                    self.primary = new
+                    self._active = new
+                    self._switched = False
+                    self._retry_at = None
+                    self._retry_attempt = 0
+                    self.restores += 1
+                    if self._pump is not None:
+                        self._pump.cancel()
+                    self._pump = asyncio.create_task(self._pump_from(new))
+                    for pcm, t in list(self._frames)[-50:]:  # the last second: an onset in progress
+                        await new.push(pcm, t)
                 log.info("cloud listener is back")
                 self._notify("Cloud speech recognition is back.", "info")
                 with contextlib.suppress(Exception):
@@ -356,10 +361,11 @@ class FallbackListener(Listener):
     async def push(self, pcm16: bytes, t_ms: float) -> None:
         if not self._started:
             await self.start()
-        self._frames.append((pcm16, t_ms))
-        if self._switched:
-            self._maybe_retry_primary()
-        await self._active.push(pcm16, t_ms)
+        async with self._push_lock:
+            self._frames.append((pcm16, t_ms))
+            if self._switched:
+                self._maybe_retry_primary()
+            await self._active.push(pcm16, t_ms)
 
     def events(self) -> AsyncIterator[ListenEvent]:
         return queued_events(self._out, _END)
