@@ -308,6 +308,39 @@ async def test_stop_while_the_listener_starts_does_not_bring_it_back(voice, monk
     await session.close()
 
 
+async def test_a_barge_in_prepares_the_next_request_again_and_a_cough_in_silence_keeps_it(voice):
+    """The request prepared at a voice onset while the assistant speaks lacks the reply
+    it interrupts: a barge-in drops it and the next preparation runs after the cut."""
+    from voiceclaw_app.pipeline.preemptive import TurnStarter
+
+    ws_voice, turns, sink, _, _ = voice
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    calls: list[float] = []
+
+    async def prepare():
+        calls.append(now_ms())
+        await asyncio.sleep(3600)  # never needed here
+
+    session.starter = TurnStarter(prepare)
+    turn = _speaking_turn(turns)
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
+    await asyncio.sleep(0.01)
+    assert len(calls) == 1
+    first = session.starter._prepared
+    await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=False))
+    await asyncio.sleep(0.01)
+    assert turn.interrupted
+    assert first.cancelled() or first.cancelling()
+    assert len(calls) == 2, "the confirmed start must prepare a fresh request"
+    # a cough in silence (no reply playing): the prepared request stays
+    turns.ACTIVE.clear()
+    kept = session.starter._prepared
+    await session._on_listen_event(SpeechDiscarded(t_ms=now_ms()))
+    assert session.starter._prepared is kept and not kept.done()
+    await session.starter.aclose()
+    await session.close()
+
+
 # ---------------------------------------------------------------- hello
 @pytest.mark.parametrize("rate", ["abc", {"x": 1}, [16000], 44100, "nan", True])
 async def test_bad_sample_rates_are_refused_without_crashing(voice, rate):

@@ -133,10 +133,10 @@ class TurnStarter:
                 await self._drop_early()
             self._prepare()
         elif isinstance(ev, SpeechDiscarded):
-            # a cough: the reply it paused goes on and lands in the history, so a
-            # request prepared now would miss it
-            if self.early is None and self._prepared is not None:
-                self._prepared = None
+            # a cough during a reply (the session passes it on only then): the reply
+            # goes on and lands in the history, so the request prepared now would miss it
+            if self.early is None:
+                self.invalidate()
         elif isinstance(ev, InterimTranscript) and ev.text.strip() and self.early is not None and not same_words(self.early.text, ev.text):
             await self._drop_early()  # new words after a likely-final transcript: the user kept talking
         elif isinstance(ev, PreliminaryTranscript) and self.speculative and ev.text.strip():
@@ -159,6 +159,14 @@ class TurnStarter:
             self._prepared = None  # the next utterance gets a request with this turn in its history
             return CommittedTurn(ev.text.strip(), early, reused)
         return None
+
+    def invalidate(self) -> None:
+        """Drop the prepared request (cancelling its preparation): the history it read is
+        stale, e.g. a barge-in is about to store the interrupted reply. The next speech
+        start or end of turn prepares a fresh one."""
+        task, self._prepared = self._prepared, None
+        if task is not None and not task.done():
+            task.cancel()
 
     async def _start(self, text: str, speech_end_ms: float | None, stt_final_ms: float | None = None) -> EarlyTurn:
         runner, prepared = await self._prepare()

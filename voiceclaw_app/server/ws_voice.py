@@ -202,6 +202,7 @@ class VoiceSession:
 
         A tab with no conversation yet gets its id now, so the gateway session key
         (history mode "server") is fixed before the first word is stored."""
+        await turns.settled(self.token)  # an interrupted reply is stored (cut) before history is read
         conv, muted = await _conversation_and_mute(self.token)
         if not conv:
             self._fresh_conversation = self._fresh_conversation or new_id()
@@ -222,8 +223,11 @@ class VoiceSession:
             elif self.paused or (turns.speaking(token) and not turns.in_echo_guard(token)):
                 await self.barge_in()
         elif isinstance(ev, SpeechDiscarded):
+            was_replying = self.paused or turns.speaking(token)
             if self.paused:
                 await self.clear_pause(resume=True)
+            if not was_replying:
+                return  # a cough in silence: the request prepared at its onset is still right
         elif isinstance(ev, InterimTranscript):
             text = ev.text
 
@@ -273,7 +277,10 @@ class VoiceSession:
     async def barge_in(self) -> None:
         await self.clear_pause(resume=False)
         await self.send({"type": "barge_in", "server_time_ms": now_ms()})
-        turns.interrupt(self.token, reason="barge_in")
+        if turns.interrupt(self.token, reason="barge_in") and self.starter is not None:
+            # the request prepared at the onset lacks the interrupted reply: prepare
+            # again (``_prepare`` waits until the cut reply is stored)
+            self.starter.invalidate()
 
     # ---- control messages --------------------------------------------
     async def on_control(self, msg: dict) -> None:

@@ -119,6 +119,16 @@ def in_echo_guard(token: str) -> bool:
     return now_ms() - t.playback_started_ms < ECHO_GUARD_MS
 
 
+async def settled(token: str, timeout_s: float = 1.5) -> None:
+    """Wait (bounded) until the tab's cancelled turn has finished storing its reply."""
+    t = ACTIVE.get(token)
+    task = t.task if t is not None else None
+    if task is None or task.done() or task is asyncio.current_task() or not t.cancel.cancelled:
+        return
+    with contextlib.suppress(Exception, asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+
+
 def interrupt(token: str, reason: str = "barge_in") -> bool:
     """Cancel the tab's running turn (barge-in, stop, new conversation)."""
     t = active(token)
