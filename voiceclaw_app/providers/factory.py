@@ -26,6 +26,8 @@ the Deepgram socket).
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any
 
 from ..config import VoiceSettings
@@ -130,7 +132,12 @@ async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener
 
     cloud = make_cloud()
     if not settings.fallback_to_local:
-        await cloud.start()
+        try:
+            await cloud.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await cloud.aclose()  # frees its VAD context in the helper process
+            raise
         return cloud
     from .fallback import FallbackListener
 

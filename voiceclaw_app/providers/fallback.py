@@ -294,6 +294,8 @@ class FallbackListener(Listener):
                 if start is not None:
                     await start()
             except ProviderError as exc:
+                with contextlib.suppress(Exception):
+                    await new.aclose()  # frees its VAD context in the helper process
                 self._retry_attempt += 1
                 self._schedule_retry()
                 log.info("cloud listener still unavailable (%s); staying on the embedded listener", exc.kind)
