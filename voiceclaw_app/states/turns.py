@@ -31,7 +31,7 @@ from .chat import ChatState, StreamState, _conv_row, _msg_row
 log = logging.getLogger("voiceclaw.turns")
 
 FLUSH_S = 0.04  # token batching interval
-TAIL = 8  # segments carried per update
+TAIL = 32  # segments carried per update (~1.3 s of batches: a late render or a reload loses none)
 ECHO_GUARD_MS = 300.0
 
 
@@ -239,8 +239,8 @@ def _late_playing(turn_id: str, server_ms: float) -> None:
         return
     _PLAYING_STORED.add(turn_id)
     if len(_PLAYING_STORED) > 400:
-        _PLAYING_STORED.clear()
-        _PLAYING_STORED.update(FINISHED_TIMINGS)
+        # only turns still awaiting a late report matter (the others have no timing entry)
+        _PLAYING_STORED.intersection_update(FINISHED_TIMINGS)
     timing_id, origin, _ = info
     if timing_id:
         asyncio.get_running_loop().run_in_executor(None, repo.set_first_audio_playing, timing_id, server_ms - origin)
