@@ -156,3 +156,25 @@ async def test_a_new_turn_cancels_the_previous_one(env):
         await first.task
     await second.task
     assert first.interrupted and not second.interrupted
+
+
+async def test_connection_test_sends_the_stored_llm_key_only_to_the_saved_address(env):
+    """Typing another LLM address and pressing "test" must not hand the stored gateway
+    token to that address; the saved address gets it."""
+    from tests.servers.openai_chat import FakeChatServer
+    from voiceclaw_app.config import VoiceSettings
+    from voiceclaw_app.states import services
+    from voiceclaw_app.states.settings import _test_provider
+
+    sink, holder, turns, repo = env
+    services.key_store().set("llm_api_key", "sk-stored-gateway-token")
+    async with FakeChatServer(api_key="sk-stored-gateway-token") as saved_srv, FakeChatServer() as other_srv:
+        repo.save_settings(VoiceSettings(llm_base_url=saved_srv.base_url, llm_model_voice="openclaw:voice"))
+        # the form shows another address, not saved: no request carries the key there
+        result = await _test_provider("llm", VoiceSettings(llm_base_url=other_srv.base_url, llm_model_voice="openclaw:voice"))
+        assert result.startswith("Not tested") and "save" in result
+        assert all("sk-stored" not in (r.headers.get("authorization") or "") for r in other_srv.requests)
+        # the saved address: tested with the key
+        result = await _test_provider("llm", VoiceSettings(llm_base_url=saved_srv.base_url, llm_model_voice="openclaw:voice"))
+        assert result.startswith("OK"), result
+        assert any(r.headers.get("authorization") == "Bearer sk-stored-gateway-token" for r in saved_srv.requests)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 from urllib.parse import urlparse
 
 import reflex as rx
@@ -184,8 +185,10 @@ async def _test_provider(provider: str, settings: VoiceSettings | None = None) -
 
     if settings is None:
         settings = await services.load_settings()
-    keys = await asyncio.to_thread(services.key_store().load)
+    keys, note = await _keys_for(settings)
     try:
+        if provider == "llm" and note:
+            return f"Not tested: {note}"
         if provider in ("llm", "tts"):
             if provider == "llm":
                 llm = await asyncio.to_thread(factory.build_llm, settings, keys)
@@ -214,6 +217,21 @@ async def _test_provider(provider: str, settings: VoiceSettings | None = None) -
         return f"Failed: not reachable ({type(exc).__name__})."
     except Exception as exc:
         return f"Failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+async def _keys_for(settings: VoiceSettings) -> tuple[Any, str]:
+    """The stored keys for a test with the form's unsaved values. The stored LLM key
+    goes only to the saved LLM address: typing another URL and pressing "test" must
+    not send the user's gateway token there (the page is not a login)."""
+    import dataclasses
+
+    from ..secrets import Secret
+
+    keys = await asyncio.to_thread(services.key_store().load)
+    saved = await asyncio.to_thread(repo.load_settings)
+    if keys.llm_api_key and settings.llm_base_url.strip().rstrip("/") != saved.llm_base_url.strip().rstrip("/"):
+        return dataclasses.replace(keys, llm_api_key=Secret("")), "the stored API key is only sent to the saved LLM address: save the new address first."
+    return keys, ""
 
 
 async def _preview(settings: VoiceSettings) -> str:
