@@ -3,8 +3,8 @@
 // Reports (JSON string to onReport): first_playing (with the server-clock time,
 // using the offset the mic socket measured), chunk (each chunk start), ended (the
 // turn's audio is complete -- the `done` prop -- and has all played; a drain while
-// the LLM is slower than speech is not an end), stopped (barge-in/stop, with how many
-// chunks started). Window events: "voiceclaw:barge-in" stops at once,
+// the LLM is slower than speech is not an end), stopped (barge-in/stop, or the page
+// left mid-reply, with how many chunks started). Window events: "voiceclaw:barge-in" stops at once,
 // "voiceclaw:pause" suspends playback (a tentative voice onset) and
 // "voiceclaw:resume" continues it gaplessly from where it stopped. stopSeq changes
 // stop it too. A turn that an earlier queue of this tab already played (the page was
@@ -16,15 +16,62 @@ function clientNow() { return performance.timeOrigin + performance.now(); }
 
 // The playback context is ours alone: the mic capture and the sound cues open their
 // own, so suspending this one pauses the reply and nothing else.
+// `paused` is the state we WANT (a tentative voice onset); the context's `state`
+// only changes once suspend()/resume() resolve, so both run on one promise chain
+// and each step reads the wanted state when it runs (a quick pause then resume
+// ends running, a pause during a pending resume ends suspended). Chunk starts are
+// counted only while the context really runs (not while it is suspended by the
+// autoplay policy or "interrupted" by iOS: lock screen, call, Siri).
 let paused = false;
 let pauseSafety = null;
 const PAUSE_SAFETY_MS = 3000; // a pause nobody resolves (socket gone) ends by itself
+const CTX_OP_TIMEOUT_MS = 1500; // a resume() held back by the autoplay policy must not block the chain
+let ctxChain = Promise.resolve();
+let ctxQueued = 0; // steps not started yet: one is enough, it reads the wanted state when it runs
+const stateListeners = new Set();
 
-function playCtx(resumeIfSuspended = true) {
-  if (!window.__voiceclawPlayCtx) window.__voiceclawPlayCtx = new (window.AudioContext || window.webkitAudioContext)();
+function notifyCtxState() { stateListeners.forEach((fn) => { try { fn(); } catch (e) {} }); }
+
+function syncPlayCtx() {
+  const c = typeof window !== "undefined" ? window.__voiceclawPlayCtx : null;
+  if (!c || ctxQueued > 0) return;
+  ctxQueued += 1;
+  ctxChain = ctxChain.then(() => {
+    ctxQueued -= 1;
+    if (c.state === "closed") return undefined;
+    let op = null;
+    if (paused) { if (c.state !== "suspended") op = c.suspend(); }
+    else if (c.state !== "running") op = c.resume();
+    if (!op) return undefined;
+    return Promise.race([op, new Promise((r) => setTimeout(r, CTX_OP_TIMEOUT_MS))]);
+  }).catch(() => {}).then(() => notifyCtxState());
+}
+
+function playCtx(sync = true) {
+  if (!window.__voiceclawPlayCtx) {
+    const c = new (window.AudioContext || window.webkitAudioContext)();
+    window.__voiceclawPlayCtx = c;
+    try { c.addEventListener("statechange", notifyCtxState); } catch (e) { c.onstatechange = notifyCtxState; }
+  }
   const c = window.__voiceclawPlayCtx;
-  if (resumeIfSuspended && !paused && c.state === "suspended") c.resume();
+  if (sync && !paused && c.state !== "running") syncPlayCtx();
   return c;
+}
+
+// playback really advances: wanted and actual state both "running"
+function ctxRunning() {
+  const c = typeof window !== "undefined" ? window.__voiceclawPlayCtx : null;
+  return !!c && !paused && c.state === "running";
+}
+
+// A user gesture (pointerup / touchend / keydown, for good: iOS interrupts the
+// context after a lock screen, a call or Siri and only a gesture resumes it).
+// resume() must be called synchronously inside the gesture handler.
+function unlockOnGesture() {
+  try {
+    const c = playCtx(false);
+    if (!paused && c.state !== "running" && c.state !== "closed") { c.resume().then(notifyCtxState, () => {}); }
+  } catch (e) {}
 }
 
 const PLAYED_KEY = "voiceclaw:played-turns";
@@ -65,10 +112,12 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
     if (s.endTimer) { clearTimeout(s.endTimer); s.endTimer = null; }
   };
 
-  const stopAll = (tell) => {
+  // tell: report "stopped" when it cut playback. leaving (unmount): also a reply
+  // between two chunks counts, since this turn is never played again (played-turns)
+  const stopAll = (tell, leaving = false) => {
     const s = st.current;
     if (!s) return;
-    const wasPlaying = s.sources.length > 0 && !s.stopped;
+    const wasPlaying = !s.stopped && (s.sources.length > 0 || (leaving && s.next > 0 && !s.ended));
     s.stopped = true;
     s.sources.forEach((src) => { try { src.stop(); } catch (e) {} });
     s.sources = [];
@@ -81,14 +130,14 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
   // chunk-start reports follow the context's clock (frozen while paused)
   const armStarts = (s) => {
     s.timers.forEach(clearTimeout); s.timers = [];
-    if (paused || s.stopped) return;
+    if (!ctxRunning() || s.stopped) return; // re-armed on 'statechange' once it runs
     const c = ctx();
     const lat = (c.outputLatency || c.baseLatency || 0) * 1000;
     s.pending.forEach((p) => {
       const delayMs = (p.when - c.currentTime) * 1000;
       const playAt = clientNow() + Math.max(0, delayMs) + lat;
       s.timers.push(setTimeout(() => {
-        if (s.stopped || st.current !== s || paused) return;
+        if (s.stopped || st.current !== s || !ctxRunning()) return;
         s.pending = s.pending.filter((x) => x !== p);
         s.started = Math.max(s.started, p.i + 1);
         setCount(s.started);
@@ -105,7 +154,7 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
 
   // "ended": everything known was scheduled, has played, and the turn is done producing audio
   const checkEnd = (s) => {
-    if (s.stopped || st.current !== s || paused || s.ended || s.next === 0) return;
+    if (s.stopped || st.current !== s || !ctxRunning() || s.ended || s.next === 0) return;
     if (s.next < (s.known || 0)) return; // more chunks are on their way
     const c = ctx();
     if (c.currentTime + 0.02 < s.at) { armEnd(s); return; }
@@ -117,7 +166,7 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
   const armEnd = (s) => {
     if (s.endTimer) clearTimeout(s.endTimer);
     s.endTimer = null;
-    if (paused || s.stopped) return;
+    if (!ctxRunning() || s.stopped) return;
     const c = ctx();
     s.endTimer = setTimeout(() => checkEnd(s), Math.max(0, (s.at - c.currentTime) * 1000) + 30);
   };
@@ -204,9 +253,23 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
       paused = false;
       return true;
     };
+    // the context's real state changed (or a suspend/resume step settled)
+    const onCtxState = () => {
+      const s = st.current;
+      if (!s || s.stopped) return;
+      if (ctxRunning()) {
+        if (s.sources.length) setAttr("data-state", "playing");
+        armStarts(s);
+        armEnd(s);
+      } else {
+        clearTimers(s); // frozen: nothing counts as played
+        if (s.sources.length) setAttr("data-state", "paused");
+      }
+    };
+    stateListeners.add(onCtxState);
     const onBarge = () => {
       stopAll(true);
-      if (unpause() && window.__voiceclawPlayCtx) window.__voiceclawPlayCtx.resume();
+      if (unpause()) syncPlayCtx();
     };
     const onPause = () => {
       const s = st.current;
@@ -214,38 +277,30 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
       pauseSafety = setTimeout(onResume, PAUSE_SAFETY_MS);
       if (paused) return;
       paused = true;
-      const c = window.__voiceclawPlayCtx;
-      if (c && c.state === "running") c.suspend();
+      syncPlayCtx();
       if (s) clearTimers(s);
       if (s && !s.stopped && s.sources.length) setAttr("data-state", "paused");
     };
     function onResume() {
       if (!unpause()) return;
-      const c = window.__voiceclawPlayCtx;
-      const s = st.current;
-      const go = () => {
-        if (!s || s.stopped || st.current !== s) return;
-        if (s.sources.length) setAttr("data-state", "playing");
-        armStarts(s);
-        armEnd(s);
-      };
-      if (c && c.state === "suspended") c.resume().then(go, go); else go();
+      syncPlayCtx();
+      onCtxState(); // still running (the suspend had not happened yet): re-arm now
     }
-    const unlock = () => { try { ctx(); } catch (e) {} };
     window.addEventListener("voiceclaw:barge-in", onBarge);
     window.addEventListener("voiceclaw:pause", onPause);
     window.addEventListener("voiceclaw:resume", onResume);
-    window.addEventListener("pointerdown", unlock, { once: true });
-    window.addEventListener("keydown", unlock, { once: true });
+    const gestures = ["pointerup", "touchend", "keydown"];
+    gestures.forEach((g) => window.addEventListener(g, unlockOnGesture, true));
     return () => {
+      stateListeners.delete(onCtxState);
       window.removeEventListener("voiceclaw:barge-in", onBarge);
       window.removeEventListener("voiceclaw:pause", onPause);
       window.removeEventListener("voiceclaw:resume", onResume);
-      window.removeEventListener("pointerdown", unlock);
-      window.removeEventListener("keydown", unlock);
-      // leaving the page: nothing of this queue keeps playing
-      stopAll(false);
-      if (unpause() && window.__voiceclawPlayCtx) window.__voiceclawPlayCtx.resume();
+      gestures.forEach((g) => window.removeEventListener(g, unlockOnGesture, true));
+      // leaving the page: nothing of this queue keeps playing; a reply cut here is
+      // reported "stopped" with the chunks heard (the returning page never replays it)
+      stopAll(true, true);
+      if (unpause()) syncPlayCtx();
     };
   }, []);
 

@@ -72,6 +72,9 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   const activeRef = useRef(false);
   const busyRef = useRef(!!busy);
   const refusedRef = useRef(false); // the server wants an access token: do not reconnect
+  const disposedRef = useRef(false); // unmounted (another page): never reconnect from here
+  const ctlQueueRef = useRef([]); // control messages waiting for the socket (sent in order on "ready")
+  const primedRef = useRef(null); // mic AudioContext created inside the tap (iOS needs that)
   const onEventRef = useRef(onEvent);
   onEventRef.current = onEvent;
   busyRef.current = !!busy;
@@ -81,7 +84,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
 
   // ---- the socket -------------------------------------------------------
   const connect = () => {
-    if (typeof window === "undefined" || refusedRef.current) return;
+    if (typeof window === "undefined" || refusedRef.current || disposedRef.current) return;
     const ws = new WebSocket(wsURL());
     ws.binaryType = "arraybuffer";
     wsRef.current = ws;
@@ -97,6 +100,8 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
       try { msg = JSON.parse(ev.data); } catch (e) { return; }
       if (msg.type === "ready") {
         setTakenOver(false);
+        const queued = ctlQueueRef.current; ctlQueueRef.current = [];
+        queued.forEach((m) => { if (ws.readyState === 1) ws.send(m); });
         for (let i = 0; i < 5; i++) setTimeout(() => {
           if (ws.readyState === 1) ws.send(JSON.stringify({ type: "ping", client_time_ms: performance.timeOrigin + performance.now() }));
         }, i * 150);
@@ -122,6 +127,8 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     };
     ws.onclose = (ev) => {
       if (wsRef.current === ws) wsRef.current = null;
+      if (disposedRef.current) return;
+      if (ev.code === 4001 || ev.code === 4003) ctlQueueRef.current = []; // nothing queued is meant for a later socket
       if (ev.code === 4001) return; // taken over: do not reconnect and steal it back
       if (ev.code === 4002) return; // this tab opened a newer socket
       if (ev.code === 4003) { // refused: no (or a wrong) access token; retrying cannot help
@@ -131,26 +138,72 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
         emit("error:" + ACCESS_MESSAGE);
         return;
       }
-      setTimeout(() => { if (!wsRef.current && !window.__voiceclawTakenOver && !refusedRef.current) connect(); }, 1000);
+      setTimeout(() => { if (!disposedRef.current && !wsRef.current && !window.__voiceclawTakenOver && !refusedRef.current) connect(); }, 1000);
     };
   };
 
   useEffect(() => {
+    disposedRef.current = false;
     connect();
     refreshDevices();
-    return () => { stopCapture(false); const ws = wsRef.current; wsRef.current = null; if (ws) ws.close(); };
+    const md = typeof navigator !== "undefined" ? navigator.mediaDevices : null;
+    const onDeviceChange = () => { refreshDevices(); };
+    if (md && md.addEventListener) md.addEventListener("devicechange", onDeviceChange);
+    return () => {
+      disposedRef.current = true;
+      if (md && md.removeEventListener) md.removeEventListener("devicechange", onDeviceChange);
+      stopCapture(false);
+      dropPrimed();
+      ctlQueueRef.current = [];
+      const ws = wsRef.current; wsRef.current = null;
+      if (ws) { ws.onclose = null; ws.onmessage = null; try { ws.close(); } catch (e) {} }
+    };
   }, []);
 
+  // binary audio frames: only on an open socket (stale audio is worthless)
   const send = (data) => {
     const ws = wsRef.current;
     if (ws && ws.readyState === 1) ws.send(data);
+  };
+  // control messages: sent in order, queued until the socket is ready when it is not open
+  // (a ptt_end must never be dropped while its ptt_start goes out later)
+  const sendCtl = (obj) => {
+    const data = JSON.stringify(obj);
+    const ws = wsRef.current;
+    if (ws && ws.readyState === 1 && ctlQueueRef.current.length === 0) { ws.send(data); return; }
+    if (disposedRef.current) return;
+    ctlQueueRef.current.push(data);
+    if (ctlQueueRef.current.length > 20) ctlQueueRef.current.shift();
+    if (!ws || ws.readyState > 1) { window.__voiceclawTakenOver = false; connect(); }
   };
 
   const refreshDevices = async () => {
     try {
       const all = await navigator.mediaDevices.enumerateDevices();
-      setDevices(all.filter((d) => d.kind === "audioinput"));
+      const inputs = all.filter((d) => d.kind === "audioinput");
+      if (disposedRef.current) return;
+      setDevices(inputs);
+      // the picked microphone was unplugged: back to the default one
+      if (deviceRef.current && inputs.length && !inputs.some((d) => d.deviceId === deviceRef.current)) {
+        deviceRef.current = "";
+        setDeviceId("");
+      }
     } catch (e) { /* no mediaDevices (insecure origin) */ }
+  };
+
+  // iOS Safari starts (or resumes) an AudioContext only inside the user's gesture:
+  // create the mic context synchronously in the tap handler, before any await.
+  const primeCtx = () => {
+    if (capRef.current || typeof window === "undefined") return;
+    try {
+      if (!primedRef.current || primedRef.current.state === "closed") primedRef.current = new (window.AudioContext || window.webkitAudioContext)();
+      if (primedRef.current.state !== "running") primedRef.current.resume().catch(() => {});
+    } catch (e) { primedRef.current = null; }
+    try { const C = window.__voiceclawCueCtx; if (C && C.state !== "running") C.resume().catch(() => {}); } catch (e) {}
+  };
+  const dropPrimed = () => {
+    const c = primedRef.current; primedRef.current = null;
+    if (c && c.state !== "closed") { try { c.close(); } catch (e) {} }
   };
 
   // ---- capture ----------------------------------------------------------
@@ -167,6 +220,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
       if (!wsRef.current) connect();
       await new Promise((r) => setTimeout(r, 300));
     }
+    let ctx = null;
     try {
       const wanted = deviceRef.current;
       const stream = await navigator.mediaDevices.getUserMedia({
@@ -175,8 +229,10 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
           channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true,
         },
       });
-      const ctx = new (window.AudioContext || window.webkitAudioContext)();
-      if (ctx.state === "suspended") await ctx.resume();
+      if (disposedRef.current) { stream.getTracks().forEach((t) => t.stop()); dropPrimed(); return false; }
+      ctx = primedRef.current && primedRef.current.state !== "closed" ? primedRef.current : new (window.AudioContext || window.webkitAudioContext)();
+      primedRef.current = null;
+      if (ctx.state !== "running") await ctx.resume();
       await ctx.audioWorklet.addModule("/mic_worklet.js");
       const src = ctx.createMediaStreamSource(stream);
       const node = new AudioWorkletNode(ctx, "voiceclaw-mic");
@@ -191,16 +247,19 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
       };
       src.connect(node);
       const sink = ctx.createGain(); sink.gain.value = 0; node.connect(sink).connect(ctx.destination);
-      if (capRef.current) { // a concurrent start won: keep that one
+      if (capRef.current || disposedRef.current) { // a concurrent start won (keep that one), or the page is gone
         try { src.disconnect(); node.disconnect(); } catch (e) {}
         stream.getTracks().forEach((t) => t.stop());
         ctx.close();
-        return true;
+        return !disposedRef.current;
       }
       capRef.current = { ctx, stream, node, src };
       refreshDevices();
       return true;
     } catch (e) {
+      if (ctx && ctx.state !== "closed") { try { ctx.close(); } catch (x) {} }
+      dropPrimed();
+      if (disposedRef.current) return false;
       let m;
       if (e && (e.name === "NotAllowedError" || e.name === "SecurityError")) m = "Microphone permission was denied. Allow the microphone for this site in the browser's settings, or type below.";
       else if (e && (e.name === "NotFoundError" || e.name === "OverconstrainedError")) m = "No microphone was found. Plug one in or pick another, or type below.";
@@ -221,7 +280,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     }
     if (meterRef.current) meterRef.current.style.width = "0%";
     setActiveBoth(false);
-    if (tell) { send(JSON.stringify({ type: "stop" })); emit("stopped"); cue("stop"); }
+    if (tell) { sendCtl({ type: "stop" }); emit("stopped"); cue("stop"); }
   };
 
   // Stop button / new conversation on the page
@@ -232,39 +291,71 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
   }, [stopSeq]);
 
-  useEffect(() => { send(JSON.stringify({ type: "mode", mode })); }, [mode]);
+  // a mode switch stops the capture cleanly: push-to-talk keeps the capture open
+  // between presses and hands-free sends every frame, so a capture carried over would
+  // either drop audio under "Release to send" or stream a hot mic under "Tap to talk".
+  // The server is told "stop" only when no reply runs (a "stop" interrupts it).
+  const firstMode = useRef(true);
+  useEffect(() => {
+    if (firstMode.current) { firstMode.current = false; return; }
+    const wasActive = activeRef.current;
+    if (holdingRef.current) sendCtl({ type: "ptt_end" });
+    if (capRef.current || wasActive) {
+      stopCapture(false);
+      if (wasActive) {
+        if (!busyRef.current) sendCtl({ type: "stop" });
+        emit("stopped"); cue("stop");
+      }
+    }
+    sendCtl({ type: "mode", mode });
+  }, [mode]);
 
   // A tab whose mic was taken over (or whose socket dropped) takes it back when the
   // user presses the button here: the server then tells the other tab.
   const ensureSocket = () => new Promise((resolve) => {
+    if (disposedRef.current) return resolve(false);
     const ws = wsRef.current;
     if (ws && ws.readyState === 1) return resolve(true);
     if (!ws || ws.readyState > 1) connect();
     const t0 = Date.now();
     const poll = () => {
       const w = wsRef.current;
-      if (w && w.readyState === 1) resolve(true);
+      if (disposedRef.current) resolve(false);
+      else if (w && w.readyState === 1) resolve(true);
       else if (Date.now() - t0 > 3000) resolve(false);
       else setTimeout(poll, 30);
     };
     poll();
   });
 
+  // push-to-talk: ptt_start goes out (or is queued) at once, so a ptt_end of an early
+  // release always follows it; after each await the press is re-checked: a release
+  // meanwhile (e.g. at the permission prompt) ends it without "listening" or the cue
+  const pressRef = useRef(0);
   const pttDown = async () => {
     if (holdingRef.current) return;
     holdingRef.current = true;
+    const press = ++pressRef.current;
+    const still = () => holdingRef.current && pressRef.current === press && !disposedRef.current;
+    primeCtx();
     window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
+    sendCtl({ type: "ptt_start" });
     await ensureSocket();
-    send(JSON.stringify({ type: "ptt_start" }));
+    if (!still()) { dropPrimed(); return; }
     const ok = await startCapture();
-    if (!ok) { holdingRef.current = false; return; }
+    if (!ok) {
+      dropPrimed();
+      if (still()) { holdingRef.current = false; sendCtl({ type: "ptt_end" }); }
+      return;
+    }
+    if (!still()) return;
     setActiveBoth(true); emit("listening"); cue("start");
   };
   const pttUp = () => {
     if (!holdingRef.current) return;
     holdingRef.current = false;
-    send(JSON.stringify({ type: "ptt_end" }));
-    setActiveBoth(false); emit("stopped"); cue("stop");
+    sendCtl({ type: "ptt_end" });
+    if (activeRef.current) { setActiveBoth(false); emit("stopped"); cue("stop"); }
   };
   // the space-bar listeners call the latest handlers
   const pttRef = useRef({ down: pttDown, up: pttUp });
@@ -272,12 +363,36 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
 
   useEffect(() => {
     if (mode !== "push_to_talk") return;
-    const isTyping = (t) => t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT" || t.isContentEditable);
-    const down = (e) => { if (e.code === "Space" && !e.repeat && !isTyping(e.target)) { e.preventDefault(); pttRef.current.down(); } };
-    const up = (e) => { if (e.code === "Space" && !isTyping(e.target)) { e.preventDefault(); pttRef.current.up(); } };
+    // space on a focused control keeps its own meaning (a button, the mode select's
+    // trigger, a text field...); the voice button itself is the exception
+    const CONTROLS = "input, textarea, select, button, a[href], [contenteditable], [role=combobox], [role=button], [role=switch], [role=checkbox], [role=option], [role=listbox], [role=menuitem], [role=slider], [role=textbox], [role=tab]";
+    const ownsSpace = (t) => {
+      if (!t || !t.closest) return false;
+      if (t.closest("#voice-button")) return false;
+      if (t.isContentEditable) return true;
+      return !!t.closest(CONTROLS);
+    };
+    const down = (e) => {
+      if (e.code !== "Space" || e.repeat || e.defaultPrevented || ownsSpace(e.target)) return;
+      e.preventDefault(); pttRef.current.down();
+    };
+    const up = (e) => {
+      if (e.code !== "Space" || !holdingRef.current) return;
+      e.preventDefault(); pttRef.current.up();
+    };
+    // a key released while the window had no focus never sends keyup
+    const lost = () => { if (holdingRef.current) pttRef.current.up(); };
+    const onVisibility = () => { if (document.visibilityState === "hidden") lost(); };
     window.addEventListener("keydown", down);
     window.addEventListener("keyup", up);
-    return () => { window.removeEventListener("keydown", down); window.removeEventListener("keyup", up); };
+    window.addEventListener("blur", lost);
+    document.addEventListener("visibilitychange", onVisibility);
+    return () => {
+      window.removeEventListener("keydown", down);
+      window.removeEventListener("keyup", up);
+      window.removeEventListener("blur", lost);
+      document.removeEventListener("visibilitychange", onVisibility);
+    };
   }, [mode]);
 
   const onClick = async () => {
@@ -285,14 +400,17 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     const playing = typeof document !== "undefined" && document.querySelector("#audio-queue[data-state='playing'], #audio-queue[data-state='paused']");
     if (busyRef.current || playing) {
       // the assistant is thinking or speaking: the tap interrupts it (and keeps or starts listening)
+      if (!activeRef.current) primeCtx();
       window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
-      await ensureSocket();
-      send(JSON.stringify({ type: "barge_in" }));
+      sendCtl({ type: "barge_in" });
       if (activeRef.current) return;
     } else if (activeRef.current) { stopCapture(true); return; }
+    else primeCtx();
     await ensureSocket();
+    if (disposedRef.current) { dropPrimed(); return; }
     const ok = await startCapture();
-    if (ok) { setActiveBoth(true); emit("listening"); cue("start"); }
+    if (!ok) dropPrimed();
+    else if (!disposedRef.current) { setActiveBoth(true); emit("listening"); cue("start"); }
   };
 
   // another microphone picked: restart capture on it, interrupting nothing
@@ -308,7 +426,9 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     else if (!ok) emit("stopped");
   };
 
-  const label = mode === "push_to_talk" ? (active ? "Release to send" : "Hold to talk") : (active ? "Listening… tap to stop" : "Tap to talk");
+  const label = mode === "push_to_talk"
+    ? (active ? "Release to send" : "Hold to talk")
+    : (active ? (busy ? "Listening… tap to interrupt" : "Listening… tap to stop") : "Tap to talk");
   return (
     <div {...rest} className="vc-mic">
       <button
