@@ -207,7 +207,7 @@ async def test_trickling_server_hits_the_chunk_deadline_scaled_to_the_text():
                         pass
                 else:
                     await tts.synthesize(TEXT, voice="alloy", speed=1.0)
-            assert 0.5 <= time.monotonic() - t0 < 1.5, stream
+            assert 0.5 <= time.monotonic() - t0 < 4.0, stream  # deadline ~0.6 s; slack for a loaded CI machine
             assert "for one sentence" in ei.value.user_message
 
 
@@ -218,3 +218,12 @@ async def test_trickle_before_the_first_piece_is_retried_on_a_fresh_request():
         tts = tts_for(srv, max_retries=1, read_timeout_s=2.0, chunk_base_s=0.3, chunk_s_per_char=0.01)
         pieces = [c async for c in tts.synthesize_stream(TEXT, voice="alloy", speed=1.0)]
         assert len(srv.bodies) == 2 and sum(c.duration_ms for c in pieces) > 1000
+
+
+@pytest.mark.asyncio
+async def test_a_too_slow_whole_clip_attempt_is_retried_on_a_fresh_request():
+    async with FakeSpeechServer(api_key=KEY, behavior=SpeechBehavior(ttfb_s=0.0, realtime_factor=50.0)) as srv:
+        srv.then(trickle_bytes_per_s=2000.0)
+        tts = tts_for(srv, max_retries=1, read_timeout_s=2.0, chunk_base_s=0.3, chunk_s_per_char=0.01)
+        clip = await tts.synthesize(TEXT, voice="alloy", speed=1.0)
+        assert len(srv.bodies) == 2 and clip.duration_ms > 1000

@@ -29,7 +29,7 @@ import random
 import struct
 import time
 import weakref
-from typing import AsyncIterator
+from typing import AsyncIterator, NoReturn
 from urllib.parse import urlparse
 
 import openai
@@ -376,16 +376,23 @@ class OpenAITTS(TTS):
                 if not pcm_all:
                     raise ProtocolError(f"The {self.service} returned no audio.", retryable=True)
                 return AudioClip.from_pcm16(pcm_all, meta.get("sample_rate", PCM_SAMPLE_RATE))
-            except TimeoutError as exc:
-                raise ProviderTimeout(f"The {self.service} took longer than {deadline_s:.0f} s for one sentence.") from exc
-            except ProviderError as exc:
-                if not exc.retryable or attempt >= self.max_retries or cancel.cancelled:
-                    raise
+            except (TimeoutError, ProviderError) as raw:
+                # a too-slow attempt is retried like a 5xx (nothing of it was played)
+                exc = raw if isinstance(raw, ProviderError) else ProviderTimeout(f"The {self.service} took longer than {deadline_s:.0f} s for one sentence.", retryable=True)
+                if not exc.retryable or attempt >= self.max_retries or cancel.cancelled or time.monotonic() - started >= self.total_timeout_s:
+                    _reraise(exc, raw)
                 delay = self.backoff_s[min(attempt, len(self.backoff_s) - 1)] * (1 + 0.2 * random.random())
                 if exc.retry_after_s is not None:
                     delay = max(delay, min(exc.retry_after_s, MAX_RETRY_AFTER_S))
                 if time.monotonic() - started + delay > self.total_timeout_s:
-                    raise
+                    _reraise(exc, raw)
                 log.info("TTS attempt %d failed (%s); retrying in %.2fs", attempt + 1, exc.kind, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
+
+
+def _reraise(exc: ProviderError, raw: BaseException) -> NoReturn:
+    """Raise ``exc``; when it wraps ``raw`` (a timeout), chain it."""
+    if exc is raw:
+        raise exc
+    raise exc from raw
