@@ -373,7 +373,11 @@ async def test_push_to_talk_pause_and_linger_do_not_end_the_turn(combined):
         await lst.start()
         t = await push_audio(lst, tone(0.6) + silence(0.6), 0.0)
         t = await push_audio(lst, tone(0.6) + silence(1.4), t)  # linger before release
-        sent = srv.sessions[0].sent
+        for _ in range(200):  # the server's answers to that audio (it may lag on a loaded machine)
+            sent = srv.sessions[0].sent
+            if any(m.get("speech_final") for m in sent) and any(m["type"] == "UtteranceEnd" for m in sent):
+                break
+            await asyncio.sleep(0.02)
         assert any(m.get("speech_final") for m in sent) and any(m["type"] == "UtteranceEnd" for m in sent)
         await asyncio.sleep(0.1)
         await lst.finish_utterance()

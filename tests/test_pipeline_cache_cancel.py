@@ -52,7 +52,7 @@ def audio_of(events):
 
 # ------------------------------------------------------------------ the TTS cache
 async def test_repeated_chunk_comes_from_the_cache_without_a_second_request(server, tmp_path):
-    async with FakeSpeechServer(SpeechBehavior(ttfb_s=0.3, realtime_factor=5.0), api_key="k") as speech:
+    async with FakeSpeechServer(SpeechBehavior(ttfb_s=1.0, realtime_factor=5.0), api_key="k") as speech:
         runner = make_runner(server, tmp_path, tts=OpenAITTS(base_url=speech.base_url, api_key="k"))
         first = await run_all(runner, conv="a")
         requests = len(speech.bodies)
@@ -62,8 +62,8 @@ async def test_repeated_chunk_comes_from_the_cache_without_a_second_request(serv
         assert isinstance(second[-1], TurnDone)
         assert len(speech.bodies) == requests  # no second synthesis request
     m = second[-1].marks
-    assert m.first_audio_ready - m.tts_first_request < 100  # instant, not the 300 ms TTFB
-    assert time.monotonic() - started < 2.0
+    assert m.first_audio_ready - m.tts_first_request < 500  # from the cache, not after the 1 s TTFB
+    assert time.monotonic() - started < 3.0
     a, b = audio_of(first), audio_of(second)
     # every turn owns its audio: fresh random ids, never the cache entry, never shared
     assert not {x.audio_id for x in a} & {x.audio_id for x in b}
@@ -214,13 +214,13 @@ async def test_token_cancel_wakes_a_turn_waiting_for_its_first_token(server, tmp
         await asyncio.to_thread(cancel.cancel)
         started = time.monotonic()
         events = await asyncio.wait_for(task, timeout=2.0)
-    assert time.monotonic() - started < 0.3
+    assert time.monotonic() - started < 1.5  # at once, not at the 5 s first token
     assert not any(isinstance(e, (TurnDone, TurnError, LLMToken)) for e in events)
     left = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task() and "RawHTTPServer" not in t.get_coro().__qualname__]
     assert left == []
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("turn "))
     data = json.loads(line[len("turn "):])
-    assert data["cancelled"] is True and "turn_done" not in data or data["cancelled"] is True
+    assert data["cancelled"] is True
 
 
 async def test_closed_turn_logs_a_cancelled_line_with_turn_done(server, tmp_path, caplog):
@@ -240,7 +240,10 @@ async def test_closed_turn_logs_a_cancelled_line_with_turn_done(server, tmp_path
     assert marks.turn_done is not None
 
 
-async def test_retry_backoff_stops_on_cancel(server):
+async def test_retry_backoff_stops_on_cancel(server, monkeypatch):
+    from voiceclaw_app.providers import openai_llm
+
+    monkeypatch.setattr(openai_llm, "BACKOFF_S", (3.0, 3.0))  # a long backoff the cancel must cut short
     server.then(status=500).then(status=500).then()
     llm = OpenAICompatLLM(server.base_url, max_retries=2)
     cancel = CancelToken()
@@ -253,5 +256,5 @@ async def test_retry_backoff_stops_on_cancel(server):
     asyncio.get_running_loop().create_task(later())
     started = time.monotonic()
     got = [d async for d in llm.stream(req, cancel)]
-    assert got == [] and time.monotonic() - started < 0.2  # not the 0.25 s backoff
+    assert got == [] and time.monotonic() - started < 1.5  # not the 3 s backoff
     assert len(server.bodies) == 1
