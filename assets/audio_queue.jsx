@@ -291,12 +291,16 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
     window.addEventListener("voiceclaw:resume", onResume);
     const gestures = ["pointerup", "touchend", "keydown"];
     gestures.forEach((g) => window.addEventListener(g, unlockOnGesture, true));
+    // a reload or a closed tab runs no React cleanup: report the cut (best effort)
+    const onPageHide = () => stopAll(true, true);
+    window.addEventListener("pagehide", onPageHide);
     return () => {
       stateListeners.delete(onCtxState);
       window.removeEventListener("voiceclaw:barge-in", onBarge);
       window.removeEventListener("voiceclaw:pause", onPause);
       window.removeEventListener("voiceclaw:resume", onResume);
       gestures.forEach((g) => window.removeEventListener(g, unlockOnGesture, true));
+      window.removeEventListener("pagehide", onPageHide);
       // leaving the page: nothing of this queue keeps playing; a reply cut here is
       // reported "stopped" with the chunks heard (the returning page never replays it)
       stopAll(true, true);

@@ -1,6 +1,9 @@
 // Streaming reply text: the server sends a window of the last few segments
 // (segBase = index of segments[0]); this keeps the whole list, so an update
-// carries only the newest pieces instead of the whole reply.
+// carries only the newest pieces instead of the whole reply. A window that starts
+// past what this component holds (a page opened mid-stream) leaves a gap: it shows
+// what it has and invents nothing; ChatState.on_load resends the whole list once
+// (segBase 0), which fills the gap.
 import React, { useRef } from "react";
 
 export function StreamText({ turnId, segBase, segments, ...rest }) {

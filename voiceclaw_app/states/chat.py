@@ -63,14 +63,8 @@ class ChatState(rx.State):
         settings = await services.load_settings()
         convs = await asyncio.to_thread(repo.list_conversations, "", 50)
         async with self:
-            # a (re)loaded page plays nothing of what it played before: forget the
-            # finished turn's URLs so the new audio queue does not replay them
             stream = await self.get_state(StreamState)
-            token = self.router.session.client_token
-            turns.playback_gone(token)
-            if turns.active(token) is None or stream.audio_turn != turns.active(token).turn_id:
-                stream.audio_urls = []
-                stream.audio_done = True
+            restore_after_load(self.router.session.client_token, stream, self)
             self.input_mode = settings.input_mode
             self.conversations = [_conv_row(c) for c in convs]
             if self.conversation_id:
@@ -189,28 +183,66 @@ class ChatState(rx.State):
     @rx.event
     async def on_audio_event(self, payload: str):
         """The audio queue: {"event": "first_playing"|"chunk"|"ended"|"stopped", ...}."""
-        from . import turns
-
         try:
             data = json.loads(payload)
         except ValueError:
             return
         if not isinstance(data, dict):
             return
-        token = self.router.session.client_token
-        kind = data.get("event")
-        turns.audio_report(token, data)
         stream = await self.get_state(StreamState)
-        current = data.get("turn") == stream.audio_turn
-        if not current:
-            return  # a late report of a queue that was replaced
-        if kind in ("first_playing", "chunk") and self.status in ("thinking", "listening", "idle"):
-            self.status = "speaking"
-        elif kind in ("ended", "stopped"):
-            if self.status == "speaking":
-                self.status = "listening" if self.mic_on else "idle"
-            if stream.audio_done or kind == "stopped":
-                stream.audio_urls = []  # played: a remounted queue must not play them again
+        apply_audio_report(self.router.session.client_token, data, stream, self)
+
+
+def apply_audio_report(token: str, data: dict, stream, chat) -> None:
+    """An audio queue report applied to the tab's StreamState / ChatState (or test doubles)."""
+    from . import turns
+
+    kind = data.get("event")
+    turns.audio_report(token, data)
+    current = data.get("turn") == stream.audio_turn
+    if not current:
+        return  # a late report of a queue that was replaced
+    running = turns.active(token)
+    if kind == "stopped" and running is not None and running.turn_id == data.get("turn"):
+        # the queue stopped mid-reply (the page was left, or a barge-in/Stop the
+        # server has not acted on yet): nothing more of this turn will be heard,
+        # so it ends now, stored up to the chunks played, marked interrupted
+        turns.interrupt(token, reason="playback stopped")
+    if kind in ("first_playing", "chunk") and chat.status in ("thinking", "listening", "idle"):
+        chat.status = "speaking"
+    elif kind in ("ended", "stopped"):
+        if chat.status == "speaking":
+            chat.status = "listening" if chat.mic_on else "idle"
+        if stream.audio_done or kind == "stopped":
+            stream.audio_urls = []  # played: a remounted queue must not play them again
+
+
+def restore_after_load(token: str, stream, chat) -> None:
+    """A (re)loaded dashboard: what the page showed or played before is gone.
+
+    ``stream`` / ``chat`` are the tab's StreamState / ChatState (or test doubles).
+    - A new audio queue plays nothing it played before: the finished turn's URLs go.
+    - (A reply cut by leaving or reloading the page is reported "stopped" by the
+      old page's audio queue: ``on_audio_event`` ends it there. Not here: on_load
+      also runs on a mere socket reconnect, while the page still plays.)
+    - Nothing is producing or playing any more: a "speaking"/"thinking" status
+      would stay forever (nobody reports "ended"), keep the page busy and turn a
+      tap on the voice button into a barge-in: back to listening or idle.
+    - A reply still streaming is resent whole once (updates carry only its last
+      segments, and the new page's text component starts empty).
+    """
+    from . import turns
+
+    turns.playback_gone(token)
+    t = turns.active(token)
+    if t is None or stream.audio_turn != t.turn_id:
+        stream.audio_urls = []
+        stream.audio_done = True
+    if not turns.speaking(token) and chat.status in ("speaking", "thinking"):
+        chat.status = "listening" if chat.mic_on else "idle"
+    if t is not None and stream.turn_id == t.turn_id:
+        stream.seg_base = 0
+        stream.seg_tail = list(t.segments)
 
 
 class StreamState(rx.State):
