@@ -280,3 +280,40 @@ def _interrupted_replies(data_dir, since: float = 0.0):
         return db.execute("select content, audio_ids from vc_message where role='assistant' and interrupted=1 and created_at >= ? order by id", (since,)).fetchall()
     finally:
         db.close()
+
+
+def test_leaving_mid_reply_does_not_leave_the_status_speaking(app_server, launch_browser):
+    """Leave the page while the reply plays and come back: the reply was cut where the
+    page stopped it (marked interrupted) and the status is not stuck on "speaking"."""
+    base, _, _ = app_server
+    page = launch_browser().new_page()
+    page.goto(base + "/settings")
+    _settings_loaded(page)
+    page.fill("#tts_speed", "0.5")  # a reply long enough to leave in the middle of it
+    page.click("#save-settings")
+    _saved(page)
+    try:
+        page.goto(base + "/")
+        wait_ready(page)
+        page.click("#new-conversation")
+        page.fill("#text-input", "Tell me three facts about the Moon.")
+        page.click("#send-button")
+        assert _poll(lambda: _played(page) >= 1, 90), "no audio chunk played"
+        assert (page.text_content("#voice-status") or "").strip() == "speaking"
+        page.click("#nav-history")
+        page.wait_for_selector("#conversation-list", timeout=15000)
+        page.click("#nav-talk")
+        page.wait_for_selector("#voice-status", timeout=15000)
+        status = lambda: (page.text_content("#voice-status") or "").strip()  # noqa: E731
+        assert _poll(lambda: status() in ("idle", "listening"), 30), f"status stuck on {status()!r}"
+        page.wait_for_timeout(2000)
+        assert status() in ("idle", "listening"), status()
+        assert _played(page) == 0, "the reply played again after coming back"
+        assert _poll(lambda: page.query_selector("#transcript .vc-interrupted"), 20), "the cut reply was not marked interrupted"
+        assert "Tap to talk" in (page.text_content("#voice-button") or "")
+    finally:
+        page.goto(base + "/settings")
+        _settings_loaded(page)
+        page.fill("#tts_speed", "1")
+        page.click("#save-settings")
+        _saved(page)
