@@ -123,3 +123,18 @@ async def test_a_stopped_report_of_another_turn_cancels_nothing(env):
     turns.interrupt(TOKEN)
     with contextlib.suppress(asyncio.CancelledError):
         await turn.task
+
+
+async def test_a_turn_that_outlives_a_reload_does_not_leave_speaking_behind(env):
+    """Reloaded while the reply was still being produced: the new page does not play
+    that turn, so no "ended" report comes; the turn's end must not leave "speaking"."""
+    sink, holder, turns, _ = env
+    holder["runner"] = FakeRunner([f" w{i}" for i in range(30)], CHUNKS, token_delay=0.01, chunk_delay=0.05)
+    turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False)
+    while not turn.chunks:
+        await asyncio.sleep(0.01)
+    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None})
+    restore_after_load(TOKEN, sink.stream, sink.chat)  # the reload (its pagehide report was lost)
+    await turn.task
+    assert sink.chat.status == "idle"
+    assert not turns.speaking(TOKEN)

@@ -88,6 +88,9 @@ class ActiveTurn:
     playback_over: bool = False
     first_playing_seen: bool = False
     finished: bool = False  # _finish stored the reply
+    #: the page was (re)loaded while this turn ran: its new queue will not play the turn,
+    #: so no "ended" report will come to end a "speaking" status
+    page_reloaded: bool = False
 
 
 ACTIVE: dict[str, ActiveTurn] = {}
@@ -211,6 +214,8 @@ def _spawn(coro: Any) -> None:
 def playback_gone(token: str) -> None:
     """The page was (re)loaded: whatever it was playing is gone, nothing is playing now."""
     t = ACTIVE.get(token)
+    if t is not None and not t.done:
+        t.page_reloaded = True
     if t is not None and t.playing:
         t.playing = False
         if t.done:
@@ -503,7 +508,7 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
             chat.status = "listening" if chat.mic_on else "idle"
         elif error and not has_audio:
             chat.status = "error"
-        elif not has_audio or chat.status not in ("speaking", "thinking"):
+        elif not has_audio or turn.page_reloaded or chat.status not in ("speaking", "thinking"):
             chat.status = "listening" if chat.mic_on else "idle"
         elif chat.status == "thinking" and has_audio:
             chat.status = "speaking"
