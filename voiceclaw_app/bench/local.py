@@ -41,7 +41,7 @@ from ..pipeline.audio_store import AudioStore
 from ..pipeline.preemptive import TurnStarter
 from ..pipeline.timing import now_ms
 from ..pipeline.turn import TurnRunner
-from ..providers.base import ChatMessage
+from ..providers.base import ChatMessage, SpeechStarted
 from ..providers.local_listener import LocalListener
 from .drive import FIXTURES, SAMPLE_RATE, Fixture, StarterSession, TimedSTT, WarmingPrepare, dither, load_fixtures, paced
 from .pipeline import UncachedTTS
@@ -54,11 +54,17 @@ TURN_TIMEOUT_S = 20.0
 
 
 # ---------------------------------------------------------------- one run
-async def play_fixture(fx: Fixture, *, listener: LocalListener, session: StarterSession, stt: TimedSTT, frame_ms: int, rng: np.random.Generator) -> dict[str, Any]:
-    """Pace ``fx`` into the listener at real time; return the run's figures."""
+async def play_fixture(fx: Fixture, *, listener: LocalListener, session: StarterSession, stt: TimedSTT, frame_ms: int, rng: np.random.Generator, onset: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """Pace ``fx`` into the listener at real time; return the run's figures.
+
+    ``onset["t"]`` is set (by the session's ``on_event``) when the listener reports the
+    tentative speech start: what pauses the assistant's playback on a barge-in."""
     out = session.expect()
     n_stt = len(stt.durations)
+    if onset is not None:
+        onset["t"] = None
     t0 = now_ms() + 5.0
+    first_voiced = t0 + 1000.0 * fx.first_voiced_sample / SAMPLE_RATE
     speech_end = t0 + 1000.0 * (fx.last_voiced_sample + 1) / SAMPLE_RATE
     deadline = t0 + 1000.0 * len(fx.pcm) / 2 / SAMPLE_RATE + TURN_TIMEOUT_S * 1000
     async for _, frame, due in paced(fx.pcm, frame_ms, t0, pad=lambda n: dither(n, rng)):
@@ -82,6 +88,8 @@ async def play_fixture(fx: Fixture, *, listener: LocalListener, session: Starter
         "first_chunk": s.get("first_chunk"),
         "tts_first": s.get("tts_first"),
         "commit_after_speech_end": out.committed_ms - speech_end if out.committed_ms is not None else None,
+        # barge-in: first voiced sample -> tentative speech start (playback pauses)
+        "barge_in_onset": (onset["t"] - first_voiced) if onset is not None and onset.get("t") is not None and fx.first_voiced_sample else None,
     }
     return {
         "fixture": fx.name,
@@ -149,9 +157,15 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
             fx = fixtures[r % len(fixtures)]
             # a fresh listener (VAD context) per utterance; the turn path is the mic socket's
             listener = LocalListener(settings=settings, stt=stt)
-            session = StarterSession(listener, TurnStarter(prepare, speculative=settings.speculative))
+            onset: dict[str, float | None] = {"t": None}
+
+            def on_event(ev: Any, onset: dict[str, float | None] = onset) -> None:
+                if isinstance(ev, SpeechStarted) and onset["t"] is None:
+                    onset["t"] = now_ms()
+
+            session = StarterSession(listener, TurnStarter(prepare, speculative=settings.speculative), on_event=on_event)
             try:
-                res = await play_fixture(fx, listener=listener, session=session, stt=stt, frame_ms=(20, 32)[r % 2], rng=rng)
+                res = await play_fixture(fx, listener=listener, session=session, stt=stt, frame_ms=(20, 32)[r % 2], rng=rng, onset=onset)
             except Exception as exc:  # a benchmark reports failures, it does not stop at the first
                 res = {"fixture": fx.name, "error": f"{type(exc).__name__}: {exc}", "time_to_first_audio_ms": None, "stages_ms": {}}
             finally:
