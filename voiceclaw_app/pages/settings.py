@@ -53,12 +53,15 @@ KEY_LABELS = {"llm_api_key": "LLM / gateway token", "deepgram_api_key": "Deepgra
 
 
 def field_input(name: str, kind: str) -> rx.Component:
-    # on_change keeps the form's current values in state: preview and tests use them unsaved
-    common = dict(name=name, id=name, default_value=SettingsState.values[name], on_change=lambda v: SettingsState.set_field(name, v))
+    # the form's current values are kept in state (preview and tests use them unsaved):
+    # selects on change, text when the field loses focus (not the whole form per keystroke)
+    common = dict(name=name, id=name, default_value=SettingsState.values[name])
+    on_blur = dict(on_blur=lambda v: SettingsState.set_field(name, v))
     if kind == "textarea":
-        return rx.el.textarea(rows=4, style={"width": "100%"}, **common)
+        return rx.el.textarea(rows=4, style={"width": "100%"}, **common, **on_blur)
     if kind == "select":
-        return rx.el.select(*[rx.el.option(c, value=c) for c in CHOICES[name]], **common)
+        return rx.el.select(*[rx.el.option(c, value=c) for c in CHOICES[name]], on_change=lambda v: SettingsState.set_field(name, v), **common)
+    common.update(on_blur)
     if kind == "number":
         return rx.el.input(type="text", inputmode="decimal", style={"width": "10em"}, **common)
     return rx.el.input(type="text", style={"width": "100%"}, **common)
