@@ -274,6 +274,65 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     _saved(page)
 
 
+def _mic_wav_with_a_cough(path, question: str = "q_music", gap_s: float = 2.3, cough_ms: int = 120) -> None:
+    """A question, then (while the reply plays) a 120 ms burst of voice cut from another
+    fixture: long enough for the VAD's 64 ms onset, shorter than vad_min_speech_ms."""
+    import wave as _wave
+    from pathlib import Path as _Path
+
+    fixtures = _Path(__file__).resolve().parents[1] / "fixtures"
+
+    def load(name):
+        meta = json.loads((fixtures / f"{name}.json").read_text())
+        with _wave.open(str(fixtures / f"{name}.wav"), "rb") as w:
+            return w.readframes(w.getnframes()), meta
+
+    q, _ = load(question)
+    other, meta = load("q_time")
+    start = meta["first_voiced_sample"] + int(16000 * 0.3)
+    cough = other[2 * start : 2 * (start + 16 * cough_ms)]
+    silence = lambda s: b"\x00\x00" * int(16000 * s)  # noqa: E731
+    with _wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(silence(1.5) + q + silence(gap_s) + cough + silence(25.0))
+
+
+def test_a_cough_during_the_reply_pauses_then_resumes_it(app_server, launch_browser, tmp_path):
+    """A short burst of voice while the assistant speaks pauses playback at once (it
+    may be the user starting to talk); once it turns out too short to be speech,
+    playback resumes where it paused, the turn is not cancelled and the reply is not
+    marked interrupted."""
+    base, data_dir, _ = app_server
+    wav = tmp_path / "mic.wav"
+    _mic_wav_with_a_cough(wav)
+    page = launch_browser(wav).new_page()
+    started = time.time()
+    page.goto(base + "/settings")
+    _settings_loaded(page)
+    page.fill("#tts_speed", "0.25")  # a reply long enough to be playing when the cough comes
+    page.click("#save-settings")
+    _saved(page)
+    try:
+        page.goto(base + "/")
+        wait_ready(page)
+        page.click("#voice-button")
+        assert _poll(lambda: _played(page) >= 1, 60), "the reply never played"
+        state = lambda: page.get_attribute("#audio-queue", "data-state")  # noqa: E731
+        assert _poll(lambda: state() == "paused", 15, step=0.02), f"the cough did not pause playback (state {state()!r})"
+        assert _poll(lambda: state() in ("playing", "ended"), 10, step=0.05), "playback did not resume after the cough"
+        assert _poll(lambda: state() == "ended", 90), "the reply did not play to its end"
+        assert not page.query_selector("#transcript .vc-interrupted"), "a cough must not interrupt the reply"
+        assert not _interrupted_replies(data_dir, since=started - 1)
+    finally:
+        page.goto(base + "/settings")
+        _settings_loaded(page)
+        page.fill("#tts_speed", "1")
+        page.click("#save-settings")
+        _saved(page)
+
+
 def _interrupted_replies(data_dir, since: float = 0.0):
     db = sqlite3.connect(str(data_dir / "voiceclaw.db"))
     try:
