@@ -37,6 +37,15 @@ def _saved(page) -> None:
     page.wait_for_function("document.querySelector('#settings-message') && document.querySelector('#settings-message').innerText.includes('Saved')", timeout=10000)
 
 
+def _set_voice_speed(page, base: str, speed: str) -> None:
+    """Save the voice speed on the settings page (slow voices make replies long enough to interrupt)."""
+    page.goto(base + "/settings")
+    _settings_loaded(page)
+    page.fill("#tts_speed", speed)
+    page.click("#save-settings")
+    _saved(page)
+
+
 def _played(page) -> int:
     return int(page.get_attribute("#audio-queue", "data-played-count") or 0)
 
@@ -238,11 +247,7 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     page = launch_browser(wav).new_page()
     started = time.time()
     # a slow voice makes even a one-sentence reply long enough to interrupt
-    page.goto(base + "/settings")
-    _settings_loaded(page)
-    page.fill("#tts_speed", "0.25")
-    page.click("#save-settings")
-    _saved(page)
+    _set_voice_speed(page, base, "0.25")
     page.goto(base + "/")
     wait_ready(page)
     page.click("#voice-button")
@@ -267,11 +272,7 @@ def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, 
     # the page shows the same cut text as the history (markdown may drop some punctuation)
     words = re.findall(r"[a-z0-9]+", content.lower())
     assert words and all(w in shown.lower() for w in words[-3:]), (content, shown)
-    page.goto(base + "/settings")
-    _settings_loaded(page)
-    page.fill("#tts_speed", "1")
-    page.click("#save-settings")
-    _saved(page)
+    _set_voice_speed(page, base, "1")
 
 
 def _mic_wav_with_a_cough(path, question: str = "q_music", gap_s: float = 2.3, cough_ms: int = 120) -> None:
@@ -309,11 +310,7 @@ def test_a_cough_during_the_reply_pauses_then_resumes_it(app_server, launch_brow
     _mic_wav_with_a_cough(wav)
     page = launch_browser(wav).new_page()
     started = time.time()
-    page.goto(base + "/settings")
-    _settings_loaded(page)
-    page.fill("#tts_speed", "0.25")  # a reply long enough to be playing when the cough comes
-    page.click("#save-settings")
-    _saved(page)
+    _set_voice_speed(page, base, "0.25")  # a reply long enough to be playing when the cough comes
     try:
         page.goto(base + "/")
         wait_ready(page)
@@ -326,11 +323,7 @@ def test_a_cough_during_the_reply_pauses_then_resumes_it(app_server, launch_brow
         assert not page.query_selector("#transcript .vc-interrupted"), "a cough must not interrupt the reply"
         assert not _interrupted_replies(data_dir, since=started - 1)
     finally:
-        page.goto(base + "/settings")
-        _settings_loaded(page)
-        page.fill("#tts_speed", "1")
-        page.click("#save-settings")
-        _saved(page)
+        _set_voice_speed(page, base, "1")
 
 
 def _interrupted_replies(data_dir, since: float = 0.0):
@@ -346,11 +339,7 @@ def test_leaving_mid_reply_does_not_leave_the_status_speaking(app_server, launch
     page stopped it (marked interrupted) and the status is not stuck on "speaking"."""
     base, _, _ = app_server
     page = launch_browser().new_page()
-    page.goto(base + "/settings")
-    _settings_loaded(page)
-    page.fill("#tts_speed", "0.5")  # a reply long enough to leave in the middle of it
-    page.click("#save-settings")
-    _saved(page)
+    _set_voice_speed(page, base, "0.5")  # a reply long enough to leave in the middle of it
     try:
         page.goto(base + "/")
         wait_ready(page)
@@ -371,8 +360,4 @@ def test_leaving_mid_reply_does_not_leave_the_status_speaking(app_server, launch
         assert _poll(lambda: page.query_selector("#transcript .vc-interrupted"), 20), "the cut reply was not marked interrupted"
         assert "Tap to talk" in (page.text_content("#voice-button") or "")
     finally:
-        page.goto(base + "/settings")
-        _settings_loaded(page)
-        page.fill("#tts_speed", "1")
-        page.click("#save-settings")
-        _saved(page)
+        _set_voice_speed(page, base, "1")
