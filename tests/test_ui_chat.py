@@ -1,5 +1,6 @@
-"""The dashboard's reload path (``restore_after_load``, run by ``ChatState.on_load``)
-and the audio queue's reports (``apply_audio_report``, run by ``on_audio_event``).
+"""The dashboard's reload path (``restore_after_load``, run by ``ChatState.on_load``,
+and the new audio queue's "mounted" report) and the audio queue's reports
+(``apply_audio_report``, run by ``on_audio_event``).
 
 In-memory sink and fake runner of test_states: the turn registry updates the same
 FakeStream / FakeChat the helpers are given.
@@ -18,6 +19,12 @@ TOKEN = "tok-uichat-0001"
 CHUNKS = [("d1d1d1d1d1", "One."), ("d2d2d2d2d2", "Two."), ("d3d3d3d3d3", "Three.")]
 
 
+def _reload(sink) -> None:
+    """A page (re)load: on_load runs, and the new page's audio queue reports being mounted."""
+    restore_after_load(TOKEN, sink.stream, sink.chat)
+    apply_audio_report(TOKEN, {"event": "mounted", "turn": sink.stream.audio_turn}, sink.stream, sink.chat)
+
+
 async def _finished_and_playing(sink, holder, turns):
     """A spoken reply fully synthesized, its audio reported playing by the page."""
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS)
@@ -32,7 +39,7 @@ async def _finished_and_playing(sink, holder, turns):
 async def test_reload_after_a_reply_mid_playback_resets_speaking_to_idle(env):
     sink, holder, turns, _ = env
     await _finished_and_playing(sink, holder, turns)
-    restore_after_load(TOKEN, sink.stream, sink.chat)
+    _reload(sink)
     assert not turns.speaking(TOKEN)
     assert sink.chat.status == "idle"
     assert sink.stream.audio_urls == [] and sink.stream.audio_done
@@ -42,7 +49,7 @@ async def test_reload_with_the_mic_on_goes_back_to_listening(env):
     sink, holder, turns, _ = env
     await _finished_and_playing(sink, holder, turns)
     sink.chat.mic_on = True
-    restore_after_load(TOKEN, sink.stream, sink.chat)
+    _reload(sink)
     assert sink.chat.status == "listening"
 
 
@@ -52,7 +59,7 @@ async def test_reload_leaves_thinking_alone_while_the_turn_runs(env):
     turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False)
     while sink.chat.status != "thinking":
         await asyncio.sleep(0.01)
-    restore_after_load(TOKEN, sink.stream, sink.chat)
+    _reload(sink)
     assert sink.chat.status == "thinking"
     turns.interrupt(TOKEN)
     with contextlib.suppress(asyncio.CancelledError):
@@ -107,7 +114,7 @@ async def test_page_left_mid_reply_ends_the_running_turn_cut_at_what_was_heard(e
     assert msgs[-1]["content"] == "One."
     assert msgs[-1]["interrupted"]
     # back on the page: nothing is stuck
-    restore_after_load(TOKEN, sink.stream, sink.chat)
+    _reload(sink)
     assert sink.chat.status == "idle"
 
 
@@ -134,7 +141,53 @@ async def test_a_turn_that_outlives_a_reload_does_not_leave_speaking_behind(env)
     while not turn.chunks:
         await asyncio.sleep(0.01)
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None})
-    restore_after_load(TOKEN, sink.stream, sink.chat)  # the reload (its pagehide report was lost)
+    _reload(sink)  # the reload (its pagehide report was lost)
     await turn.task
     assert sink.chat.status == "idle"
     assert not turns.speaking(TOKEN)
+
+
+async def test_a_plain_reconnect_keeps_a_playing_reply_interruptible(env):
+    """on_load also runs when the socket merely reconnects: the page still plays the
+    reply, so the user's voice must still pause/interrupt it, and the status stays."""
+    sink, holder, turns, _ = env
+    await _finished_and_playing(sink, holder, turns)
+    restore_after_load(TOKEN, sink.stream, sink.chat)  # reconnect: no new audio queue
+    assert turns.speaking(TOKEN)
+    assert sink.chat.status == "speaking"
+    assert sink.stream.audio_urls, "the playing queue's URLs must stay"
+
+
+async def test_playback_stopped_on_the_mic_socket_cuts_the_reply(env):
+    """pagehide: the page's Reflex socket is gone, so the audio queue says it on the mic
+    socket; the running turn ends, stored up to the played chunk, marked interrupted."""
+    from .test_ui_voice import FakeWS
+    from voiceclaw_app.server import ws_voice
+
+    sink, holder, turns, repo = env
+    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS, chunk_delay=0.05)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False)
+    while len(turn.chunks) < 2:
+        await asyncio.sleep(0.01)
+    apply_audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None}, sink.stream, sink.chat)
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    await session.on_control({"type": "playback_stopped", "turn": turn.turn_id, "played": 1})
+    with contextlib.suppress(asyncio.CancelledError):
+        await turn.task
+    assert turn.interrupted
+    for _ in range(100):
+        msgs = repo.list_messages(sink.chat.conversation_id)
+        if msgs[-1]["interrupted"]:
+            break
+        await asyncio.sleep(0.02)
+    assert msgs[-1]["content"] == "One." and msgs[-1]["interrupted"]
+    await session.close()
+
+
+async def test_a_stopped_report_after_every_chunk_started_keeps_the_reply_whole(env):
+    sink, holder, turns, repo = env
+    turn = await _finished_and_playing(sink, holder, turns)
+    apply_audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": len(CHUNKS)}, sink.stream, sink.chat)
+    await asyncio.sleep(0.2)
+    msg = repo.list_messages(sink.chat.conversation_id)[-1]
+    assert not msg["interrupted"] and msg["content"] == "One. Two. Three."

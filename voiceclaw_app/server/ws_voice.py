@@ -30,6 +30,7 @@ from ..pipeline.preemptive import TurnStarter
 from ..pipeline.timing import now_ms
 from ..providers.base import EndOfTurn, InterimTranscript, ListenNotice, ProviderError, SpeechDiscarded, SpeechStarted
 from ..states import services, turns
+from ..states.chat import apply_audio_report
 
 log = logging.getLogger("voiceclaw.ws")
 
@@ -304,6 +305,11 @@ class VoiceSession:
             self._failed_at = None
             if turns.speaking(self.token) or self.paused:
                 await self.barge_in()
+        elif kind == "playback_stopped":
+            # the page is going away mid-reply (pagehide): its Reflex socket is already
+            # closed, so the audio queue says it here; the reply is cut where it stopped
+            report = {"event": "stopped", "turn": str(msg.get("turn") or ""), "played": msg.get("played")}
+            await turns.notify(self.token, lambda stream, chat: apply_audio_report(self.token, report, stream, chat))
         elif kind == "stop":
             self._failed_at = None
             await self.stop_listening()

@@ -182,7 +182,7 @@ class ChatState(rx.State):
 
     @rx.event
     async def on_audio_event(self, payload: str):
-        """The audio queue: {"event": "first_playing"|"chunk"|"ended"|"stopped", ...}."""
+        """The audio queue: {"event": "mounted"|"first_playing"|"chunk"|"ended"|"stopped", ...}."""
         try:
             data = json.loads(payload)
         except ValueError:
@@ -198,6 +198,9 @@ def apply_audio_report(token: str, data: dict, stream, chat) -> None:
     from . import turns
 
     kind = data.get("event")
+    if kind == "mounted":
+        queue_mounted(token, stream, chat)
+        return
     turns.audio_report(token, data)
     current = data.get("turn") == stream.audio_turn
     if not current:
@@ -218,18 +221,31 @@ def apply_audio_report(token: str, data: dict, stream, chat) -> None:
 
 
 def restore_after_load(token: str, stream, chat) -> None:
-    """A (re)loaded dashboard: what the page showed or played before is gone.
+    """``on_load``: a reply still streaming is resent whole once (updates carry only
+    its last segments, and a new page's text component starts empty).
 
-    ``stream`` / ``chat`` are the tab's StreamState / ChatState (or test doubles).
-    - A new audio queue plays nothing it played before: the finished turn's URLs go.
-    - (A reply cut by leaving or reloading the page is reported "stopped" by the
-      old page's audio queue: ``on_audio_event`` ends it there. Not here: on_load
-      also runs on a mere socket reconnect, while the page still plays.)
+    Nothing else here: ``on_load`` also runs on a mere socket reconnect, while the
+    page still shows and plays everything; what a *new* page means for playback is
+    in :func:`queue_mounted` (its audio queue reports being mounted).
+    """
+    from . import turns
+
+    t = turns.active(token)
+    if t is not None and stream.turn_id == t.turn_id:
+        stream.seg_base = 0
+        stream.seg_tail = list(t.segments)
+
+
+def queue_mounted(token: str, stream, chat) -> None:
+    """A new audio queue was mounted (the dashboard was loaded, reloaded or reopened):
+    whatever the previous page played is gone.
+
+    - The new queue plays nothing that was played before: the finished turn's URLs go.
+    - (A reply cut by leaving the page is reported by the old page itself, on the
+      mic socket or as a "stopped" report.)
     - Nothing is producing or playing any more: a "speaking"/"thinking" status
       would stay forever (nobody reports "ended"), keep the page busy and turn a
       tap on the voice button into a barge-in: back to listening or idle.
-    - A reply still streaming is resent whole once (updates carry only its last
-      segments, and the new page's text component starts empty).
     """
     from . import turns
 
@@ -240,9 +256,6 @@ def restore_after_load(token: str, stream, chat) -> None:
         stream.audio_done = True
     if not turns.speaking(token) and chat.status in ("speaking", "thinking"):
         chat.status = "listening" if chat.mic_on else "idle"
-    if t is not None and stream.turn_id == t.turn_id:
-        stream.seg_base = 0
-        stream.seg_tail = list(t.segments)
 
 
 class StreamState(rx.State):

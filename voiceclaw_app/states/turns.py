@@ -196,9 +196,10 @@ def audio_report(token: str, data: dict) -> None:
             if t.finished and t.speak and t.interrupted and t.played > before:
                 # a chunk started just before the barge-in reached the page: keep it too
                 _spawn(_store_cut(t))
-            elif t.done and t.speak and not t.interrupted:
+            elif t.done and t.speak and not t.interrupted and t.played < len(t.chunks):
                 # playback stopped mid-reply after the turn finished synthesizing
-                # (barge-in, Stop): keep what was played, marked interrupted
+                # (barge-in, Stop, the page left): keep what was played, marked
+                # interrupted (every chunk started: the reply was heard, nothing to cut)
                 t.interrupted = True
                 _spawn(_store_cut(t))
     elif kind == "first_playing" and _server_ms(data) is not None:
