@@ -4,7 +4,11 @@
 // using the offset the mic socket measured), chunk (each chunk start), ended (the
 // turn's audio is complete -- the `done` prop -- and has all played; a drain while
 // the LLM is slower than speech is not an end), stopped (barge-in/stop, or the page
-// left mid-reply, with how many chunks started). Window events: "voiceclaw:barge-in" stops at once,
+// left mid-reply, with how many chunks started), mounted (once, when the queue mounts:
+// a new page, whose queue has nothing of the previous page's playback). Leaving the
+// page mid-reply is also sent on the mic socket (window.__voiceclawMicSend,
+// {type: "playback_stopped", turn, played}): on a reload or a closed tab Reflex's
+// own socket is already closed. Window events: "voiceclaw:barge-in" stops at once,
 // "voiceclaw:pause" suspends playback (a tentative voice onset) and
 // "voiceclaw:resume" continues it gaplessly from where it stopped. stopSeq changes
 // stop it too. A turn that an earlier queue of this tab already played (the page was
@@ -30,7 +34,8 @@ let ctxChain = Promise.resolve();
 let ctxQueued = 0; // steps not started yet: one is enough, it reads the wanted state when it runs
 const stateListeners = new Set();
 
-function notifyCtxState() { stateListeners.forEach((fn) => { try { fn(); } catch (e) {} }); }
+// fromEvent: the context's own 'statechange' (not one of our suspend/resume steps settling)
+function notifyCtxState(fromEvent) { stateListeners.forEach((fn) => { try { fn(fromEvent === true); } catch (e) {} }); }
 
 function syncPlayCtx() {
   const c = typeof window !== "undefined" ? window.__voiceclawPlayCtx : null;
@@ -51,7 +56,8 @@ function playCtx(sync = true) {
   if (!window.__voiceclawPlayCtx) {
     const c = new (window.AudioContext || window.webkitAudioContext)();
     window.__voiceclawPlayCtx = c;
-    try { c.addEventListener("statechange", notifyCtxState); } catch (e) { c.onstatechange = notifyCtxState; }
+    const onState = () => notifyCtxState(true);
+    try { c.addEventListener("statechange", onState); } catch (e) { c.onstatechange = onState; }
   }
   const c = window.__voiceclawPlayCtx;
   if (sync && !paused && c.state !== "running") syncPlayCtx();
@@ -112,19 +118,35 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
     if (s.endTimer) { clearTimeout(s.endTimer); s.endTimer = null; }
   };
 
-  // tell: report "stopped" when it cut playback. leaving (unmount): also a reply
-  // between two chunks counts, since this turn is never played again (played-turns)
+  // leaving mid-reply: something was heard (a chunk started) and not all of the
+  // reply known so far has played to its end (a chunk still sounding, or one known
+  // but not scheduled yet); this turn is never played again (played-turns)
+  const cutMidReply = (s) => {
+    if (s.stopped || s.ended || s.started <= 0) return false;
+    if (s.next < (s.known || 0)) return true; // more chunks were on their way
+    const c = typeof window !== "undefined" ? window.__voiceclawPlayCtx : null;
+    if (s.sources.length === 0 || (c && c.currentTime + 0.02 >= s.at)) return false; // all played to its end
+    return true;
+  };
+
+  // tell: report "stopped" when it cut playback. leaving (pagehide / unmount): see cutMidReply;
+  // the cut also goes on the mic socket (Reflex's socket may be closed already)
   const stopAll = (tell, leaving = false) => {
     const s = st.current;
     if (!s) return;
-    const wasPlaying = !s.stopped && (s.sources.length > 0 || (leaving && s.next > 0 && !s.ended));
+    const wasPlaying = leaving ? cutMidReply(s) : (!s.stopped && s.sources.length > 0);
     s.stopped = true;
     s.sources.forEach((src) => { try { src.stop(); } catch (e) {} });
     s.sources = [];
     s.pending = [];
     clearTimers(s);
     setAttr("data-state", "stopped");
-    if (tell && wasPlaying) report({ event: "stopped", turn: s.turn, played: s.started, client_ms: clientNow() });
+    if (tell && wasPlaying) {
+      if (leaving) {
+        try { window.__voiceclawMicSend && window.__voiceclawMicSend({ type: "playback_stopped", turn: s.turn, played: s.started }); } catch (e) {}
+      }
+      report({ event: "stopped", turn: s.turn, played: s.started, client_ms: clientNow() });
+    }
   };
 
   // chunk-start reports follow the context's clock (frozen while paused)
@@ -209,6 +231,15 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
       .catch((e) => { console.warn("audio chunk failed", url, e); if (st.current === s && !s.stopped) { s.buffers[i] = ctx().createBuffer(1, 1, 22050); schedule(); } });
   };
 
+  // mounted: once per mount (never on a re-render), so the server knows a new page
+  // (with a fresh queue) replaced the previous one and its playback
+  const mountedSent = useRef(false);
+  useEffect(() => {
+    if (mountedSent.current) return;
+    mountedSent.current = true;
+    report({ event: "mounted", turn: turnId || "" });
+  }, []);
+
   // new turn -> new queue; a turn an earlier queue of this tab played stays silent
   useEffect(() => {
     if (st.current && st.current.turn !== turnId) stopAll(false);
@@ -254,7 +285,15 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest
       return true;
     };
     // the context's real state changed (or a suspend/resume step settled)
-    const onCtxState = () => {
+    const onCtxState = (fromEvent) => {
+      // a suspend()/resume() that settled after its timeout left the wrong state:
+      // sync again (only on a real state change, so a resume the autoplay policy
+      // holds back is not retried in a loop)
+      const c = window.__voiceclawPlayCtx;
+      if (fromEvent && c && c.state !== "closed"
+          && ((paused && c.state === "running") || (!paused && (c.state === "suspended" || c.state === "interrupted")))) {
+        syncPlayCtx();
+      }
       const s = st.current;
       if (!s || s.stopped) return;
       if (ctxRunning()) {

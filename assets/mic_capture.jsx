@@ -8,6 +8,9 @@
 // window events for the audio queue. With VOICECLAW_ACCESS_TOKEN set on the server,
 // open the page once as /?access_token=...: the token is kept in localStorage and
 // sent in the hello; a refusal (close code 4003) stops the reconnect loop.
+// While mounted, window.__voiceclawMicSend(obj) sends JSON.stringify(obj) on the
+// socket when it is open (true) or does nothing (false): the audio queue uses it for
+// "playback_stopped" on pagehide, when Reflex's own socket is already closed.
 import React, { useEffect, useRef, useState } from "react";
 import { getBackendURL, getToken } from "$/utils/state";
 import env from "$/env.json";
@@ -73,7 +76,8 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   const busyRef = useRef(!!busy);
   const refusedRef = useRef(false); // the server wants an access token: do not reconnect
   const disposedRef = useRef(false); // unmounted (another page): never reconnect from here
-  const ctlQueueRef = useRef([]); // control messages waiting for the socket (sent in order on "ready")
+  const ctlQueueRef = useRef([]); // control messages waiting for the socket (sent in order on "ready"; dropped when it closes)
+  const capGenRef = useRef(0); // bumped by stopCapture and mode switches: a capture still opening is abandoned
   const primedRef = useRef(null); // mic AudioContext created inside the tap (iOS needs that)
   const onEventRef = useRef(onEvent);
   onEventRef.current = onEvent;
@@ -85,6 +89,8 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   // ---- the socket -------------------------------------------------------
   const connect = () => {
     if (typeof window === "undefined" || refusedRef.current || disposedRef.current) return;
+    // a new socket (there is no live one): nothing queued for an older socket is meant for it
+    ctlQueueRef.current = [];
     const ws = new WebSocket(wsURL());
     ws.binaryType = "arraybuffer";
     wsRef.current = ws;
@@ -126,9 +132,10 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
       }
     };
     ws.onclose = (ev) => {
-      if (wsRef.current === ws) wsRef.current = null;
+      // nothing queued is meant for a later socket (a stale ptt_start or barge_in
+      // must not act on a new session); a newer socket already current keeps its queue
+      if (wsRef.current === ws) { wsRef.current = null; ctlQueueRef.current = []; }
       if (disposedRef.current) return;
-      if (ev.code === 4001 || ev.code === 4003) ctlQueueRef.current = []; // nothing queued is meant for a later socket
       if (ev.code === 4001) return; // taken over: do not reconnect and steal it back
       if (ev.code === 4002) return; // this tab opened a newer socket
       if (ev.code === 4003) { // refused: no (or a wrong) access token; retrying cannot help
@@ -149,7 +156,14 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     const md = typeof navigator !== "undefined" ? navigator.mediaDevices : null;
     const onDeviceChange = () => { refreshDevices(); };
     if (md && md.addEventListener) md.addEventListener("devicechange", onDeviceChange);
+    const micSend = (obj) => {
+      const ws = wsRef.current;
+      if (!ws || ws.readyState !== 1) return false;
+      try { ws.send(JSON.stringify(obj)); return true; } catch (e) { return false; }
+    };
+    window.__voiceclawMicSend = micSend;
     return () => {
+      if (window.__voiceclawMicSend === micSend) window.__voiceclawMicSend = undefined;
       disposedRef.current = true;
       if (md && md.removeEventListener) md.removeEventListener("devicechange", onDeviceChange);
       stopCapture(false);
@@ -172,9 +186,10 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     const ws = wsRef.current;
     if (ws && ws.readyState === 1 && ctlQueueRef.current.length === 0) { ws.send(data); return; }
     if (disposedRef.current) return;
+    // no live socket: a new one (connect drops what was queued for the old one), then queue for it
+    if (!ws || ws.readyState > 1) { window.__voiceclawTakenOver = false; connect(); }
     ctlQueueRef.current.push(data);
     if (ctlQueueRef.current.length > 20) ctlQueueRef.current.shift();
-    if (!ws || ws.readyState > 1) { window.__voiceclawTakenOver = false; connect(); }
   };
 
   const refreshDevices = async () => {
@@ -209,6 +224,9 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   // ---- capture ----------------------------------------------------------
   const startCapture = async () => {
     if (capRef.current) return true;
+    const gen = capGenRef.current;
+    // stopCapture or a mode switch happened meanwhile (or the page is gone): this capture is not wanted
+    const cancelled = () => capGenRef.current !== gen || disposedRef.current;
     if (refusedRef.current) { setError(ACCESS_MESSAGE); emit("error:" + ACCESS_MESSAGE); return false; }
     setError("");
     if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
@@ -219,23 +237,37 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
       window.__voiceclawTakenOver = false;
       if (!wsRef.current) connect();
       await new Promise((r) => setTimeout(r, 300));
+      if (cancelled()) return false;
     }
     let ctx = null;
+    let stream = null;
+    let src = null;
+    let node = null;
+    // tear down what this (abandoned) start opened
+    const abandon = () => {
+      try { if (src) src.disconnect(); if (node) node.disconnect(); } catch (e) {}
+      if (stream) stream.getTracks().forEach((t) => t.stop());
+      if (ctx && ctx.state !== "closed") { try { ctx.close(); } catch (e) {} }
+      return false;
+    };
     try {
       const wanted = deviceRef.current;
-      const stream = await navigator.mediaDevices.getUserMedia({
+      stream = await navigator.mediaDevices.getUserMedia({
         audio: {
           deviceId: wanted ? { exact: wanted } : undefined,
           channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true,
         },
       });
       if (disposedRef.current) { stream.getTracks().forEach((t) => t.stop()); dropPrimed(); return false; }
+      if (cancelled()) return abandon();
       ctx = primedRef.current && primedRef.current.state !== "closed" ? primedRef.current : new (window.AudioContext || window.webkitAudioContext)();
       primedRef.current = null;
       if (ctx.state !== "running") await ctx.resume();
+      if (cancelled()) return abandon();
       await ctx.audioWorklet.addModule("/mic_worklet.js");
-      const src = ctx.createMediaStreamSource(stream);
-      const node = new AudioWorkletNode(ctx, "voiceclaw-mic");
+      if (cancelled()) return abandon();
+      src = ctx.createMediaStreamSource(stream);
+      node = new AudioWorkletNode(ctx, "voiceclaw-mic");
       node.port.onmessage = (ev) => {
         const d = ev.data;
         if (d.pcm) {
@@ -270,6 +302,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   };
 
   const stopCapture = (tell) => {
+    capGenRef.current += 1; // a capture still opening is abandoned
     const c = capRef.current;
     capRef.current = null;
     holdingRef.current = false;
@@ -298,8 +331,10 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   const firstMode = useRef(true);
   useEffect(() => {
     if (firstMode.current) { firstMode.current = false; return; }
+    capGenRef.current += 1; // a capture still opening (e.g. at the permission prompt) is abandoned
     const wasActive = activeRef.current;
     if (holdingRef.current) sendCtl({ type: "ptt_end" });
+    holdingRef.current = false;
     if (capRef.current || wasActive) {
       stopCapture(false);
       if (wasActive) {
@@ -307,7 +342,9 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
         emit("stopped"); cue("stop");
       }
     }
-    sendCtl({ type: "mode", mode });
+    // only on an open socket: a new socket's hello carries the mode (no reconnect
+    // just for this, least of all in a tab whose mic was taken over)
+    if (wsRef.current && wsRef.current.readyState === 1) sendCtl({ type: "mode", mode });
   }, [mode]);
 
   // A tab whose mic was taken over (or whose socket dropped) takes it back when the
