@@ -182,12 +182,3 @@ async def test_playback_stopped_on_the_mic_socket_cuts_the_reply(env):
         await asyncio.sleep(0.02)
     assert msgs[-1]["content"] == "One." and msgs[-1]["interrupted"]
     await session.close()
-
-
-async def test_a_stopped_report_after_every_chunk_started_keeps_the_reply_whole(env):
-    sink, holder, turns, repo = env
-    turn = await _finished_and_playing(sink, holder, turns)
-    apply_audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": len(CHUNKS)}, sink.stream, sink.chat)
-    await asyncio.sleep(0.2)
-    msg = repo.list_messages(sink.chat.conversation_id)[-1]
-    assert not msg["interrupted"] and msg["content"] == "One. Two. Three."

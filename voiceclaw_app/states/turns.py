@@ -196,10 +196,10 @@ def audio_report(token: str, data: dict) -> None:
             if t.finished and t.speak and t.interrupted and t.played > before:
                 # a chunk started just before the barge-in reached the page: keep it too
                 _spawn(_store_cut(t))
-            elif t.done and t.speak and not t.interrupted and t.played < len(t.chunks):
+            elif t.done and t.speak and not t.interrupted:
                 # playback stopped mid-reply after the turn finished synthesizing
                 # (barge-in, Stop, the page left): keep what was played, marked
-                # interrupted (every chunk started: the reply was heard, nothing to cut)
+                # interrupted (the page reports "stopped" only while a chunk still sounds)
                 t.interrupted = True
                 _spawn(_store_cut(t))
     elif kind == "first_playing" and _server_ms(data) is not None:
