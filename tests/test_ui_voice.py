@@ -473,9 +473,10 @@ async def test_chunk_reports_set_playing_again_after_a_drain(env):  # noqa: F811
     assert sink.stream.audio_done
 
 
-async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # noqa: F811
+async def _interrupted_after_the_first_chunk(env, ids: tuple[str, str, str]):  # noqa: F811
+    """A three-chunk reply: the first chunk starts playing, then a barge-in."""
     sink, holder, turns, repo = env
-    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], [("i1i1i1i1i1", "One."), ("i2i2i2i2i2", "Two."), ("i3i3i3i3i3", "Three.")], chunk_delay=0.05)
+    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], list(zip(ids, ["One.", "Two.", "Three."])), chunk_delay=0.05)
     turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
     while len(turn.chunks) < 2:
         await asyncio.sleep(0.01)
@@ -483,6 +484,12 @@ async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # no
     assert turns.interrupt(TOKEN)
     with contextlib.suppress(asyncio.CancelledError):
         await turn.task
+    return turn
+
+
+async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # noqa: F811
+    sink, holder, turns, repo = env
+    turn = await _interrupted_after_the_first_chunk(env, ("i1i1i1i1i1", "i2i2i2i2i2", "i3i3i3i3i3"))
     msg = repo.list_messages(turn.conversation_id)[-1]
     assert msg["content"] == "One." and msg["interrupted"]
     assert msg["audio_ids"] == ["i1i1i1i1i1"]
@@ -536,14 +543,7 @@ def test_preview_and_tests_use_the_forms_current_values(env):  # noqa: F811
 
 async def test_a_stopped_report_after_the_cut_keeps_the_chunk_that_had_started(env):  # noqa: F811
     sink, holder, turns, repo = env
-    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], [("s1s1s1s1s1", "One."), ("s2s2s2s2s2", "Two."), ("s3s3s3s3s3", "Three.")], chunk_delay=0.05)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
-    while len(turn.chunks) < 2:
-        await asyncio.sleep(0.01)
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
-    assert turns.interrupt(TOKEN)
-    with contextlib.suppress(asyncio.CancelledError):
-        await turn.task
+    turn = await _interrupted_after_the_first_chunk(env, ("s1s1s1s1s1", "s2s2s2s2s2", "s3s3s3s3s3"))
     assert repo.list_messages(turn.conversation_id)[-1]["content"] == "One."
     # the page's queue had started chunk 2 before the barge-in reached it
     turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 2})
