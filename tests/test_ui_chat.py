@@ -45,12 +45,25 @@ async def test_reload_after_a_reply_mid_playback_resets_speaking_to_idle(env):
     assert sink.stream.audio_urls == [] and sink.stream.audio_done
 
 
-async def test_reload_with_the_mic_on_goes_back_to_listening(env):
+async def test_reload_with_the_mic_on_shows_the_mic_off(env):
+    """A reloaded page's mic is off until the next tap: neither "speaking" nor a
+    leftover "listening" may stay."""
     sink, holder, turns, _ = env
     await _finished_and_playing(sink, holder, turns)
     sink.chat.mic_on = True
     _reload(sink)
-    assert sink.chat.status == "listening"
+    assert sink.chat.status == "idle" and not sink.chat.mic_on
+    sink.chat.status = "listening"  # listening (mic on) when the page is reloaded
+    sink.chat.mic_on = True
+    _reload(sink)
+    assert sink.chat.status == "idle" and not sink.chat.mic_on
+
+
+async def test_a_plain_reconnect_keeps_the_mic_state(env):
+    sink, holder, turns, _ = env
+    sink.chat.mic_on, sink.chat.status = True, "listening"
+    restore_after_load(TOKEN, sink.stream, sink.chat)  # on_load after a socket reconnect
+    assert sink.chat.mic_on and sink.chat.status == "listening"
 
 
 async def test_reload_leaves_thinking_alone_while_the_turn_runs(env):

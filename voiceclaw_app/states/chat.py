@@ -243,19 +243,24 @@ def queue_mounted(token: str, stream, chat) -> None:
     - The new queue plays nothing that was played before: the finished turn's URLs go.
     - (A reply cut by leaving the page is reported by the old page itself, on the
       mic socket or as a "stopped" report.)
+    - The new page's mic is off: "listening" from the old page would be a lie.
     - Nothing is producing or playing any more: a "speaking"/"thinking" status
       would stay forever (nobody reports "ended"), keep the page busy and turn a
-      tap on the voice button into a barge-in: back to listening or idle.
+      tap on the voice button into a barge-in: back to idle.
     """
     from . import turns
 
+    # a new page's mic starts off (capture needs a tap, which comes after this report)
+    chat.mic_on = False
+    if chat.status == "listening":
+        chat.status = "idle"
     turns.playback_gone(token)
     t = turns.active(token)
     if t is None or stream.audio_turn != t.turn_id:
         stream.audio_urls = []
         stream.audio_done = True
     if not turns.speaking(token) and chat.status in ("speaking", "thinking"):
-        chat.status = "listening" if chat.mic_on else "idle"
+        chat.status = "idle"
 
 
 class StreamState(rx.State):
