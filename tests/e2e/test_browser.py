@@ -37,11 +37,14 @@ def _saved(page) -> None:
     page.wait_for_function("document.querySelector('#settings-message') && document.querySelector('#settings-message').innerText.includes('Saved')", timeout=10000)
 
 
-def _set_voice_speed(page, base: str, speed: str) -> None:
-    """Save the voice speed on the settings page (slow voices make replies long enough to interrupt)."""
+def _set_voice_speed(page, base: str, speed: str, **fields: str) -> None:
+    """Save the voice speed (and any other ``fields``) on the settings page (slow
+    voices make replies long enough to interrupt)."""
     page.goto(base + "/settings")
     _settings_loaded(page)
     page.fill("#tts_speed", speed)
+    for name, value in fields.items():
+        page.fill(f"#{name}", value)
     page.click("#save-settings")
     _saved(page)
 
@@ -310,7 +313,10 @@ def test_a_cough_during_the_reply_pauses_then_resumes_it(app_server, launch_brow
     _mic_wav_with_a_cough(wav)
     page = launch_browser(wav).new_page()
     started = time.time()
-    _set_voice_speed(page, base, "0.25")  # a reply long enough to be playing when the cough comes
+    # a reply long enough to be playing when the cough comes; 400 ms of voice before
+    # speech counts (the VAD's hangover after a 120 ms burst, after Chromium's gain
+    # control, can reach the default 200 ms)
+    _set_voice_speed(page, base, "0.25", vad_min_speech_ms="400")
     try:
         page.goto(base + "/")
         wait_ready(page)
@@ -323,7 +329,7 @@ def test_a_cough_during_the_reply_pauses_then_resumes_it(app_server, launch_brow
         assert not page.query_selector("#transcript .vc-interrupted"), "a cough must not interrupt the reply"
         assert not _interrupted_replies(data_dir, since=started - 1)
     finally:
-        _set_voice_speed(page, base, "1")
+        _set_voice_speed(page, base, "1", vad_min_speech_ms="200")
 
 
 def _interrupted_replies(data_dir, since: float = 0.0):
