@@ -258,3 +258,14 @@ async def test_retry_backoff_stops_on_cancel(server, monkeypatch):
     got = [d async for d in llm.stream(req, cancel)]
     assert got == [] and time.monotonic() - started < 1.5  # not the 3 s backoff
     assert len(server.bodies) == 1
+
+
+async def test_cancel_token_wait_wakes_on_a_cancel_from_another_thread():
+    token = CancelToken()
+    waiter = asyncio.create_task(token.wait())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await asyncio.to_thread(token.cancel)
+    await asyncio.wait_for(waiter, 1.0)
+    await asyncio.wait_for(token.wait(), 0.1)  # already cancelled: returns at once
+    assert token._waiters == []

@@ -36,8 +36,6 @@ log = logging.getLogger("voiceclaw.turn")
 
 STILL_WORKING_AFTER_S = 2.0
 STILL_WORKING_REPEAT_S = 10.0
-#: how often the turn looks at its CancelToken (set from any thread) while it waits
-CANCEL_POLL_S = 0.02
 _END = object()
 
 
@@ -181,11 +179,9 @@ class _Turn:
             yield event
 
     async def _cancel_watch(self) -> None:
-        """Bridge the thread-safe CancelToken to the event loop: ``cancel.cancel()``
-        from anywhere wakes the consumer within ~20 ms, even while the turn waits
-        for its first token (no other event would come to wake it)."""
-        while not self.cancel.cancelled:
-            await asyncio.sleep(CANCEL_POLL_S)
+        """``cancel.cancel()`` from anywhere wakes the consumer at once, even while
+        the turn waits for its first token (no other event would come to wake it)."""
+        await self.cancel.wait()
         self.queue.put_nowait(_END)
 
     async def _supervise(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import threading
 import wave
@@ -30,13 +31,40 @@ class CancelToken:
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
 
     def cancel(self) -> None:
-        self._event.set()
+        with self._lock:
+            self._event.set()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, fut)
 
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+    async def wait(self) -> None:
+        """Return once cancelled, whichever thread cancels: the event loop's side of
+        the token (e.g. a turn waiting for its first token wakes at once)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._lock:
+            if self._event.is_set():
+                return
+            self._waiters.append((loop, fut))
+        try:
+            await fut
+        finally:
+            with self._lock, contextlib.suppress(ValueError):
+                self._waiters.remove((loop, fut))
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 # ---------------------------------------------------------------- short blocking calls

@@ -69,15 +69,13 @@ def service_name(base_url: str, model: str) -> str:
     return "LLM gateway" if is_gateway_model(model) else "LLM server"
 
 
-async def _sleep_unless_cancelled(delay: float, cancel: CancelToken, poll_s: float = 0.02) -> bool:
+async def _sleep_unless_cancelled(delay: float, cancel: CancelToken) -> bool:
     """Sleep ``delay`` seconds, waking early when ``cancel`` is set (from any thread);
     True when cancelled."""
-    end = time.monotonic() + delay
-    while not cancel.cancelled:
-        left = end - time.monotonic()
-        if left <= 0:
-            return False
-        await asyncio.sleep(min(left, poll_s))
+    try:
+        await asyncio.wait_for(cancel.wait(), delay)
+    except asyncio.TimeoutError:
+        return False
     return True
 
 
