@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +47,6 @@ class AudioStore:
         tmp.write_bytes(clip.wav)
         os.replace(tmp, path)
         return StoredAudio(audio_id, self.url_for(audio_id), path, clip.duration_ms)
-
-    def save_copy(self, src: Path, duration_ms: float) -> StoredAudio:
-        """A fresh random-id copy of an existing WAV (e.g. a cache entry), owned by
-        whoever stores its id: deleting it never touches ``src`` and vice versa."""
-        audio_id = secrets.token_urlsafe(12)
-        path = self.root / f"{audio_id}.wav"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, path)
-        return StoredAudio(audio_id, self.url_for(audio_id), path, duration_ms)
 
     def path_for(self, audio_id: str) -> Path | None:
         """The file for an id, or None for unknown or malformed ids (no path tricks)."""

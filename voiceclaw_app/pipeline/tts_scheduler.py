@@ -71,20 +71,24 @@ class TTSCache:
         if path is None:
             return None
         try:
-            duration_ms = AudioClip.from_wav(path.read_bytes()).duration_ms
-            stored = self.store.save_copy(path, duration_ms)
+            stored = self.store.save(AudioClip.from_wav(path.read_bytes()))
             os.utime(path)  # recently used: the LRU keeps it
         except (OSError, EOFError, wave.Error):
             return None  # pruned meanwhile by another worker, or damaged: synthesize again
         return stored
 
     def put(self, identity: tuple, text: str, clip: AudioClip) -> None:
-        """Remember a phrase's audio (atomic write), then keep the cache under its cap."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Remember a phrase's audio (atomic write), then keep the cache under its cap.
+        A cache that cannot be written (disk full) only costs a later synthesis."""
         path = self.entry_path(identity, text)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(clip.wav)
-        os.replace(tmp, path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(clip.wav)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not cache synthesized audio: %s", exc)
+            return
         if path.name.startswith("r-"):
             if self._size is None:
                 self._scan()
@@ -139,10 +143,7 @@ async def synthesize_cached(tts: TTS, cache: TTSCache | None, store: AudioStore,
         return None
     stored = store.save(clip)
     if cache is not None:
-        try:
-            cache.put(identity, text, clip)
-        except OSError as exc:
-            log.warning("could not cache synthesized audio: %s", exc)
+        cache.put(identity, text, clip)
     return stored
 
 
@@ -274,7 +275,4 @@ class TTSScheduler:
         if clips and self.cache is not None and not self.cancel.cancelled:
             # the whole chunk, joined, so a repeat of this phrase is instant
             whole = b"".join(c.pcm16() for c in clips)
-            try:
-                self.cache.put(identity, chunk.speech, AudioClip.from_pcm16(whole, clips[0].sample_rate))
-            except OSError as exc:
-                log.warning("could not cache synthesized audio: %s", exc)
+            self.cache.put(identity, chunk.speech, AudioClip.from_pcm16(whole, clips[0].sample_rate))
