@@ -29,7 +29,7 @@ import random
 import struct
 import time
 import weakref
-from typing import AsyncIterator, NoReturn
+from typing import AsyncIterator
 from urllib.parse import urlparse
 
 import openai
@@ -196,6 +196,20 @@ class OpenAITTS(TTS):
         """The most one attempt at this chunk may take, all reads together."""
         return min(self.total_timeout_s, self.chunk_base_s + len(text) * self.chunk_s_per_char / max(0.25, speed or 1.0))
 
+    def _retry_delay(self, exc: ProviderError, attempt: int, started: float, cancel: CancelToken) -> float | None:
+        """How long to wait before trying the chunk again (bounded, with backoff,
+        honouring a short ``Retry-After``); None when the error stands: not
+        retryable, out of attempts or of the chunk's total time, or cancelled."""
+        if not exc.retryable or attempt >= self.max_retries or cancel.cancelled:
+            return None
+        delay = self.backoff_s[min(attempt, len(self.backoff_s) - 1)] * (1 + 0.2 * random.random())
+        if exc.retry_after_s is not None:
+            delay = max(delay, min(exc.retry_after_s, MAX_RETRY_AFTER_S))
+        if time.monotonic() - started + delay > self.total_timeout_s:
+            return None
+        log.info("TTS attempt %d failed (%s); retrying in %.2fs", attempt + 1, exc.kind, delay)
+        return delay
+
     def _too_slow(self, deadline_s: float) -> ProviderTimeout:
         return ProviderTimeout(f"The {self.service} took longer than {deadline_s:.0f} s for one sentence.", retryable=True, detail="chunk deadline")
 
@@ -340,12 +354,8 @@ class OpenAITTS(TTS):
                     yield AudioClip.from_pcm16(bytes(buf), meta.get("sample_rate", PCM_SAMPLE_RATE))
                 return
             except ProviderError as exc:
-                if handed or not exc.retryable or attempt >= self.max_retries or cancel.cancelled:
-                    raise
-                delay = self.backoff_s[min(attempt, len(self.backoff_s) - 1)] * (1 + 0.2 * random.random())
-                if exc.retry_after_s is not None:
-                    delay = max(delay, min(exc.retry_after_s, MAX_RETRY_AFTER_S))
-                if time.monotonic() - started + delay > self.total_timeout_s:
+                delay = None if handed else self._retry_delay(exc, attempt, started, cancel)
+                if delay is None:
                     raise
                 attempt += 1
                 await asyncio.sleep(delay)
@@ -378,21 +388,11 @@ class OpenAITTS(TTS):
                 return AudioClip.from_pcm16(pcm_all, meta.get("sample_rate", PCM_SAMPLE_RATE))
             except (TimeoutError, ProviderError) as raw:
                 # a too-slow attempt is retried like a 5xx (nothing of it was played)
-                exc = raw if isinstance(raw, ProviderError) else ProviderTimeout(f"The {self.service} took longer than {deadline_s:.0f} s for one sentence.", retryable=True)
-                if not exc.retryable or attempt >= self.max_retries or cancel.cancelled or time.monotonic() - started >= self.total_timeout_s:
-                    _reraise(exc, raw)
-                delay = self.backoff_s[min(attempt, len(self.backoff_s) - 1)] * (1 + 0.2 * random.random())
-                if exc.retry_after_s is not None:
-                    delay = max(delay, min(exc.retry_after_s, MAX_RETRY_AFTER_S))
-                if time.monotonic() - started + delay > self.total_timeout_s:
-                    _reraise(exc, raw)
-                log.info("TTS attempt %d failed (%s); retrying in %.2fs", attempt + 1, exc.kind, delay)
+                exc = raw if isinstance(raw, ProviderError) else self._too_slow(deadline_s)
+                delay = self._retry_delay(exc, attempt, started, cancel)
+                if delay is None:
+                    if exc is raw:
+                        raise
+                    raise exc from raw
                 attempt += 1
                 await asyncio.sleep(delay)
-
-
-def _reraise(exc: ProviderError, raw: BaseException) -> NoReturn:
-    """Raise ``exc``; when it wraps ``raw`` (a timeout), chain it."""
-    if exc is raw:
-        raise exc
-    raise exc from raw
