@@ -94,10 +94,9 @@ class ActiveTurn:
 
 
 ACTIVE: dict[str, ActiveTurn] = {}
-#: turn_id -> (timing row id, origin ms) for a playback report after the turn ended
+#: turn_id -> (timing row id, origin ms) of finished turns still awaiting their first
+#: playback report; taken out when it is stored, so only the first report counts
 FINISHED_TIMINGS: dict[str, tuple[int, float, str]] = {}
-#: turns whose first_audio_playing was already stored: only the first report counts
-_PLAYING_STORED: set[str] = set()
 #: client token -> coroutine function sending a JSON message on the tab's mic socket
 VOICE_SENDERS: dict[str, Callable[[dict], Awaitable[None]]] = {}
 
@@ -240,13 +239,9 @@ async def _store_cut(turn: ActiveTurn) -> None:
 
 
 def _late_playing(turn_id: str, server_ms: float) -> None:
-    info = FINISHED_TIMINGS.get(turn_id)
-    if info is None or turn_id in _PLAYING_STORED:
-        return
-    _PLAYING_STORED.add(turn_id)
-    if len(_PLAYING_STORED) > 400:
-        # only turns still awaiting a late report matter (the others have no timing entry)
-        _PLAYING_STORED.intersection_update(FINISHED_TIMINGS)
+    info = FINISHED_TIMINGS.pop(turn_id, None)
+    if info is None:
+        return  # stored already (a later report is a replay), or not a turn of ours
     timing_id, origin, _ = info
     if timing_id:
         asyncio.get_running_loop().run_in_executor(None, repo.set_first_audio_playing, timing_id, server_ms - origin)
@@ -480,9 +475,8 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
     except Exception:
         log.exception("could not store the turn")
     origin = turn.marks.origin() or 0.0
-    FINISHED_TIMINGS[turn.turn_id] = (timing_id, origin, turn.conversation_id)
-    if turn.marks.first_audio_playing is not None:
-        _PLAYING_STORED.add(turn.turn_id)  # stored with the timing row: later reports are replays
+    if turn.marks.first_audio_playing is None:  # else stored with the timing row: later reports are replays
+        FINISHED_TIMINGS[turn.turn_id] = (timing_id, origin, turn.conversation_id)
     if len(FINISHED_TIMINGS) > 200:
         for k in list(FINISHED_TIMINGS)[:100]:
             FINISHED_TIMINGS.pop(k, None)
