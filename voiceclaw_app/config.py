@@ -58,29 +58,30 @@ def _env(name: str, default: str) -> str:
     return default if value is None or value.strip() == "" else value.strip()
 
 
-def env_headers_problem() -> str | None:
-    """Why ``VOICECLAW_LLM_HEADERS`` is ignored, in plain words; None when it is fine or unset."""
+def _parse_env_headers() -> tuple[dict[str, str], str | None]:
+    """``VOICECLAW_LLM_HEADERS`` as headers, and why it is ignored (None when fine or unset)."""
     raw = os.environ.get("VOICECLAW_LLM_HEADERS", "").strip()
     if not raw:
-        return None
+        return {}, None
     try:
         parsed = json.loads(raw)
     except json.JSONDecodeError as exc:
-        return f"VOICECLAW_LLM_HEADERS is not valid JSON ({exc.msg} at character {exc.pos}), so no extra headers are sent; write a JSON object such as {{\"x-openclaw-agent-id\": \"voice\"}}."
+        return {}, f"VOICECLAW_LLM_HEADERS is not valid JSON ({exc.msg} at character {exc.pos}), so no extra headers are sent; write a JSON object such as {{\"x-openclaw-agent-id\": \"voice\"}}."
     if not isinstance(parsed, dict):
-        return f"VOICECLAW_LLM_HEADERS must be a JSON object of header names to values (got a {type(parsed).__name__}), so no extra headers are sent."
-    return None
+        return {}, f"VOICECLAW_LLM_HEADERS must be a JSON object of header names to values (got a {type(parsed).__name__}), so no extra headers are sent."
+    return {str(k): str(v) for k, v in parsed.items()}, None
+
+
+def env_headers_problem() -> str | None:
+    """Why ``VOICECLAW_LLM_HEADERS`` is ignored, in plain words; None when it is fine or unset."""
+    return _parse_env_headers()[1]
 
 
 def _env_headers() -> dict[str, str]:
-    raw = os.environ.get("VOICECLAW_LLM_HEADERS", "").strip()
-    if not raw:
-        return {}
-    problem = env_headers_problem()
+    headers, problem = _parse_env_headers()
     if problem:
         log.warning("%s", problem)
-        return {}
-    return {str(k): str(v) for k, v in json.loads(raw).items()}
+    return headers
 
 
 @dataclass
@@ -175,8 +176,8 @@ class VoiceSettings:
             p["llm_model_voice"] = "Name the model to use with this endpoint (gateway: openclaw:<agentId>)."
         if self.llm_history_mode not in ("auto", "server", "client"):
             p["llm_history_mode"] = "History mode is 'auto', 'server' or 'client'."
-        elif self.llm_history_mode == "server" and self.history_mode_mismatch():
-            p["llm_history_mode"] = self.history_mode_mismatch() or ""
+        elif mismatch := self.history_mode_mismatch():
+            p["llm_history_mode"] = mismatch
         if not 0 <= self.llm_history_turns <= 100:
             p["llm_history_turns"] = "History turns must be between 0 and 100."
         if not 1 <= self.llm_read_timeout_s <= 600:

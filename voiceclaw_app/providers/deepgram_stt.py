@@ -335,10 +335,6 @@ class DeepgramListener(Listener):
                       "watchdog_reconnects": 0, "local_endpoints": 0, "start_attempts": 0, "recoveries": 0,
                       "vad_calls": 0, "vad_ms": 0.0, "vad_max_ms": 0.0}
 
-    @property
-    def _announced(self) -> bool:  # older name, kept for callers that read it
-        return self._barge is not None
-
     @classmethod
     def from_settings(cls, settings, keys, **kw) -> "DeepgramListener":
         opts = DeepgramOptions(language=(settings.stt_language or "en"), endpointing_ms=int(settings.vad_silence_ms), utterance_end_ms=max(1000, int(settings.vad_silence_ms) + 500))
