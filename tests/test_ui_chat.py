@@ -25,6 +25,16 @@ def _reload(sink) -> None:
     apply_audio_report(TOKEN, {"event": "mounted", "turn": sink.stream.audio_turn}, sink.stream, sink.chat)
 
 
+async def _playing_mid_reply(sink, holder, turns):
+    """A spoken reply still being synthesized (two of three chunks so far), its first chunk playing."""
+    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS, chunk_delay=0.05)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False)
+    while len(turn.chunks) < 2:
+        await asyncio.sleep(0.01)
+    apply_audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None}, sink.stream, sink.chat)
+    return turn
+
+
 async def _finished_and_playing(sink, holder, turns):
     """A spoken reply fully synthesized, its audio reported playing by the page."""
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS)
@@ -112,11 +122,7 @@ async def test_page_left_mid_reply_ends_the_running_turn_cut_at_what_was_heard(e
     producing audio ends there, stored up to the played chunk, marked interrupted,
     and the status leaves "speaking"."""
     sink, holder, turns, repo = env
-    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS, chunk_delay=0.05)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False)
-    while len(turn.chunks) < 2:
-        await asyncio.sleep(0.01)
-    apply_audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None}, sink.stream, sink.chat)
+    turn = await _playing_mid_reply(sink, holder, turns)
     assert sink.chat.status == "speaking"
     apply_audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 1}, sink.stream, sink.chat)
     with contextlib.suppress(asyncio.CancelledError):
@@ -178,11 +184,7 @@ async def test_playback_stopped_on_the_mic_socket_cuts_the_reply(env):
     from voiceclaw_app.server import ws_voice
 
     sink, holder, turns, repo = env
-    holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS, chunk_delay=0.05)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False)
-    while len(turn.chunks) < 2:
-        await asyncio.sleep(0.01)
-    apply_audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None}, sink.stream, sink.chat)
+    turn = await _playing_mid_reply(sink, holder, turns)
     session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
     await session.on_control({"type": "playback_stopped", "turn": turn.turn_id, "played": 1})
     with contextlib.suppress(asyncio.CancelledError):
