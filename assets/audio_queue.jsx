@@ -1,6 +1,8 @@
 // Audio queue: plays the turn's chunk WAV URLs in order, gaplessly (Web Audio,
 // scheduled back to back), fetching/decoding ahead while the current one plays.
-// Reports (JSON string to onReport): first_playing (with the server-clock time,
+// Reports (with voiceReports: on the tab's voice socket as {type: "playback", ...}
+// through window.__voiceclawVoiceSend, which the mic component provides; else a JSON
+// string to onReport): first_playing (with the server-clock time,
 // using the offset the mic socket measured), chunk (each chunk start), ended (the
 // turn's audio is complete -- the `done` prop -- and has all played; a drain while
 // the LLM is slower than speech is not an end), stopped (barge-in/stop, or the page
@@ -98,14 +100,28 @@ function markPlayed(turn) {
   try { window.sessionStorage.setItem(PLAYED_KEY, JSON.stringify(list)); } catch (e) {}
 }
 
-export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, ...rest }) {
+export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, voiceReports, ...rest }) {
   const el = useRef(null);
   const st = useRef(null);
   const doneRef = useRef(done);
   doneRef.current = done;
   const reportRef = useRef(onReport);
   reportRef.current = onReport;
-  const report = (obj) => { try { reportRef.current && reportRef.current(JSON.stringify(obj)); } catch (e) {} };
+  const voiceRef = useRef(!!voiceReports);
+  voiceRef.current = !!voiceReports;
+  const report = (obj) => {
+    try {
+      if (voiceRef.current) {
+        const msg = { type: "playback", ...obj };
+        // "mounted" only tells an open socket (a page that holds no session has nothing to reset)
+        if (obj.event === "mounted") { if (window.__voiceclawMicSend) window.__voiceclawMicSend(msg); }
+        else if (window.__voiceclawVoiceSend && !String(obj.turn || "").startsWith("replay-")) window.__voiceclawVoiceSend(msg); // a replay needs no session
+        else if (window.__voiceclawMicSend) window.__voiceclawMicSend(msg);
+        return;
+      }
+      if (reportRef.current) reportRef.current(JSON.stringify(obj));
+    } catch (e) {}
+  };
   const ctx = () => playCtx(true);
 
   const fresh = (turn) => ({ turn, buffers: [], fetching: new Set(), next: 0, at: 0, sources: [], started: 0, timers: [], pending: [], stopped: false, endTimer: null, ended: false, known: 0 });

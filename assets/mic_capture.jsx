@@ -2,15 +2,22 @@
 // /ws/voice. Echo cancellation, noise suppression and auto gain on. Renders the
 // voice button (hands-free: tap to start/stop; push-to-talk: hold the button or the
 // space bar), a level meter, a mic picker and a clear message when the mic is
-// denied or missing. The socket opens on mount (hello -> ready, ping/pong for the
-// clock offset, kept in window.__voiceclawClockOffset for the audio queue).
+// denied or missing. The socket (the tab's voice session: hello -> ready, ping/pong
+// for the clock offset, kept in window.__voiceclawClockOffset for the audio queue)
+// opens when the mic starts or a typed message is sent, never on mount: a page that
+// is merely open holds no session and takes no one's mic. Everything the session
+// needs travels on it: frames, controls, the conversation id and mute ("context",
+// on every change), typed text ("text", when saySeq changes), the audio queue's
+// playback reports ("playback").
 // Playback control from the server (pause / resume / barge_in) is re-dispatched as
 // window events for the audio queue. With VOICECLAW_ACCESS_TOKEN set on the server,
 // open the page once as /?access_token=...: the token is kept in localStorage and
 // sent in the hello; a refusal (close code 4003) stops the reconnect loop.
 // While mounted, window.__voiceclawMicSend(obj) sends JSON.stringify(obj) on the
-// socket when it is open (true) or does nothing (false): the audio queue uses it for
-// "playback_stopped" on pagehide, when Reflex's own socket is already closed.
+// socket when it is open (true) or does nothing (false), and
+// window.__voiceclawVoiceSend(obj) sends it in order, opening the socket if needed:
+// the audio queue reports through them. On unmount the socket closes a moment later,
+// so the queue's last "stopped" report still goes out on it.
 import React, { useEffect, useRef, useState } from "react";
 import { getBackendURL, getToken } from "$/utils/state";
 import env from "$/env.json";
@@ -59,8 +66,9 @@ function wsURL() {
   return u.toString();
 }
 
-export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) {
+export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversationId, muted, saySeq, sayText, ...rest }) {
   const wsRef = useRef(null);
+  const lastWsRef = useRef(null); // the socket being closed on unmount (still takes the last reports)
   const capRef = useRef(null); // {ctx, stream, node, src}
   const meterRef = useRef(null);
   const modeRef = useRef(mode);
@@ -79,6 +87,8 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   const ctlQueueRef = useRef([]); // control messages waiting for the socket (sent in order on "ready"; dropped when it closes)
   const capGenRef = useRef(0); // bumped by stopCapture and mode switches: a capture still opening is abandoned
   const primedRef = useRef(null); // mic AudioContext created inside the tap (iOS needs that)
+  const contextRef = useRef({ conversation_id: conversationId || "", muted: !!muted });
+  contextRef.current = { conversation_id: conversationId || "", muted: !!muted };
   const onEventRef = useRef(onEvent);
   onEventRef.current = onEvent;
   busyRef.current = !!busy;
@@ -94,9 +104,10 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     const ws = new WebSocket(wsURL());
     ws.binaryType = "arraybuffer";
     wsRef.current = ws;
+    lastWsRef.current = ws;
     let pings = [];
     ws.onopen = () => {
-      const hello = { type: "hello", client_token: getToken(), sample_rate: 16000, mode: modeRef.current };
+      const hello = { type: "hello", client_token: getToken(), sample_rate: 16000, mode: modeRef.current, ...contextRef.current };
       const access = accessToken();
       if (access) hello.access_token = access;
       ws.send(JSON.stringify(hello));
@@ -151,26 +162,33 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
 
   useEffect(() => {
     disposedRef.current = false;
-    connect();
+    window.__voiceclawMicMounted = true;
     refreshDevices();
     const md = typeof navigator !== "undefined" ? navigator.mediaDevices : null;
     const onDeviceChange = () => { refreshDevices(); };
     if (md && md.addEventListener) md.addEventListener("devicechange", onDeviceChange);
     const micSend = (obj) => {
-      const ws = wsRef.current;
+      const ws = wsRef.current || lastWsRef.current;
       if (!ws || ws.readyState !== 1) return false;
       try { ws.send(JSON.stringify(obj)); return true; } catch (e) { return false; }
     };
+    const voiceSend = (obj) => sendCtl(obj);
     window.__voiceclawMicSend = micSend;
+    window.__voiceclawVoiceSend = voiceSend;
     return () => {
-      if (window.__voiceclawMicSend === micSend) window.__voiceclawMicSend = undefined;
       disposedRef.current = true;
+      window.__voiceclawMicMounted = false;
       if (md && md.removeEventListener) md.removeEventListener("devicechange", onDeviceChange);
       stopCapture(false);
       dropPrimed();
       ctlQueueRef.current = [];
       const ws = wsRef.current; wsRef.current = null;
-      if (ws) { ws.onclose = null; ws.onmessage = null; try { ws.close(); } catch (e) {} }
+      // a moment later: the audio queue's cleanup (after this one) still reports on it
+      setTimeout(() => {
+        if (window.__voiceclawMicSend === micSend) window.__voiceclawMicSend = undefined;
+        if (window.__voiceclawVoiceSend === voiceSend) window.__voiceclawVoiceSend = undefined;
+        if (ws) { ws.onclose = null; ws.onmessage = null; try { ws.close(); } catch (e) {} }
+      }, 50);
     };
   }, []);
 
@@ -185,7 +203,11 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     const data = JSON.stringify(obj);
     const ws = wsRef.current;
     if (ws && ws.readyState === 1 && ctlQueueRef.current.length === 0) { ws.send(data); return; }
-    if (disposedRef.current) return;
+    if (disposedRef.current) {
+      const last = lastWsRef.current;
+      if (last && last.readyState === 1) { try { last.send(data); } catch (e) {} }
+      return;
+    }
     // no live socket: a new one (connect drops what was queued for the old one), then queue for it
     if (!ws || ws.readyState > 1) { window.__voiceclawTakenOver = false; connect(); }
     ctlQueueRef.current.push(data);
@@ -286,6 +308,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
         return !disposedRef.current;
       }
       capRef.current = { ctx, stream, node, src };
+      if (modeRef.current !== "push_to_talk") sendCtl({ type: "mic", on: true }); // claims the account's mic
       refreshDevices();
       return true;
     } catch (e) {
@@ -314,6 +337,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
     if (meterRef.current) meterRef.current.style.width = "0%";
     setActiveBoth(false);
     if (tell) { sendCtl({ type: "stop" }); emit("stopped"); cue("stop"); }
+    else if (c && wsRef.current && wsRef.current.readyState === 1) sendCtl({ type: "mic", on: false });
   };
 
   // Stop button / new conversation on the page
@@ -321,8 +345,23 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
   useEffect(() => {
     if (firstStop.current) { firstStop.current = false; return; }
     if (capRef.current) stopCapture(true);
+    else if (wsRef.current && wsRef.current.readyState === 1) sendCtl({ type: "stop" }); // a typed reply stops too
     window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
   }, [stopSeq]);
+
+  // the conversation id and mute: the session learns every change (a new socket's hello carries them)
+  const firstContext = useRef(true);
+  useEffect(() => {
+    if (firstContext.current) { firstContext.current = false; return; }
+    if (wsRef.current && wsRef.current.readyState === 1) sendCtl({ type: "context", ...contextRef.current });
+  }, [conversationId, muted]);
+
+  // a typed message: the session runs the turn (the socket opens for it if needed)
+  const firstSay = useRef(true);
+  useEffect(() => {
+    if (firstSay.current) { firstSay.current = false; return; }
+    if (sayText) sendCtl({ type: "text", text: sayText });
+  }, [saySeq]);
 
   // a mode switch stops the capture cleanly: push-to-talk keeps the capture open
   // between presses and hands-free sends every frame, so a capture carried over would
@@ -485,7 +524,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, ...rest }) 
         {devices.map((d, i) => <option key={d.deviceId || i} value={d.deviceId}>{d.label || "Microphone " + (i + 1)}</option>)}
       </select>
       {error ? <div id="mic-error" role="alert" className="vc-error">{error}</div> : null}
-      {takenOver ? <div id="mic-taken-over" role="status">Another tab took over the microphone. <a href="#" onClick={(e) => { e.preventDefault(); window.__voiceclawTakenOver = false; if (!wsRef.current) connect(); }}>Use it here</a></div> : null}
+      {takenOver ? <div id="mic-taken-over" role="status">Another tab took over the microphone. <a href="#" onClick={(e) => { e.preventDefault(); window.__voiceclawTakenOver = false; setTakenOver(false); onClick(); }}>Use it here</a></div> : null}
     </div>
   );
 }

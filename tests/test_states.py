@@ -1,4 +1,5 @@
-"""The UI's turn driver: token batching into segments, persistence, barge-in cut, delta size."""
+"""The voice session's turns as the page sees them: token batching into segments (the
+projection), persistence (DbConversationStore), barge-in cut, delta size."""
 
 import asyncio
 import contextlib
@@ -8,6 +9,8 @@ import pytest
 
 from voiceclaw_app.pipeline.events import AudioReady, LLMToken, TurnDone, UserText
 from voiceclaw_app.pipeline.timing import TurnMarks
+
+from .session_rig import make_session
 
 
 class FakeStream:
@@ -23,6 +26,7 @@ class FakeStream:
         self.stop_seq = 0
         self.audio_stop_seq = 0
         self.cue = ""
+        self._segments: list[str] = []
         self.updates: list[int] = []  # bytes of each update's streaming payload
 
     def reset_turn(self, turn_id):
@@ -30,6 +34,7 @@ class FakeStream:
         self.streaming = bool(turn_id)
         self.seg_base = 0
         self.seg_tail = []
+        self._segments = []
         if turn_id:
             self.audio_turn = turn_id
             self.audio_urls = []
@@ -40,7 +45,10 @@ class FakeChat:
     def __init__(self):
         self.conversation_id = ""
         self.messages = []
-        self.status = "idle"
+        self.session_status = "idle"
+        self.session_boot = ""
+        self.mic_error = ""
+        self.taken_over = False
         self.notice = ""
         self.error = ""
         self.muted = False
@@ -70,7 +78,7 @@ class FakeRunner:
     def prepare(self, history, conversation_id, spoken=True):
         return {"history": history}
 
-    async def warm(self):
+    async def warm(self, prepared=None):
         pass
 
     async def run(self, prepared, user_text, *, marks=None, cancel=None, speak=True):
@@ -93,32 +101,30 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("VOICECLAW_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("VOICECLAW_DATABASE_URL", f"sqlite:///{tmp_path / 'ui.db'}")
     from voiceclaw_app.db import repo
-    from voiceclaw_app.states import services, turns
+    from voiceclaw_app.states import services
 
     repo.create_all()
     sink = FakeSink()
-    turns.set_sink(sink)
     holder = {}
 
     async def fake_get_runner(settings):
         return holder["runner"]
 
     monkeypatch.setattr(services, "get_runner", fake_get_runner)
-    yield sink, holder, turns, repo
-    turns.set_sink(turns.ReflexSink())
-    turns.ACTIVE.clear()
+    yield sink, holder, repo
 
 
 async def test_typed_turn_streams_in_segments_and_is_stored(env):
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
+    session, _, projection = await make_session(sink, "tok-123456789")
     tokens = [f" word{i}" for i in range(400)]
     holder["runner"] = FakeRunner(tokens, [("aaaaaaaaaa", "first part."), ("bbbbbbbbbb", "second part.")])
-    turn = turns.start_turn("tok-123456789", "hello there", speak=True, spoken_input=False)
-    await turn.task
+    reply = await session.say("hello there")
+    await reply.task
     # batched: far fewer updates than tokens, each carrying a bounded window
     assert len(sink.stream.updates) < len(tokens) / 3
     assert max(sink.stream.updates) < 8 * 2000
-    assert "".join(turn.segments) == "".join(tokens)
+    assert "".join(projection.segments) == "".join(tokens)
     assert sink.stream.audio_urls == ["/audio/aaaaaaaaaa.wav", "/audio/bbbbbbbbbb.wav"]
     assert [m["role"] for m in sink.chat.messages] == ["user", "assistant"]
     msgs = repo.list_messages(sink.chat.conversation_id)
@@ -126,36 +132,64 @@ async def test_typed_turn_streams_in_segments_and_is_stored(env):
     assert msgs[1]["finished"] and not msgs[1]["interrupted"]
     assert msgs[1]["audio_ids"] == ["aaaaaaaaaa", "bbbbbbbbbb"]
     assert repo.timings_for(sink.chat.conversation_id)[0]["turn_done"] is not None
+    assert session.conversation_id == sink.chat.conversation_id
 
 
 async def test_barge_in_keeps_only_played_chunks(env):
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
+    session, _, _ = await make_session(sink, "tok-abcdefgh")
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], [("c1c1c1c1c1", "One."), ("c2c2c2c2c2", "Two."), ("c3c3c3c3c3", "Three.")], chunk_delay=0.05)
-    turn = turns.start_turn("tok-abcdefgh", "count", speak=True, spoken_input=True, marks=TurnMarks(speech_end=1.0, stt_final=2.0))
-    while len(turn.chunks) < 2:
+    reply = await session.start_reply("count", speak=True, spoken_input=True, marks=TurnMarks(speech_end=1.0, stt_final=2.0))
+    while len(reply.ledger.chunks) < 2:
         await asyncio.sleep(0.01)
-    turns.audio_report("tok-abcdefgh", {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": 500.0})
-    assert turns.interrupt("tok-abcdefgh")
+    await session.on_playback({"event": "first_playing", "turn": reply.turn_id, "index": 0, "server_ms": 500.0})
+    assert session.replying()
+    await session.on_control({"type": "barge_in"})
     with contextlib.suppress(asyncio.CancelledError):
-        await turn.task
+        await reply.task
     msgs = repo.list_messages(sink.chat.conversation_id)
     assert msgs[-1]["content"] == "One."
     assert msgs[-1]["interrupted"]
     assert sink.chat.messages[-1]["interrupted"] == "1"
-    assert turns.active("tok-abcdefgh") is None
+    assert reply.done and not session.replying()
 
 
 async def test_a_new_turn_cancels_the_previous_one(env):
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
+    session, _, _ = await make_session(sink, "tok-samesame", muted=True)
     holder["runner"] = FakeRunner([f" t{i}" for i in range(200)], [], token_delay=0.01)
-    first = turns.start_turn("tok-samesame", "one", speak=False, spoken_input=False)
+    first = await session.say("one")
     await asyncio.sleep(0.1)
     holder["runner"] = FakeRunner([" ok"], [])
-    second = turns.start_turn("tok-samesame", "two", speak=False, spoken_input=False, conversation_id=first.conversation_id or "")
+    second = await session.say("two")
     with contextlib.suppress(asyncio.CancelledError):
         await first.task
     await second.task
     assert first.interrupted and not second.interrupted
+    assert first.conversation_id == second.conversation_id
+
+
+async def test_a_muted_reply_is_stored_while_it_streams(env):
+    """A muted (text-only) reply has no audio chunks: its text is still written at least
+    every second, so a crash mid-reply leaves what was streamed in the history."""
+    sink, holder, repo = env
+    session, _, _ = await make_session(sink, "tok-muted-0001", muted=True)
+    holder["runner"] = FakeRunner([f" w{i}" for i in range(400)], [], token_delay=0.01)
+    reply = await session.say("talk for a while")
+    stored = []
+    for _ in range(300):
+        await asyncio.sleep(0.05)
+        if reply.message_id is not None:
+            msg = [m for m in repo.list_messages(reply.conversation_id) if m["role"] == "assistant"][-1]
+            stored.append(len(msg["content"]))
+            if not msg["finished"] and len(set(stored)) >= 3:
+                break
+    assert not reply.done, "the reply ended before the test could look mid-stream"
+    assert len(set(x for x in stored if x)) >= 2, f"the text was not written while streaming: {stored}"
+    assert not msg["finished"] and msg["content"].split()[:2] == ["w0", "w1"]
+    reply.interrupt("test")
+    with contextlib.suppress(asyncio.CancelledError):
+        await reply.task
 
 
 async def test_connection_test_sends_the_stored_llm_key_only_to_the_saved_address(env):
@@ -166,7 +200,7 @@ async def test_connection_test_sends_the_stored_llm_key_only_to_the_saved_addres
     from voiceclaw_app.states import services
     from voiceclaw_app.states.settings import _test_provider
 
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
     services.key_store().set("llm_api_key", "sk-stored-gateway-token")
     async with FakeChatServer(api_key="sk-stored-gateway-token") as saved_srv, FakeChatServer() as other_srv:
         repo.save_settings(VoiceSettings(llm_base_url=saved_srv.base_url, llm_model_voice="openclaw:voice"))

@@ -1,4 +1,7 @@
-"""The Reflex app: pages, the mic WebSocket and the audio route, startup tasks."""
+"""The Reflex app: pages, the voice socket (over the app's SessionHub) and the audio route, startup tasks.
+
+Nothing imports this module: what needs the app gets it passed in (the projection's sink).
+"""
 
 import asyncio
 import logging
@@ -11,19 +14,33 @@ from .db import repo
 from .pages.dashboard import dashboard
 from .pages.history import history
 from .pages.settings import settings_page
+from .db.models import new_id
 from .server.audio import audio_route
-from .server.ws_voice import ws_voice
+from .server.hub import SessionHub
+from .server.persistence import DbConversationStore
+from .server.ws_voice import make_ws_voice
 from .states import services
 from .states.chat import ChatState
 from .states.history import HistoryState
 from .states.settings import SettingsState
 
+from .states.projection import Projection, ReflexSink
+
 log = logging.getLogger("voiceclaw.app")
+
+
+def _projection(token: str, user_id: int) -> Projection:
+    return Projection(ReflexSink(app), token, user_id)
+
+
+#: this process's live voice sessions (one per tab's voice socket)
+hub = SessionHub(services=services, store_for=DbConversationStore, projection_for=_projection, new_conversation_id=new_id)
 
 api = Starlette(
     routes=[
         Route("/audio/{id}.wav", audio_route, methods=["GET", "HEAD"]),
-        WebSocketRoute("/ws/voice", ws_voice),
+        # the accounts branch passes its authenticate / origin_allowed here
+        WebSocketRoute("/ws/voice", make_ws_voice(hub)),
     ]
 )
 

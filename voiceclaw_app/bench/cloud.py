@@ -31,9 +31,9 @@ the first of them. The listener is built as production builds it
 (``vad_gate`` says whether it loaded; ``vad_gate_ms_per_frame`` is its measured cost
 on the event loop).
 
-This drives the listener and the pipeline's :class:`TurnStarter` directly rather
+This drives a real voice session (listener, :class:`TurnStarter`, reply) rather
 than ``/ws/voice`` (the socket's handler goes through Reflex state, which needs the
-whole app running), through :class:`~.drive.StarterSession`, which does what the
+whole app running), through :class:`~.drive.SessionDriver`, which is what the
 socket's ``_on_listen_event`` does with each listener event; the frames enter the
 listener exactly as the socket handler passes them.
 """
@@ -49,14 +49,13 @@ import numpy as np
 
 from ..config import VoiceSettings
 from ..pipeline.audio_store import AudioStore
-from ..pipeline.preemptive import TurnStarter
 from ..pipeline.timing import now_ms
 from ..pipeline.turn import TurnRunner
 from ..providers.base import ListenEvent, SpeechStarted
 from ..providers.deepgram_stt import DeepgramListener, DeepgramOptions
 from ..providers.openai_llm import OpenAICompatLLM
 from ..providers.openai_tts import OpenAITTS
-from .drive import StarterSession, WarmingPrepare, dither, load_fixtures, paced
+from .drive import BenchServices, SessionDriver, dither, load_fixtures, paced
 from .pipeline import TOKENS_PER_S, TTFT_S, TTS_REALTIME, TTS_TTFB_S, UncachedTTS, first_chunk_tokens, replies, transfer_s
 from .stats import p50_p95, stages
 
@@ -130,10 +129,9 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
             # as providers.factory builds it: the server's Silero VAD as the per-frame gate
             listener = DeepgramListener(api_key="bench", url=dg.url, options=DeepgramOptions(endpointing_ms=300, utterance_end_ms=1000), vad=_server_vad(), vad_min_speech_ms=settings.vad_min_speech_ms)
             vad_gate = listener.vad is not None
-            listener.set_hands_free(True)  # what the mic session does
             await listener.start()  # session start: the socket is open before anyone speaks
-            prepare = WarmingPrepare(runner, lambda: [], "bench-cloud")
-            session = StarterSession(listener, TurnStarter(prepare, speculative=preemptive), on_event=on_event)
+            session = SessionDriver(BenchServices(settings.replace(speculative=preemptive), runner, listener), conversation_id="", on_event=on_event)
+            await session.start()  # the session takes the listener (and sets it hands-free)
             try:
                 for i in range(runs):
                     fx = fixtures[i % len(fixtures)]
@@ -145,7 +143,7 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                     onset["ms"], onset["seen"] = t_start + 1000.0 * (lead + fx.first_voiced_sample) / RATE, {}
                     speech_end_ms = t_start + 1000.0 * (lead + fx.last_voiced_sample) / RATE
                     async for _, frame, due in paced(pcm, FRAME_MS, t_start):
-                        await listener.push(frame, due)
+                        await session.push(frame, due)
                     try:
                         await out.finished(5.0, 15.0)
                     except asyncio.TimeoutError:
@@ -155,7 +153,7 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                     if out.error or out.first_audio is None or out.first_chunk is None or out.audio_ready_ms is None:
                         errors += 1
                         continue
-                    m = out.committed.turn.marks
+                    m = out.committed.marks
                     listener_speech_end = m.speech_end  # Deepgram's estimate (EndOfTurn.speech_end_ms)
                     m.mark("speech_end", speech_end_ms, overwrite=True)
                     measured = out.audio_ready_ms - speech_end_ms
@@ -186,7 +184,6 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True) -> dict[str, Any
                 vad_stats = dict(listener.stats)
                 await session.aclose()
                 await listener.aclose()
-                await prepare.settle()
                 await tts.aclose()
     return {
         "scenario": "cloud",

@@ -1,16 +1,15 @@
 """What the ``local`` and ``cloud`` benchmarks share: spoken fixtures paced at real
-time, and listener events driven into turns by the app's own :class:`TurnStarter`.
+time into the app's own :class:`~voiceclaw_app.session.VoiceSession`.
 
-:class:`StarterSession` does what the mic WebSocket does (``ws_voice``'s
-``_on_listen_event``): every listener event goes to the starter, and the committed
-:class:`EarlyTurn` is consumed; here its events are recorded instead of shown. So
-the benchmarks measure the app's path, not a copy of it.
+:class:`SessionDriver` builds a real session (the one each ``/ws/voice`` gets) over
+:class:`BenchServices` (the benchmark's runner and listener) and an in-memory store,
+pushes frames into it and records what each committed reply delivered from the
+session's events. So the benchmarks measure the app's path, not a copy of it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import wave
@@ -21,10 +20,13 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 
 from ..pipeline.events import AudioReady, ChunkText, TurnDone, TurnError
-from ..pipeline.preemptive import CommittedTurn, TurnStarter
 from ..pipeline.timing import now_ms
 from ..pipeline.turn import PreparedRequest, TurnRunner
-from ..providers.base import STT, ChatMessage, Listener, ListenEvent, ListenNotice, Transcript
+from ..providers.base import STT, Listener, ListenEvent, ListenNotice, Transcript
+from ..session import events as ev
+from ..session.ports import InMemoryStore
+from ..session.reply import ReplyHandle
+from ..session.session import VoiceSession
 
 log = logging.getLogger("voiceclaw.bench")
 
@@ -106,39 +108,53 @@ class TimedSTT(STT):
         return result
 
 
-# ---------------------------------------------------------------- listener -> TurnStarter -> turn
-class WarmingPrepare:
-    """The ``prepare`` the app gives its :class:`TurnStarter` (``states.turns.prepare_runner``):
-    the request from the current history, and the providers warmed in the background
-    (with ``prefill``, the local LLM evaluates the history while the user speaks)."""
+# ---------------------------------------------------------------- frames -> VoiceSession -> recorded outcome
+class BenchServices:
+    """The session's :class:`~voiceclaw_app.session.ports.Services` for a benchmark: fixed
+    settings, one runner, and the listener it is given (a fresh one per utterance, or
+    one opened before anyone speaks)."""
 
-    def __init__(self, runner: TurnRunner, history: Callable[[], list[ChatMessage]], conversation_id: str, *, prefill: bool = True) -> None:
-        self.runner = runner
-        self.history = history
-        self.conversation_id = conversation_id
-        self.prefill = prefill
-        self._background: set[asyncio.Task] = set()
+    def __init__(self, settings: Any, runner: TurnRunner, listener: Listener | None = None, *, prefill: bool = True) -> None:
+        self.settings = settings
+        self.runner: Any = runner if prefill else _NoPrefill(runner)
+        self.listener = listener
 
-    async def __call__(self) -> tuple[TurnRunner, PreparedRequest]:
-        prepared = self.runner.prepare(self.history(), self.conversation_id, spoken=True)
-        task = asyncio.create_task(self.runner.warm(prepared if self.prefill else None), name="bench-warm")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return self.runner, prepared
+    async def load_settings(self) -> Any:
+        return self.settings
 
-    async def settle(self) -> None:
-        """Wait for the warm-ups still running (they hold model locks and cores)."""
-        await asyncio.gather(*self._background, return_exceptions=True)
+    async def get_runner(self, settings: Any) -> Any:
+        return self.runner
+
+    async def build_listener(self, settings: Any) -> Listener:
+        listener, self.listener = self.listener, None
+        if listener is None:
+            raise RuntimeError("the benchmark gave the session no listener for this utterance")
+        return listener
+
+
+class _NoPrefill:
+    """The runner, warmed without the request (no LLM prefill while the user speaks)."""
+
+    def __init__(self, runner: TurnRunner) -> None:
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    async def warm(self, prepared: PreparedRequest | None = None) -> None:
+        await self._runner.warm(None)
 
 
 @dataclass
 class Outcome:
-    """One expected turn: what the committed turn delivered, on the bench clock."""
+    """One expected turn: what the committed reply delivered, on the bench clock."""
 
-    committed: CommittedTurn | None = None
+    committed: ReplyHandle | None = None
     committed_ms: float | None = None
     first_chunk: ChunkText | None = None
     first_audio: AudioReady | None = None
+    #: when the session sent the first audio URL out (what the page would fetch)
+    first_audio_sent_ms: float | None = None
     reply: str = ""
     error: str = ""
     notices: list[str] = field(default_factory=list)
@@ -148,83 +164,85 @@ class Outcome:
 
     @property
     def audio_ready_ms(self) -> float | None:
-        """When the first audio could be sent: made early, it still waits for the commit."""
-        if self.committed is None or self.committed_ms is None:
+        """When the first audio went out: made early, it still waits for the commit."""
+        if self.committed is None or self.first_audio_sent_ms is None:
             return None
-        ready = self.committed.turn.marks.first_audio_ready
-        return None if ready is None else max(ready, self.committed_ms)
+        ready = self.committed.marks.first_audio_ready
+        return self.first_audio_sent_ms if ready is None else max(ready, self.first_audio_sent_ms)
 
     async def finished(self, commit_timeout_s: float, turn_timeout_s: float) -> "Outcome":
-        """Wait for the commit, then for the turn's end (raises TimeoutError)."""
+        """Wait for the commit, then for the reply's end (raises TimeoutError)."""
         await asyncio.wait_for(self.done.wait(), commit_timeout_s)
         if self.task is not None:
             await asyncio.wait_for(asyncio.shield(self.task), turn_timeout_s)
         return self
 
-    async def _consume(self) -> None:
-        assert self.committed is not None
-        async for ev in self.committed.turn.events():
-            if isinstance(ev, ChunkText) and self.first_chunk is None and not ev.notice:
-                self.first_chunk = ev
-            elif isinstance(ev, AudioReady) and self.first_audio is None:
-                self.first_audio = ev
-            elif isinstance(ev, TurnDone):
-                self.reply = ev.reply_text
-            elif isinstance(ev, TurnError):
-                self.error, self.reply = ev.message, ev.reply_text
 
+class SessionDriver:
+    """A real :class:`VoiceSession` fed by a benchmark: call :meth:`expect` before each
+    utterance, :meth:`push` its frames; the next committed reply fills that
+    :class:`Outcome`. ``on_event`` sees every listener event (e.g. to time ``SpeechStarted``)."""
 
-class StarterSession:
-    """Listener events -> :class:`TurnStarter` -> committed turns, as the mic WebSocket does.
-
-    Call :meth:`expect` before each utterance; the next committed turn fills that
-    :class:`Outcome`. ``on_event`` sees every listener event first (e.g. to time
-    ``SpeechStarted``)."""
-
-    def __init__(self, listener: Listener, starter: TurnStarter, *, on_event: Callable[[ListenEvent], Any] | None = None) -> None:
-        self.listener = listener
-        self.starter = starter
+    def __init__(self, services: BenchServices, *, store: Any = None, conversation_id: str = "bench", on_event: Callable[[ListenEvent], Any] | None = None, muted: bool = False) -> None:
+        self.store = store if store is not None else InMemoryStore()
+        self.session = VoiceSession(services=services, store=self.store, conversation_id=conversation_id, muted=muted)
+        self.services = services
         self.on_event = on_event
         self.outcome: Outcome | None = None
         self._discarded_at = 0
-        self._task = asyncio.create_task(self._run(), name="bench-listen")
+        self.session.subscribe(self._on)
 
     def expect(self) -> Outcome:
         self.outcome = Outcome()
-        self._discarded_at = self.starter.discarded
+        starter = self.session.starter
+        self._discarded_at = starter.discarded if starter is not None else 0
         return self.outcome
 
-    async def _run(self) -> None:
-        async for ev in self.listener.events():
+    async def push(self, frame: bytes, due_ms: float) -> None:
+        await self.session.push_audio(frame, due_ms)
+
+    async def start(self) -> None:
+        """Build the session's listener now (a cloud session opened before anyone speaks)."""
+        await self.session.ensure_listener()
+
+    async def _on(self, e: ev.SessionEvent) -> None:
+        out = self.outcome
+        if isinstance(e, ev.Heard):
             if self.on_event is not None:
-                self.on_event(ev)
-            out = self.outcome
-            if isinstance(ev, ListenNotice) and out is not None:
-                out.notices.append(f"{ev.kind}: {ev.message}")
-            try:
-                committed = await self.starter.handle(ev)
-            except Exception as exc:  # set-up failed: the app says so and keeps listening
-                log.warning("could not start the turn: %s", exc)
-                if out is not None and out.committed is None:
-                    out.error = f"{type(exc).__name__}: {exc}"
-                continue
-            if committed is None:
-                continue
-            if out is None or out.committed is not None:
-                log.warning("unexpected turn %r dropped", committed.text)
-                await committed.turn.discard()
-                continue
-            out.committed, out.committed_ms = committed, now_ms()
-            out.discarded = self.starter.discarded - self._discarded_at
-            out.task = asyncio.create_task(out._consume(), name="bench-turn")
+                self.on_event(e.event)
+            if isinstance(e.event, ListenNotice) and out is not None:
+                out.notices.append(f"{e.event.kind}: {e.event.message}")
+            return
+        if out is None:
+            return
+        if isinstance(e, ev.ErrorRaised) and out.committed is None:
+            out.error = e.message
+        elif isinstance(e, ev.TurnStarted):
+            reply = self.session.reply
+            if out.committed is not None or reply is None:
+                log.warning("unexpected turn %r", e.user_text)
+                return
+            starter = self.session.starter
+            out.committed, out.committed_ms, out.task = reply, reply.committed_ms, reply.task
+            out.discarded = (starter.discarded if starter is not None else 0) - self._discarded_at
             out.done.set()
+        elif isinstance(e, ev.ReplyAudio) and out.first_audio_sent_ms is None and out.committed is not None and e.audio_id:
+            out.first_audio_sent_ms = now_ms()
+        elif isinstance(e, ev.PipelineEvent) and out.committed is not None and e.turn_id == out.committed.turn_id:
+            pe = e.event
+            if isinstance(pe, ChunkText) and out.first_chunk is None and not pe.notice:
+                out.first_chunk = pe
+            elif isinstance(pe, AudioReady) and out.first_audio is None:
+                out.first_audio = pe
+            elif isinstance(pe, TurnDone):
+                out.reply = pe.reply_text
+            elif isinstance(pe, TurnError):
+                out.error, out.reply = pe.message, pe.reply_text
 
     async def aclose(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(BaseException):
-            await self._task
-        out = self.outcome
-        if out is not None and out.task is not None and not out.task.done():
-            out.task.cancel()
-            await asyncio.gather(out.task, return_exceptions=True)
-        await self.starter.aclose()
+        """Close the session (its reply, listener and starter) and wait for its warm-ups."""
+        await self.session.close()
+        reply = self.session.reply
+        if reply is not None and reply.task is not None:
+            await asyncio.gather(reply.task, return_exceptions=True)
+        await self.session.drain()

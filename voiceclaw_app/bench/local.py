@@ -6,9 +6,11 @@ VAD's estimate), so the end-of-turn silence wait is inside the figure: a longer
 ``vad_silence_ms`` makes it worse. Audio produced before the turn was committed
 counts as ready only when it is committed (the app holds it back until then).
 
-The turn path is the mic WebSocket's: frames go to :class:`LocalListener` (silero
-VAD + Whisper) and its events to the pipeline's :class:`TurnStarter`
-(:class:`~.drive.StarterSession`). How the figure is beaten on 2 cores:
+The turn path is the mic WebSocket's: frames go into a real
+:class:`~voiceclaw_app.session.VoiceSession` (:class:`~.drive.SessionDriver`), whose
+:class:`LocalListener` (silero VAD + Whisper) and :class:`TurnStarter` run as in the
+app; one session per utterance (a fresh VAD context), one in-memory conversation
+across them (the history grows as in the app). How the figure is beaten on 2 cores:
 
 * at speech start the starter prepares the request and warms the providers; the
   local LLM prefills the history-bearing prompt while the user speaks;
@@ -38,12 +40,12 @@ import numpy as np
 
 from ..config import VoiceSettings
 from ..pipeline.audio_store import AudioStore
-from ..pipeline.preemptive import TurnStarter
 from ..pipeline.timing import now_ms
 from ..pipeline.turn import TurnRunner
-from ..providers.base import ChatMessage, SpeechStarted
+from ..providers.base import SpeechStarted
+from ..session.ports import InMemoryStore
 from ..providers.local_listener import LocalListener
-from .drive import FIXTURES, SAMPLE_RATE, Fixture, StarterSession, TimedSTT, WarmingPrepare, dither, load_fixtures, paced
+from .drive import FIXTURES, SAMPLE_RATE, BenchServices, Fixture, SessionDriver, TimedSTT, dither, load_fixtures, paced
 from .pipeline import UncachedTTS
 from .stats import p50_p95, stages
 
@@ -54,7 +56,7 @@ TURN_TIMEOUT_S = 20.0
 
 
 # ---------------------------------------------------------------- one run
-async def play_fixture(fx: Fixture, *, listener: LocalListener, session: StarterSession, stt: TimedSTT, frame_ms: int, rng: np.random.Generator, onset: dict[str, float | None] | None = None) -> dict[str, Any]:
+async def play_fixture(fx: Fixture, *, session: SessionDriver, stt: TimedSTT, frame_ms: int, rng: np.random.Generator, onset: dict[str, float | None] | None = None) -> dict[str, Any]:
     """Pace ``fx`` into the listener at real time; return the run's figures.
 
     ``onset["t"]`` is set (by the session's ``on_event``) when the listener reports the
@@ -68,13 +70,13 @@ async def play_fixture(fx: Fixture, *, listener: LocalListener, session: Starter
     speech_end = t0 + 1000.0 * (fx.last_voiced_sample + 1) / SAMPLE_RATE
     deadline = t0 + 1000.0 * len(fx.pcm) / 2 / SAMPLE_RATE + TURN_TIMEOUT_S * 1000
     async for _, frame, due in paced(fx.pcm, frame_ms, t0, pad=lambda n: dither(n, rng)):
-        await listener.push(frame, due)
+        await session.push(frame, due)
         if out.error or (out.task is not None and (out.task.done() or out.first_audio is not None)) or due > deadline:
             break
     await out.finished(TURN_TIMEOUT_S, TURN_TIMEOUT_S)
     committed = out.committed
     assert committed is not None
-    marks = committed.turn.marks
+    marks = committed.marks
     listener_speech_end = marks.speech_end  # the VAD's estimate (EndOfTurn.speech_end_ms)
     ready = out.audio_ready_ms
     durations = stt.durations[n_stt:]
@@ -148,11 +150,10 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
     fixtures = load_fixtures()
     rng = np.random.default_rng(7)
     results: list[dict[str, Any]] = []
-    history: list[ChatMessage] = []
+    conversations = InMemoryStore()  # one conversation across the runs: its history grows as in the app
     with tempfile.TemporaryDirectory(prefix="vc-bench-") as tmp:
         store = AudioStore(Path(tmp))
         runner = TurnRunner(llm=llm, tts=tts, audio_store=store, settings=settings, cache=UncachedTTS(store))
-        prepare = WarmingPrepare(runner, lambda: history, "bench-local", prefill=prefill)
         for r in range(runs):
             fx = fixtures[r % len(fixtures)]
             # a fresh listener (VAD context) per utterance; the turn path is the mic socket's
@@ -163,20 +164,17 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
                 if isinstance(ev, SpeechStarted) and onset["t"] is None:
                     onset["t"] = now_ms()
 
-            session = StarterSession(listener, TurnStarter(prepare, speculative=settings.speculative), on_event=on_event)
+            session = SessionDriver(BenchServices(settings, runner, listener, prefill=prefill), store=conversations, conversation_id="bench-local", on_event=on_event)
             try:
-                res = await play_fixture(fx, listener=listener, session=session, stt=stt, frame_ms=(20, 32)[r % 2], rng=rng, onset=onset)
+                res = await play_fixture(fx, session=session, stt=stt, frame_ms=(20, 32)[r % 2], rng=rng, onset=onset)
             except Exception as exc:  # a benchmark reports failures, it does not stop at the first
                 res = {"fixture": fx.name, "error": f"{type(exc).__name__}: {exc}", "time_to_first_audio_ms": None, "stages_ms": {}}
             finally:
                 await session.aclose()
                 await listener.aclose()
-                await prepare.settle()
             results.append(res)
             if verbose:
                 print(json.dumps(res), flush=True)
-            if res.get("transcript") and res.get("reply"):
-                history = (history + [ChatMessage("user", res["transcript"]), ChatMessage("assistant", res["reply"])])[-2 * settings.llm_history_turns :]
             await asyncio.sleep(0.3)  # the user listens to the reply before speaking again
     wers = [word_error_rate(r["expected"], r.get("transcript", "")) for r in results if "expected" in r]
     return {
@@ -185,7 +183,7 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
         "time_to_first_audio_ms": p50_p95(r["time_to_first_audio_ms"] for r in results if r.get("time_to_first_audio_ms") is not None),
         "stages_ms": stages([r.get("stages_ms", {}) for r in results]),
         "errors": sum(1 for r in results if r.get("error")),
-        "measured": "first_audio_ready (not before the commit) - speech_end (fixture's last voiced sample), server side",
+        "measured": "first audio URL sent by the session (not before the commit) - speech_end (fixture's last voiced sample), server side",
         "vad_silence_ms": settings.vad_silence_ms,
         "speculative": settings.speculative,
         "prefill": prefill,

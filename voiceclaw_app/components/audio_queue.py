@@ -12,6 +12,8 @@ class AudioQueue(rx.NoSSRComponent):
     done: rx.Var[bool]
     stop_seq: rx.Var[int]
     cue: rx.Var[str]
+    #: reports go on the tab's voice socket (the dashboard) instead of ``on_report``
+    voice_reports: rx.Var[bool]
     on_report: rx.EventHandler[rx.event.passthrough_event_spec(str)]
 
 

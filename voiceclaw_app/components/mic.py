@@ -11,6 +11,12 @@ class MicCapture(rx.NoSSRComponent):
     disabled: rx.Var[bool]
     #: the assistant is thinking or speaking: a tap on the button (hands-free) barges in
     busy: rx.Var[bool]
+    #: the session's context, sent on the voice socket at every change
+    conversation_id: rx.Var[str]
+    muted: rx.Var[bool]
+    #: a typed message to hand to the session (sent when say_seq changes)
+    say_seq: rx.Var[int]
+    say_text: rx.Var[str]
     on_event: rx.EventHandler[rx.event.passthrough_event_spec(str)]
 
 

@@ -87,7 +87,16 @@ def controls() -> rx.Component:
 def dashboard() -> rx.Component:
     return page(
         rx.hstack(
-            mic_capture(mode=ChatState.input_mode, stop_seq=StreamState.stop_seq, busy=(ChatState.status == "thinking") | (ChatState.status == "speaking"), on_event=ChatState.on_mic_event),
+            mic_capture(
+                mode=ChatState.input_mode,
+                stop_seq=StreamState.stop_seq,
+                busy=(ChatState.status == "thinking") | (ChatState.status == "speaking"),
+                conversation_id=ChatState.conversation_id,
+                muted=ChatState.muted,
+                say_seq=ChatState.say_seq,
+                say_text=ChatState.say_text,
+                on_event=ChatState.on_mic_event,
+            ),
             rx.vstack(
                 rx.hstack(rx.text("Status:", size="2"), rx.badge(ChatState.status, id="voice-status", size="3"), align="center"),
                 rx.cond(ChatState.notice != "", rx.text(ChatState.notice, id="notice", size="2", color="gray")),
@@ -100,7 +109,7 @@ def dashboard() -> rx.Component:
         controls(),
         rx.box(height="0.8em"),
         transcript(),
-        audio_queue(urls=StreamState.audio_urls, turn_id=StreamState.audio_turn, done=StreamState.audio_done, stop_seq=StreamState.audio_stop_seq, cue=StreamState.cue, on_report=ChatState.on_audio_event),
+        audio_queue(urls=StreamState.audio_urls, turn_id=StreamState.audio_turn, done=StreamState.audio_done, stop_seq=StreamState.audio_stop_seq, cue=StreamState.cue, voice_reports=True),
         rx.form(
             rx.hstack(
                 rx.input(name="text", id="text-input", placeholder="Type a message…", value=ChatState.draft, on_change=ChatState.set_draft, width="100%", size="3"),

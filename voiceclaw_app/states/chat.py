@@ -1,12 +1,15 @@
-"""Dashboard state.
+"""Dashboard state: a projection of the tab's voice session, for display.
 
 ``ChatState`` holds the finished transcript, status and controls. ``StreamState`` is
 a small state of its own for what changes every 30-50 ms (the reply being streamed,
 the interim user words, the audio queue), so only its readers re-render and an
 update carries only the newest segments: the reply streams as a window of its last
 few segments (``seg_base`` + ``seg_tail``); the browser component keeps the list.
-Turn work runs in tasks owned by :mod:`voiceclaw_app.states.turns`, which update
-these states with ``app.modify_state``; handlers here never block.
+
+Turns run in the tab's :class:`~voiceclaw_app.session.VoiceSession` (on its
+``/ws/voice``); ``states/projection.py`` writes its events here. Handlers here never
+start or cancel a turn: what the session must know (typed text, conversation id,
+mute, stop) goes to it on the voice socket from the page (``assets/mic_capture.jsx``).
 """
 
 from __future__ import annotations
@@ -20,23 +23,45 @@ import reflex as rx
 from ..db import repo
 
 STATUS_WORDS = ("warming up", "idle", "listening", "thinking", "speaking", "error")
+#: this process's id: a status stamped by another (an earlier run) is stale after a restart
+BOOT_ID = secrets.token_hex(6)
+RESTART_NOTICE = "The server restarted while a reply was in progress: it was stopped. What was said is kept in the history."
 
 
 class ChatState(rx.State):
     conversation_id: str = ""
     messages: list[dict[str, str]] = []
-    status: str = "idle"
+    #: the session's status (derived in session/status.py, projected here)
+    session_status: str = "idle"
+    #: the process that projected ``session_status`` (see ``restore_after_load``)
+    session_boot: str = ""
+    #: the embedded engines are still loading
+    warming: bool = False
+    #: the browser could not open the mic (permission, no device): set by the mic component
+    mic_error: str = ""
     notice: str = ""
     error: str = ""
     muted: bool = False
     input_mode: str = "hands_free"
     draft: str = ""
     conversations: list[dict[str, str]] = []
-    #: the mic is on (hands-free) or the button is held (push-to-talk)
+    #: the mic is on (hands-free) or the button is held (push-to-talk): from the session
     mic_on: bool = False
     taken_over: bool = False
     last_audio_ids: list[str] = []
     engines: dict[str, str] = {}
+    #: bumped when a typed message is handed to the page's voice socket
+    say_seq: int = 0
+    say_text: str = ""
+
+    @rx.var
+    def status(self) -> str:
+        """What the badge shows: the session's status, or the page's own warm-up / mic error."""
+        if self.session_status == "idle" and self.warming:
+            return "warming up"
+        if self.mic_error and self.session_status in ("idle", "listening"):
+            return "error"
+        return self.session_status
 
     @rx.event
     def set_draft(self, value: str):
@@ -58,13 +83,13 @@ class ChatState(rx.State):
     @rx.event(background=True)
     async def on_load(self):
         """Load the conversation list and settings; report engine warm-up until ready."""
-        from . import services, turns
+        from . import services
 
         settings = await services.load_settings()
         convs = await asyncio.to_thread(repo.list_conversations, "", 50)
         async with self:
             stream = await self.get_state(StreamState)
-            restore_after_load(self.router.session.client_token, stream, self)
+            restore_after_load(stream, self)
             self.input_mode = settings.input_mode
             self.conversations = [_conv_row(c) for c in convs]
             if self.conversation_id:
@@ -72,58 +97,45 @@ class ChatState(rx.State):
                 self.messages = [_msg_row(m) for m in msgs]
         for _ in range(600):
             status = services.engine_status()
-            warming = [k for k, v in status.items() if v == "warming"]
+            warming = any(v == "warming" for v in status.values())
             async with self:
                 self.engines = status
-                if warming and self.status in ("idle", "warming up"):
-                    self.status = "warming up"
-                elif not warming and self.status == "warming up":
-                    self.status = "idle"
+                self.warming = warming
             if not warming:
                 return
             await asyncio.sleep(1.0)
 
     @rx.event
     async def send_text(self, form: dict | None = None):
+        """A typed message goes to the tab's voice session through the page's voice socket
+        (opened for it when the mic is off): the session runs the turn."""
         text = (form or {}).get("text", self.draft) if isinstance(form, dict) else self.draft
         text = (text or "").strip()
         if not text:
             return
         self.draft = ""
-        from . import turns
-
-        turns.start_turn(self.router.session.client_token, text, speak=not self.muted, spoken_input=False, conversation_id=self.conversation_id)
+        self.say_text = text
+        self.say_seq += 1
 
     @rx.event
     async def stop(self):
-        """Stop button: cancel the turn, stop playback and the mic."""
-        from . import turns
-
-        token = self.router.session.client_token
-        turns.interrupt(token, reason="stop")
-        self.mic_on = False
+        """Stop button: the page stops playback and the mic and tells the session "stop"."""
         stream = await self.get_state(StreamState)
         stream.stop_seq += 1
         stream.audio_stop_seq += 1
-        if self.status in ("thinking", "speaking", "listening"):
-            self.status = "idle"
 
-    async def _leave_conversation(self, reason: str) -> None:
-        """Cancel the running turn and stop its playback (the mic keeps listening)."""
-        from . import turns
-
-        turns.interrupt(self.router.session.client_token, reason=reason)
+    async def _leave_conversation(self) -> None:
+        """Stop the page's playback; the conversation id the page sends next tells the
+        session to cancel its reply (the mic keeps listening)."""
         stream = await self.get_state(StreamState)
         stream.reset_turn("")
         stream.audio_stop_seq += 1
         stream.audio_urls = []
         stream.audio_done = True
-        if self.status in ("thinking", "speaking"):
-            self.status = "listening" if self.mic_on else "idle"
 
     @rx.event
     async def new_conversation(self):
-        await self._leave_conversation("new")
+        await self._leave_conversation()
         self.conversation_id = ""
         self.messages = []
         self.last_audio_ids = []
@@ -132,7 +144,7 @@ class ChatState(rx.State):
     async def pick_conversation(self, conversation_id: str):
         if not isinstance(conversation_id, str) or not conversation_id:
             return
-        await self._leave_conversation("pick")
+        await self._leave_conversation()
         msgs = await asyncio.to_thread(repo.list_messages, conversation_id)
         self.conversation_id = conversation_id
         self.messages = [_msg_row(m) for m in msgs]
@@ -142,9 +154,10 @@ class ChatState(rx.State):
     @rx.event
     async def replay_last(self):
         from . import services
+        from .projection import audio_url
 
         store = services.audio_store()
-        urls = [store.url_for(a) for a in self.last_audio_ids if store.path_for(a) is not None]
+        urls = [audio_url(store.url_for(a), a, 0) for a in self.last_audio_ids if store.path_for(a) is not None]
         if not urls:
             self.notice = "No audio to replay."
             return
@@ -153,114 +166,44 @@ class ChatState(rx.State):
         stream.audio_urls = urls
         stream.audio_done = True
 
-    # ---- reports from the browser components (small payloads) ----------
+    # ---- reports from the mic component (small payloads) ----------------
     @rx.event
     def on_mic_event(self, payload: str):
-        """The mic component: listening / stopped / error:<message> / taken_over."""
+        """The mic component: listening / stopped / error:<message> / taken_over (the
+        session says the same on the voice socket; here only what the page alone knows)."""
+        if not isinstance(payload, str):
+            return
         if payload == "listening":
-            self.mic_on = True
             if self.taken_over:  # this tab took the mic back
                 self.notice = ""
             self.taken_over = False
+            self.mic_error = ""
             self.error = ""
-            if self.status in ("idle", "error", "warming up"):
-                self.status = "listening"
-        elif payload == "stopped":
-            self.mic_on = False
-            if self.status == "listening":
-                self.status = "idle"
-        elif payload == "taken_over":
-            self.mic_on = False
-            self.taken_over = True
-            self.notice = "The microphone was taken over by another tab."
-            if self.status == "listening":
-                self.status = "idle"
         elif payload.startswith("error:"):
-            self.mic_on = False
-            self.error = payload[6:].strip()
-            self.status = "error"
-
-    @rx.event
-    async def on_audio_event(self, payload: str):
-        """The audio queue: {"event": "mounted"|"first_playing"|"chunk"|"ended"|"stopped", ...}."""
-        try:
-            data = json.loads(payload)
-        except ValueError:
-            return
-        if not isinstance(data, dict):
-            return
-        stream = await self.get_state(StreamState)
-        apply_audio_report(self.router.session.client_token, data, stream, self)
+            self.mic_error = self.error = payload[6:].strip()
 
 
-def apply_audio_report(token: str, data: dict, stream, chat) -> None:
-    """An audio queue report applied to the tab's StreamState / ChatState (or test doubles)."""
-    from . import turns
+def restore_after_load(stream, chat) -> None:
+    """``on_load``: a reply still streaming is resent whole once (updates carry only its
+    last segments, and a new page's text component starts empty); after a server
+    restart a status left on "thinking"/"speaking" by the previous process is cleared
+    with a notice (nothing of that process runs any more).
 
-    kind = data.get("event")
-    if kind == "mounted":
-        queue_mounted(token, stream, chat)
-        return
-    turns.audio_report(token, data)
-    current = data.get("turn") == stream.audio_turn
-    if not current:
-        return  # a late report of a queue that was replaced
-    running = turns.active(token)
-    if kind == "stopped" and running is not None and running.turn_id == data.get("turn"):
-        # the queue stopped mid-reply (the page was left, or a barge-in/Stop the
-        # server has not acted on yet): nothing more of this turn will be heard,
-        # so it ends now, stored up to the chunks played, marked interrupted
-        turns.interrupt(token, reason="playback stopped")
-    if kind in ("first_playing", "chunk") and chat.status in ("thinking", "listening", "idle"):
-        chat.status = "speaking"
-    elif kind in ("ended", "stopped"):
-        if chat.status == "speaking":
-            chat.status = "listening" if chat.mic_on else "idle"
-        if stream.audio_done or kind == "stopped":
-            stream.audio_urls = []  # played: a remounted queue must not play them again
-
-
-def restore_after_load(token: str, stream, chat) -> None:
-    """``on_load``: a reply still streaming is resent whole once (updates carry only
-    its last segments, and a new page's text component starts empty).
-
-    Nothing else here: ``on_load`` also runs on a mere socket reconnect, while the
-    page still shows and plays everything; what a *new* page means for playback is
-    in :func:`queue_mounted` (its audio queue reports being mounted).
-    """
-    from . import turns
-
-    t = turns.active(token)
-    if t is not None and stream.turn_id == t.turn_id:
+    ``on_load`` also runs on a mere socket reconnect, while the page still shows and
+    plays everything: nothing else changes here (what a *new* page means for playback
+    the session learns from the voice socket closing)."""
+    if stream.streaming and stream.turn_id:
         stream.seg_base = 0
-        stream.seg_tail = list(t.segments)
-
-
-def queue_mounted(token: str, stream, chat) -> None:
-    """A new audio queue was mounted (the dashboard was loaded, reloaded or reopened):
-    whatever the previous page played is gone.
-
-    - The new queue plays nothing that was played before: the finished turn's URLs go.
-    - (A reply cut by leaving the page is reported by the old page itself, on the
-      mic socket or as a "stopped" report.)
-    - The new page's mic is off: "listening" from the old page would be a lie.
-    - Nothing is producing or playing any more: a "speaking"/"thinking" status
-      would stay forever (nobody reports "ended"), keep the page busy and turn a
-      tap on the voice button into a barge-in: back to idle.
-    """
-    from . import turns
-
-    # a new page's mic starts off (capture needs a tap, which comes after this report)
-    chat.mic_on = False
-    if chat.status == "listening":
-        chat.status = "idle"
-    turns.playback_gone(token)
-    t = turns.active(token)
-    if t is None or stream.audio_turn != t.turn_id:
+        stream.seg_tail = list(stream._segments)
+    if chat.session_boot != BOOT_ID and (chat.session_status in ("thinking", "speaking") or stream.streaming):
+        chat.session_status = "idle"
+        chat.session_boot = BOOT_ID
+        chat.mic_on = False
+        chat.notice = RESTART_NOTICE
+        stream.reset_turn("")
         stream.audio_urls = []
         stream.audio_done = True
-    if not turns.speaking(token) and chat.status in ("speaking", "thinking"):
-        chat.status = "idle"
+        stream._segments = []
 
 
 class StreamState(rx.State):
@@ -280,12 +223,15 @@ class StreamState(rx.State):
     #: playback only (new conversation, another conversation picked)
     audio_stop_seq: int = 0
     cue: str = ""
+    #: every segment of the reply streaming now (backend only: resent whole after a reload)
+    _segments: list[str] = []
 
     def reset_turn(self, turn_id: str) -> None:
         self.turn_id = turn_id
         self.streaming = bool(turn_id)
         self.seg_base = 0
         self.seg_tail = []
+        self._segments = []
         if turn_id:
             self.audio_turn = turn_id
             self.audio_urls = []
