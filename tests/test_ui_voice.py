@@ -1,4 +1,5 @@
-"""The mic socket's decisions (/ws/voice) and the turn registry's playback reports.
+"""The voice session's decisions (barge-in, listener lifecycle, playback reports) and
+the ``/ws/voice`` hello, against the real VoiceSession and SessionHub.
 
 A fake listener (a real ``Listener`` subclass) and the in-memory sink of
 test_states; the socket is a small in-memory stand-in for Starlette's WebSocket.
@@ -16,7 +17,8 @@ import pytest
 from voiceclaw_app.pipeline.timing import TurnMarks, now_ms
 from voiceclaw_app.providers.base import EngineUnavailable, Listener, SpeechDiscarded, SpeechStarted, queued_events
 
-from .test_states import FakeRunner, env  # noqa: F401  (env is a fixture)
+from .session_rig import make_session, speaking_reply
+from .test_states import FakeRunner, FakeSink, env  # noqa: F401  (env is a fixture)
 
 TOKEN = "tok-voice-0001"
 
@@ -24,10 +26,12 @@ TOKEN = "tok-voice-0001"
 class FakeWS:
     """Enough of starlette's WebSocket for ws_voice: scripted input, recorded output."""
 
-    def __init__(self, incoming: list[dict] | None = None):
+    def __init__(self, incoming: list[dict] | None = None, headers: dict | None = None):
         self.sent: list[dict] = []
         self.closed_with: int | None = None
         self.incoming = list(incoming or [])
+        self.headers = headers or {}
+        self.client = None
 
     async def accept(self):
         pass
@@ -81,8 +85,7 @@ class FakeListener(Listener):
 
 @pytest.fixture()
 def voice(env, monkeypatch):  # noqa: F811
-    from voiceclaw_app.server import ws_voice
-    from voiceclaw_app.states import services, turns
+    from voiceclaw_app.states import services
 
     built: list[FakeListener] = []
     holder = {"fail_push": None}
@@ -93,27 +96,14 @@ def voice(env, monkeypatch):  # noqa: F811
         return lst
 
     monkeypatch.setattr(services, "build_listener", fake_build_listener)
-    monkeypatch.setattr(ws_voice, "_current", None)
-    yield ws_voice, turns, env[0], built, holder
-    turns.ACTIVE.clear()
-    turns.VOICE_SENDERS.clear()
-
-
-def _speaking_turn(turns, *, started_ago_ms: float = 1000.0, done: bool = False):
-    t = turns.ActiveTurn(turn_id="t-speaking", token=TOKEN, conversation_id="c", speak=True)
-    t.playing = True
-    t.playback_started_ms = now_ms() - started_ago_ms
-    t.done = done
-    turns.ACTIVE[TOKEN] = t
-    return t
+    yield env[0], built, holder
 
 
 # ---------------------------------------------------------------- pause / resume / barge-in
 async def test_tentative_onset_pauses_and_a_discard_resumes_without_cancelling(voice):
-    ws_voice, turns, sink, _, _ = voice
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
-    turn = _speaking_turn(turns)
+    sink, _, _ = voice
+    session, ws, _ = await make_session(sink, TOKEN)
+    turn = speaking_reply(session)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     assert ws.types() == ["pause"]
     assert not turn.cancel.cancelled and not turn.interrupted
@@ -130,69 +120,63 @@ async def test_tentative_onset_pauses_and_a_discard_resumes_without_cancelling(v
 
 
 async def test_confirmed_speech_after_a_pause_barges_in(voice):
-    ws_voice, turns, sink, _, _ = voice
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
-    turn = _speaking_turn(turns)
+    sink, _, _ = voice
+    session, ws, _ = await make_session(sink, TOKEN)
+    turn = speaking_reply(session)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=False))
     assert ws.types() == ["pause", "barge_in"]
     assert turn.cancel.cancelled and turn.interrupted
-    assert not session.paused
+    assert not session.barge.paused
     await session.close()
 
 
 async def test_confirmed_speech_while_speaking_barges_in_even_without_a_pause(voice):
-    ws_voice, turns, sink, _, _ = voice
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
-    turn = _speaking_turn(turns)
+    sink, _, _ = voice
+    session, ws, _ = await make_session(sink, TOKEN)
+    turn = speaking_reply(session)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
     assert ws.types() == ["barge_in"]
     assert turn.interrupted
 
 
 async def test_echo_guard_and_silence_keep_playback_going(voice):
-    ws_voice, turns, sink, _, _ = voice
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    sink, _, _ = voice
+    session, ws, _ = await make_session(sink, TOKEN)
     # nothing is speaking: no pause, no barge-in
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
     assert ws.types() == []
     # within the first 300 ms of playback: our own voice, ignored
-    turn = _speaking_turn(turns, started_ago_ms=50.0)
+    turn = speaking_reply(session, started_ago_ms=50.0)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
     assert ws.types() == []
     assert not turn.interrupted
 
 
-async def test_an_unresolved_pause_resumes_by_itself(voice, monkeypatch):
-    ws_voice, turns, sink, _, _ = voice
-    monkeypatch.setattr(ws_voice, "PAUSE_TIMEOUT_S", 0.05)
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
-    _speaking_turn(turns)
+async def test_an_unresolved_pause_resumes_by_itself(voice):
+    sink, _, _ = voice
+    session, ws, _ = await make_session(sink, TOKEN)
+    session.barge.pause_timeout_s = 0.05
+    speaking_reply(session)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await asyncio.sleep(0.2)
     assert ws.types() == ["pause", "resume"]
 
 
 async def test_button_barge_in_control_cancels_a_speaking_turn(voice):
-    ws_voice, turns, sink, _, _ = voice
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
-    turn = _speaking_turn(turns)
+    sink, _, _ = voice
+    session, ws, _ = await make_session(sink, TOKEN)
+    turn = speaking_reply(session)
     await session.on_control({"type": "barge_in"})
     assert ws.types() == ["barge_in"] and turn.interrupted
 
 
 # ---------------------------------------------------------------- listener mode and failures
 async def test_listener_gets_the_input_mode_when_built_and_on_every_change(voice):
-    ws_voice, turns, sink, built, _ = voice
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "push_to_talk")
+    sink, built, _ = voice
+    session, ws, _ = await make_session(sink, TOKEN, mode="push_to_talk")
     await session.ensure_listener()
     assert built and built[0].modes == [False]
     await session.on_control({"type": "mode", "mode": "hands_free"})
@@ -205,36 +189,36 @@ async def test_listener_gets_the_input_mode_when_built_and_on_every_change(voice
 
 
 async def test_a_provider_error_on_push_is_reported_and_the_socket_survives(voice):
-    ws_voice, turns, sink, built, holder = voice
+    sink, built, holder = voice
     holder["fail_push"] = EngineUnavailable("The speech model files are missing: run make setup.")
-    ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session, ws, _ = await make_session(sink, TOKEN)
     frame = b"\x00\x01" * 320
-    await session.on_audio(frame)
+    await session.push_audio(frame)
     await asyncio.wait_for(session._starting, 2)
     for _ in range(20):  # frames right after the failure do not rebuild the listener
-        await session.on_audio(frame)
+        await session.push_audio(frame)
     assert len(built) == 1
     assert built[0].closed
     assert [m for m in ws.sent if m["type"] == "error"] == [{"type": "error", "message": "The speech model files are missing: run make setup."}]
-    assert sink.chat.error == "The speech model files are missing: run make setup." and sink.chat.status == "error"
+    assert sink.chat.error == "The speech model files are missing: run make setup." and sink.chat.session_status == "error"
     assert not session.closed
     # the user presses stop / the button again: listening is retried
     holder["fail_push"] = None
     await session.on_control({"type": "stop"})
-    await session.on_audio(frame)
+    await session.push_audio(frame)
     await asyncio.wait_for(session._starting, 2)
-    await session.on_audio(frame)
+    await session.push_audio(frame)
     assert len(built) == 2 and built[1].pushed == 2
+    assert sink.chat.session_status == "listening"
     await session.close()
 
 
 async def test_a_listener_that_ends_by_itself_is_rebuilt_on_the_next_frame(voice):
     """A cloud session that failed with fallback off ends its events: the mic must not go dead."""
-    ws_voice, turns, sink, built, _ = voice
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    sink, built, _ = voice
+    session, _, _ = await make_session(sink, TOKEN)
     frame = b"\x00\x01" * 320
-    await session.on_audio(frame)
+    await session.push_audio(frame)
     await asyncio.wait_for(session._starting, 2)
     assert len(built) == 1 and built[0].pushed == 1
     built[0].q.put_nowait(built[0]._end)  # the listener's events end
@@ -243,9 +227,9 @@ async def test_a_listener_that_ends_by_itself_is_rebuilt_on_the_next_frame(voice
             break
         await asyncio.sleep(0.01)
     assert session.listener is None and built[0].closed
-    await session.on_audio(frame)
+    await session.push_audio(frame)
     await asyncio.wait_for(session._starting, 2)
-    await session.on_audio(frame)
+    await session.push_audio(frame)
     assert len(built) == 2 and built[1].pushed == 2
     await session.close()
 
@@ -253,7 +237,8 @@ async def test_a_listener_that_ends_by_itself_is_rebuilt_on_the_next_frame(voice
 async def test_frames_said_while_the_listener_starts_reach_it_in_order(voice, monkeypatch):
     """The user's first words are buffered while the listener starts; live frames that
     arrive during the replay must queue behind them, not overtake them."""
-    ws_voice, turns, sink, built, _ = voice
+    sink, built, _ = voice
+    from voiceclaw_app.session import session as session_mod
     from voiceclaw_app.states import services
 
     real_build = services.build_listener
@@ -263,20 +248,21 @@ async def test_frames_said_while_the_listener_starts_reach_it_in_order(voice, mo
         return await real_build(settings)
 
     monkeypatch.setattr(services, "build_listener", slow_build)
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    session, _, _ = await make_session(sink, TOKEN)
     frame = b"\x00\x01" * 320
 
     times = itertools.count()
-    monkeypatch.setattr(ws_voice, "now_ms", lambda: float(next(times)))
+    monkeypatch.setattr(session_mod, "now_ms", lambda: float(next(times)))
+    session.rate_guard.rate = 1e9  # the fake clock ticks 1 ms per frame: faster than real time
     for _ in range(30):  # buffered while the listener is built
-        await session.on_audio(frame)
+        await session.push_audio(frame)
     starting = session._starting
     # live frames keep coming while the buffer is replayed
     while not starting.done():  # (real frames come every 20 ms; a replayed push takes ~2 ms here)
-        await session.on_audio(frame)
+        await session.push_audio(frame)
         await asyncio.sleep(0.01)
     for _ in range(5):
-        await session.on_audio(frame)
+        await session.push_audio(frame)
     got = built[0].frames
     assert len(got) >= 35
     assert got == sorted(got), "frames reached the listener out of order"
@@ -284,7 +270,7 @@ async def test_frames_said_while_the_listener_starts_reach_it_in_order(voice, mo
 
 
 async def test_stop_while_the_listener_starts_does_not_bring_it_back(voice, monkeypatch):
-    ws_voice, turns, sink, built, _ = voice
+    sink, built, _ = voice
     from voiceclaw_app.states import services
 
     real_build = services.build_listener
@@ -295,8 +281,8 @@ async def test_stop_while_the_listener_starts_does_not_bring_it_back(voice, monk
         return await real_build(settings)
 
     monkeypatch.setattr(services, "build_listener", slow_build)
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
-    await session.on_audio(b"\x00\x01" * 320)
+    session, _, _ = await make_session(sink, TOKEN)
+    await session.push_audio(b"\x00\x01" * 320)
     starting = session._starting
     await asyncio.sleep(0.01)
     await session.on_control({"type": "stop"})
@@ -313,8 +299,8 @@ async def test_a_barge_in_prepares_the_next_request_again_and_a_cough_in_silence
     it interrupts: a barge-in drops it and the next preparation runs after the cut."""
     from voiceclaw_app.pipeline.preemptive import TurnStarter
 
-    ws_voice, turns, sink, _, _ = voice
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    sink, _, _ = voice
+    session, _, _ = await make_session(sink, TOKEN)
     calls: list[float] = []
 
     async def prepare():
@@ -322,7 +308,7 @@ async def test_a_barge_in_prepares_the_next_request_again_and_a_cough_in_silence
         await asyncio.sleep(3600)  # never needed here
 
     session.starter = TurnStarter(prepare)
-    turn = _speaking_turn(turns)
+    turn = speaking_reply(session)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await asyncio.sleep(0.01)
     assert len(calls) == 1
@@ -333,7 +319,7 @@ async def test_a_barge_in_prepares_the_next_request_again_and_a_cough_in_silence
     assert first.cancelled() or first.cancelling()
     assert len(calls) == 2, "the confirmed start must prepare a fresh request"
     # a cough in silence (no reply playing): the prepared request stays
-    turns.ACTIVE.clear()
+    session.reply = None
     kept = session.starter._prepared
     await session._on_listen_event(SpeechDiscarded(t_ms=now_ms()))
     assert session.starter._prepared is kept and not kept.done()
@@ -342,110 +328,200 @@ async def test_a_barge_in_prepares_the_next_request_again_and_a_cough_in_silence
 
 
 # ---------------------------------------------------------------- hello
+def _endpoint():
+    from voiceclaw_app.server.hub import SessionHub
+    from voiceclaw_app.server.persistence import DbConversationStore
+    from voiceclaw_app.server.ws_voice import make_ws_voice
+    from voiceclaw_app.states import services
+
+    hub = SessionHub(services=services, store_for=DbConversationStore)
+    return hub, make_ws_voice(hub)
+
+
 @pytest.mark.parametrize("rate", ["abc", {"x": 1}, [16000], 44100, "nan", True])
 async def test_bad_sample_rates_are_refused_without_crashing(voice, rate):
-    ws_voice, *_ = voice
+    _, ws_voice = _endpoint()
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": rate})}])
-    await ws_voice.ws_voice(ws)
+    await ws_voice(ws)
     assert ws.closed_with == 4000
     assert ws.types() == ["error"]
 
 
 @pytest.mark.parametrize("rate", [16000, "16000", 16000.0, None])
 async def test_good_sample_rates_are_accepted(voice, rate):
-    ws_voice, *_ = voice
+    _, ws_voice = _endpoint()
     hello = {"type": "hello", "client_token": TOKEN}
     if rate is not None:
         hello["sample_rate"] = rate
     ws = FakeWS([{"text": json.dumps(hello)}])
-    await ws_voice.ws_voice(ws)
+    await ws_voice(ws)
     assert ws.types()[0] == "ready" and ws.closed_with is None
 
 
 async def test_access_token_is_required_when_configured(voice, monkeypatch):
-    ws_voice, *_ = voice
+    _, ws_voice = _endpoint()
     monkeypatch.setenv("VOICECLAW_ACCESS_TOKEN", "s3cret-token")
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
-    await ws_voice.ws_voice(ws)
+    await ws_voice(ws)
     assert ws.closed_with == 4003
     assert "access_token" in ws.sent[0]["message"]
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "wrong"})}])
-    await ws_voice.ws_voice(ws)
+    await ws_voice(ws)
     assert ws.closed_with == 4003
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "s3cret-token"})}])
-    await ws_voice.ws_voice(ws)
+    await ws_voice(ws)
     assert ws.types()[0] == "ready"
 
 
-async def test_a_reload_of_the_same_tab_is_not_a_takeover(voice):
-    ws_voice, turns, sink, _, _ = voice
-    old_ws = FakeWS()
-    old = ws_voice.VoiceSession(old_ws, TOKEN, "hands_free")
-    ws_voice._current = old
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
-    await ws_voice.ws_voice(ws)
-    assert "taken_over" not in old_ws.types() and old.closed
-    assert not getattr(sink.chat, "taken_over", False)
-    # another tab (another token) does take it over
-    other_ws = FakeWS()
-    other = ws_voice.VoiceSession(other_ws, "tok-other-tab-2", "hands_free")
-    ws_voice._current = other
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
-    await ws_voice.ws_voice(ws)
-    assert "taken_over" in other_ws.types() and other_ws.closed_with == 4001
+async def test_the_injected_authenticate_and_origin_check_refuse_the_socket(voice):
+    from voiceclaw_app.server.ws_voice import make_ws_voice
+
+    hub, _ = _endpoint()
+
+    async def nobody(headers, host):
+        return None
+
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN})}])
+    await make_ws_voice(hub, authenticate=nobody)(ws)
+    assert ws.closed_with == 4003 and ws.sent[0]["code"] == "login"
+    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN})}], headers={"origin": "https://evil.example"})
+    await make_ws_voice(hub, origin_allowed=lambda h: h.get("origin") != "https://evil.example")(ws)
+    assert ws.closed_with == 4003 and ws.sent[0]["code"] == "origin"
+    assert hub.sessions() == []
+
+
+# ---------------------------------------------------------------- several tabs, several people
+class _Conn:
+    def __init__(self):
+        self.sent: list[dict] = []
+        self.closed_with = None
+
+    async def __call__(self, event):
+        msg = event.wire()
+        if msg is not None:
+            self.sent.append(msg)
+
+    async def close(self, code):
+        self.closed_with = code
+
+    def types(self):
+        return [m["type"] for m in self.sent]
+
+
+async def test_a_reload_of_the_same_tab_is_not_a_takeover_and_keeps_its_session(voice):
+    hub, _ = _endpoint()
+    old = _Conn()
+    first = await hub.connect(1, TOKEN, old)
+    new = _Conn()
+    again = await hub.connect(1, TOKEN, new)
+    assert again is first, "the tab gets its own session back"
+    assert old.closed_with == 4002 and "taken_over" not in old.types()
+    await hub.aclose()
+
+
+async def test_one_mic_per_account_and_another_account_is_never_touched(voice):
+    hub, _ = _endpoint()
+    a1, a2, b1 = _Conn(), _Conn(), _Conn()
+    s_a1 = await hub.connect(1, "tok-user1-tab1", a1)
+    s_a2 = await hub.connect(1, "tok-user1-tab2", a2)
+    s_b1 = await hub.connect(2, "tok-user2-tab1", b1)
+    await s_a1.on_control({"type": "mic", "on": True})
+    await s_b1.on_control({"type": "mic", "on": True})
+    assert "taken_over" not in a1.types() + a2.types() + b1.types(), "one mic per account, not per server"
+    # the same account's second tab starts its mic: the first is told and stops
+    await s_a2.on_control({"type": "mic", "on": True})
+    assert "taken_over" in a1.types() and not s_a1.mic_on and s_a1.mic_lost
+    assert "taken_over" not in b1.types() and s_b1.mic_on
+    await s_a1.push_audio(b"\x00\x01" * 320)  # a frame still in flight from the old tab: dropped
+    assert s_a1.samples == 0
+    # the first tab takes it back (push-to-talk press)
+    await s_a1.on_control({"type": "ptt_start"})
+    assert "taken_over" in a2.types() and not s_a2.mic_on
+    assert b1.types().count("taken_over") == 0
+    await hub.aclose()
+
+
+async def test_two_people_at_once_each_get_only_their_own_reply(env):  # noqa: F811
+    """Two users' sessions run typed turns at the same time: each page's state gets its
+    own reply's text and audio, nothing of the other's."""
+    from voiceclaw_app.server.hub import SessionHub
+    from voiceclaw_app.server.persistence import DbConversationStore
+    from voiceclaw_app.states import services
+    from voiceclaw_app.states.projection import Projection
+
+    _, holder, repo = env
+    sinks = {"tok-person-one": FakeSink(), "tok-person-two": FakeSink()}
+    hub = SessionHub(services=services, store_for=DbConversationStore, projection_for=lambda tab, user: Projection(sinks[tab], tab, user))
+    holder["runner"] = FakeRunner([f" t{i}" for i in range(60)], [("p1p1p1p1p1", "One."), ("p2p2p2p2p2", "Two.")], token_delay=0.005)
+    one = await hub.connect(1, "tok-person-one", _Conn())
+    two = await hub.connect(2, "tok-person-two", _Conn())
+    r1, r2 = await one.say("first person asks"), await two.say("second person asks")
+    await asyncio.gather(r1.task, r2.task)
+    c1, c2 = sinks["tok-person-one"].chat, sinks["tok-person-two"].chat
+    assert c1.conversation_id != c2.conversation_id
+    assert [m["content"] for m in c1.messages if m["role"] == "user"] == ["first person asks"]
+    assert [m["content"] for m in c2.messages if m["role"] == "user"] == ["second person asks"]
+    assert sinks["tok-person-one"].stream.audio_turn == r1.turn_id and sinks["tok-person-two"].stream.audio_turn == r2.turn_id
+    assert [m["role"] for m in repo.list_messages(c1.conversation_id)] == ["user", "assistant"]
+    await hub.aclose()
 
 
 # ---------------------------------------------------------------- playback reports
 async def _finished_turn(env, chunks, tokens=None, conv=""):
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
+    session, ws, _ = await make_session(sink, TOKEN, conversation_id=conv)
     holder["runner"] = FakeRunner(tokens or [t + " " for _, t in chunks], chunks)
-    turn = turns.start_turn(TOKEN, "hello", speak=True, spoken_input=True, conversation_id=conv, marks=TurnMarks(speech_end=now_ms() - 500, stt_final=now_ms() - 400))
+    turn = await session.start_reply("hello", speak=True, spoken_input=True, marks=TurnMarks(speech_end=now_ms() - 500, stt_final=now_ms() - 400))
     await turn.task
-    return turn
+    return session, turn
+
+
+def _report(session, kind, turn_id, **kw):
+    return session.on_playback({"event": kind, "turn": turn_id, **kw})
 
 
 async def test_only_the_first_first_playing_report_counts(env):  # noqa: F811
-    sink, holder, turns, repo = env
-    turn = await _finished_turn(env, [("f1f1f1f1f1", "One."), ("f2f2f2f2f2", "Two.")])
+    sink, holder, repo = env
+    session, turn = await _finished_turn(env, [("f1f1f1f1f1", "One."), ("f2f2f2f2f2", "Two.")])
     origin = turn.marks.origin()
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 900.0})
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=origin + 900.0)
     for _ in range(250):  # the write runs in an executor thread
         first = repo.timings_for(turn.conversation_id)[0]["first_audio_playing"]
         if first is not None:
             break
         await asyncio.sleep(0.02)
     assert first == pytest.approx(900.0, abs=0.2)
-    # a replay of the same URLs (a remounted queue) reports again: ignored, while active and after
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 60000.0})
-    turns.ACTIVE.pop(TOKEN)
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 90000.0})
+    # a replay of the same URLs (a remounted queue) reports again: ignored, while current and after
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=origin + 60000.0)
+    session.reply = None
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=origin + 90000.0)
     await asyncio.sleep(0.5)  # (a write, had one been scheduled, would land by now)
     assert repo.timings_for(turn.conversation_id)[0]["first_audio_playing"] == first
     assert turn.marks.first_audio_playing == origin + 900.0
 
 
 async def test_a_stop_after_the_reply_was_heard_does_not_cut_it(env):  # noqa: F811
-    sink, holder, turns, repo = env
-    turn = await _finished_turn(env, [("h1h1h1h1h1", "One."), ("h2h2h2h2h2", "Two.")])
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
-    turns.audio_report(TOKEN, {"event": "chunk", "turn": turn.turn_id, "index": 1})
-    turns.audio_report(TOKEN, {"event": "ended", "turn": turn.turn_id, "played": 2})
-    assert not turns.speaking(TOKEN)
+    sink, holder, repo = env
+    session, turn = await _finished_turn(env, [("h1h1h1h1h1", "One."), ("h2h2h2h2h2", "Two.")])
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=now_ms())
+    await _report(session, "chunk", turn.turn_id, index=1)
+    await _report(session, "ended", turn.turn_id, played=2)
+    assert not session.replying()
     # the same turn replayed and stopped after one chunk
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
-    turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 1})
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=now_ms())
+    await _report(session, "stopped", turn.turn_id, played=1)
     await asyncio.sleep(0.1)
     msg = repo.list_messages(turn.conversation_id)[-1]
     assert msg["content"] == "One. Two." and not msg["interrupted"]
-    assert not turns.speaking(TOKEN)
+    assert not session.replying()
 
 
 async def test_a_stop_during_playback_after_synthesis_cuts_to_played_chunks(env):  # noqa: F811
-    sink, holder, turns, repo = env
-    turn = await _finished_turn(env, [("p1p1p1p1p1", "One."), ("p2p2p2p2p2", "Two."), ("p3p3p3p3p3", "Three.")])
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
-    assert turns.speaking(TOKEN)
-    turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 1})
+    sink, holder, repo = env
+    session, turn = await _finished_turn(env, [("p1p1p1p1p1", "One."), ("p2p2p2p2p2", "Two."), ("p3p3p3p3p3", "Three.")])
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=now_ms())
+    assert session.replying()
+    await _report(session, "stopped", turn.turn_id, played=1)
     for _ in range(50):
         msg = repo.list_messages(turn.conversation_id)[-1]
         if msg["interrupted"]:
@@ -456,40 +532,46 @@ async def test_a_stop_during_playback_after_synthesis_cuts_to_played_chunks(env)
 
 
 async def test_chunk_reports_set_playing_again_after_a_drain(env):  # noqa: F811
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
+    session, _, _ = await make_session(sink, TOKEN)
     holder["runner"] = FakeRunner(["One. ", "Two."], [("d1d1d1d1d1", "One."), ("d2d2d2d2d2", "Two.")], chunk_delay=0.3)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
-    while not turn.chunks:
+    turn = await session.start_reply("count", speak=True, spoken_input=True)
+    while not turn.ledger.chunks:
         await asyncio.sleep(0.01)
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
-    assert turn.playing
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=now_ms())
+    assert turn.ledger.playing
     # an old queue drained before the next chunk came: "ended" mid-reply
-    turns.audio_report(TOKEN, {"event": "ended", "turn": turn.turn_id, "played": 1})
-    assert not turn.playing and not turn.playback_over
-    turns.audio_report(TOKEN, {"event": "chunk", "turn": turn.turn_id, "index": 1})
-    assert turn.playing and turn.played == 2
+    await _report(session, "ended", turn.turn_id, played=1)
+    assert not turn.ledger.playing and not turn.ledger.over
+    await _report(session, "chunk", turn.turn_id, index=1)
+    assert turn.ledger.playing and turn.ledger.played == 2
     await turn.task
-    assert turns.speaking(TOKEN)  # the browser still plays the last chunk
+    assert session.replying()  # the browser still plays the last chunk
     assert sink.stream.audio_done
+    assert sink.chat.session_status == "speaking"
+    await _report(session, "ended", turn.turn_id, played=2)
+    assert sink.chat.session_status == "idle" and sink.stream.audio_urls == []
 
 
 async def _interrupted_after_the_first_chunk(env, ids: tuple[str, str, str]):  # noqa: F811
     """A three-chunk reply: the first chunk starts playing, then a barge-in."""
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
+    session, _, _ = await make_session(sink, TOKEN)
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], list(zip(ids, ["One.", "Two.", "Three."])), chunk_delay=0.05)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
-    while len(turn.chunks) < 2:
+    turn = await session.start_reply("count", speak=True, spoken_input=True)
+    while len(turn.ledger.chunks) < 2:
         await asyncio.sleep(0.01)
-    turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
-    assert turns.interrupt(TOKEN)
+    await _report(session, "first_playing", turn.turn_id, index=0, server_ms=now_ms())
+    await session.on_control({"type": "barge_in"})
+    assert turn.interrupted
     with contextlib.suppress(asyncio.CancelledError):
         await turn.task
-    return turn
+    return session, turn
 
 
 async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # noqa: F811
-    sink, holder, turns, repo = env
-    turn = await _interrupted_after_the_first_chunk(env, ("i1i1i1i1i1", "i2i2i2i2i2", "i3i3i3i3i3"))
+    sink, holder, repo = env
+    session, turn = await _interrupted_after_the_first_chunk(env, ("i1i1i1i1i1", "i2i2i2i2i2", "i3i3i3i3i3"))
     msg = repo.list_messages(turn.conversation_id)[-1]
     assert msg["content"] == "One." and msg["interrupted"]
     assert msg["audio_ids"] == ["i1i1i1i1i1"]
@@ -497,30 +579,42 @@ async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # no
 
 
 async def test_a_cancelled_turn_does_not_append_to_another_conversation(env):  # noqa: F811
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
+    session, _, _ = await make_session(sink, TOKEN, muted=True)
     holder["runner"] = FakeRunner([f" w{i}" for i in range(200)], [], token_delay=0.01)
-    turn = turns.start_turn(TOKEN, "first conversation", speak=False, spoken_input=False)
-    while not turn.segments and not turn.pending:
+    turn = await session.say("first conversation")
+    while not sink.stream.seg_tail:
         await asyncio.sleep(0.01)
     old_conv = turn.conversation_id
-    assert sink.chat.conversation_id == old_conv
-    # "New conversation" pressed mid-turn: the tab shows an empty conversation now
+    assert sink.chat.conversation_id == old_conv == session.conversation_id
+    # "New conversation" pressed mid-turn: the page shows an empty conversation and says so
     sink.chat.conversation_id = ""
     sink.chat.messages = []
-    assert turns.interrupt(TOKEN, reason="new")
+    await session.on_control({"type": "context", "conversation_id": "", "muted": True})
+    assert turn.interrupted
     with contextlib.suppress(asyncio.CancelledError):
         await turn.task
     assert sink.chat.messages == []
-    assert sink.chat.conversation_id == ""
+    assert sink.chat.conversation_id == "" and session.conversation_id == ""
     stored = repo.list_messages(old_conv)
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["interrupted"]
 
 
 async def test_a_finished_turn_appends_to_the_conversation_it_belongs_to(env):  # noqa: F811
-    sink, holder, turns, repo = env
-    turn = await _finished_turn(env, [("a1a1a1a1a1", "Hello there.")])
+    sink, holder, repo = env
+    session, turn = await _finished_turn(env, [("a1a1a1a1a1", "Hello there.")])
     assert [m["role"] for m in sink.chat.messages] == ["user", "assistant"]
     assert sink.chat.conversation_id == turn.conversation_id
+
+
+async def test_mute_reaches_the_session_as_a_message(env):  # noqa: F811
+    sink, holder, repo = env
+    session, _, _ = await make_session(sink, TOKEN)
+    holder["runner"] = FakeRunner([" ok"], [("m1m1m1m1m1", "Ok.")])
+    await session.on_control({"type": "context", "conversation_id": "", "muted": True})
+    turn = await session.say("quietly")
+    await turn.task
+    assert not turn.speak and session.muted
 
 
 # ---------------------------------------------------------------- settings form (unsaved values)
@@ -528,7 +622,7 @@ def test_preview_and_tests_use_the_forms_current_values(env):  # noqa: F811
     from voiceclaw_app.config import SettingsError
     from voiceclaw_app.states.settings import form_settings, to_form
 
-    sink, holder, turns, repo = env
+    sink, holder, repo = env
     saved = repo.load_settings()
     values = to_form(saved)
     values.update({"tts_voice": "en_GB-alba-medium", "tts_speed": "1.5", "llm_model_voice": "openclaw:voice", "openai_api_key": "sk-must-not-pass"})
@@ -542,11 +636,11 @@ def test_preview_and_tests_use_the_forms_current_values(env):  # noqa: F811
 
 
 async def test_a_stopped_report_after_the_cut_keeps_the_chunk_that_had_started(env):  # noqa: F811
-    sink, holder, turns, repo = env
-    turn = await _interrupted_after_the_first_chunk(env, ("s1s1s1s1s1", "s2s2s2s2s2", "s3s3s3s3s3"))
+    sink, holder, repo = env
+    session, turn = await _interrupted_after_the_first_chunk(env, ("s1s1s1s1s1", "s2s2s2s2s2", "s3s3s3s3s3"))
     assert repo.list_messages(turn.conversation_id)[-1]["content"] == "One."
     # the page's queue had started chunk 2 before the barge-in reached it
-    turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 2})
+    await _report(session, "stopped", turn.turn_id, played=2)
     for _ in range(50):
         msg = repo.list_messages(turn.conversation_id)[-1]
         if msg["content"] != "One.":

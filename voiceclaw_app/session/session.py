@@ -541,6 +541,7 @@ class VoiceSession:
         self.reply = reply
         self._failed = False
         reply.task = asyncio.get_running_loop().create_task(self._run(reply, text, spoken_input, prepared, early, self.conversation_id))
+        reply.task.add_done_callback(lambda _: self._ended_unstarted(reply))
         await self._update_status()
         return reply
 
@@ -576,6 +577,12 @@ class VoiceSession:
         finally:
             reply.done = True
             await asyncio.shield(self._finish(reply, error))
+
+    def _ended_unstarted(self, reply: ReplyHandle) -> None:
+        """A reply cancelled before its task ran never reached ``_run``'s ``finally``: end it here."""
+        if not reply.done:
+            reply.interrupted = reply.done = True
+            self._spawn(self._finish(reply, ""))
 
     async def _on_turn_event(self, reply: ReplyHandle, ev: Any) -> None:
         if isinstance(ev, LLMToken):
