@@ -1,4 +1,4 @@
-"""The benchmarks' turn path (bench/drive.py): listener events -> the app's TurnStarter -> recorded outcome."""
+"""The benchmarks' turn path (bench/drive.py): listener events -> the app's real VoiceSession -> recorded outcome."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pytest
 
 from tests.fakes import ToneTTS
 from tests.servers.openai_chat import ChatBehavior, FakeChatServer
-from voiceclaw_app.bench.drive import StarterSession, WarmingPrepare, paced
+from voiceclaw_app.bench.drive import BenchServices, SessionDriver, paced
 from voiceclaw_app.config import VoiceSettings
 from voiceclaw_app.pipeline.audio_store import AudioStore
-from voiceclaw_app.pipeline.preemptive import TurnStarter
 from voiceclaw_app.pipeline.timing import now_ms
 from voiceclaw_app.pipeline.turn import TurnRunner
 from voiceclaw_app.providers.base import EndOfTurn, Listener, PreliminaryTranscript, SpeechStarted
@@ -66,8 +65,8 @@ def eot(text: str, speech_end: float) -> EndOfTurn:
 async def test_early_turn_kept_and_recorded_with_warm_up_at_speech_start(rig, prefill):
     srv, runner = rig
     listener = ScriptedListener()
-    prepare = WarmingPrepare(runner, lambda: [], "bench", prefill=prefill)
-    session = StarterSession(listener, TurnStarter(prepare))
+    session = SessionDriver(BenchServices(runner.settings, runner, listener, prefill=prefill))
+    await session.start()
     out = session.expect()
     speech_end = now_ms()
     listener.q.put_nowait(SpeechStarted(speech_end - 1000))
@@ -75,11 +74,15 @@ async def test_early_turn_kept_and_recorded_with_warm_up_at_speech_start(rig, pr
     await asyncio.sleep(0.4)  # the silence wait: the early turn runs meanwhile
     listener.q.put_nowait(eot("what time is it", speech_end))
     await out.finished(5, 5)
-    await prepare.settle()
+    await session.session.drain()
     assert out.committed.reused and out.discarded == 0 and not out.error
     assert out.reply and out.first_chunk is not None and out.first_audio is not None
-    # audio made before the commit counts only from the commit
-    assert out.committed.turn.marks.first_audio_ready < out.committed_ms == out.audio_ready_ms
+    # audio made before the commit counts only from when the session sent it out
+    marks = out.committed.marks
+    assert out.committed_ms <= out.first_audio_sent_ms
+    assert out.audio_ready_ms == max(marks.first_audio_ready, out.first_audio_sent_ms) >= out.committed_ms
+    # the session stored the turn (the in-memory store: no database in a benchmark)
+    assert [m.role for m in session.store.history(out.committed.conversation_id)] == ["user", "assistant"]
     assert len(runner.warmed) == 1 and (runner.warmed[0] is not None) == prefill
     assert len(srv.bodies) == 1
     await session.aclose()
@@ -88,7 +91,8 @@ async def test_early_turn_kept_and_recorded_with_warm_up_at_speech_start(rig, pr
 async def test_user_resuming_after_the_pause_counts_a_discarded_guess(rig):
     srv, runner = rig
     listener = ScriptedListener()
-    session = StarterSession(listener, TurnStarter(WarmingPrepare(runner, lambda: [], "bench")))
+    session = SessionDriver(BenchServices(runner.settings, runner, listener))
+    await session.start()
     out = session.expect()
     for ev in (SpeechStarted(now_ms()), PreliminaryTranscript("Remind me", now_ms()), SpeechStarted(now_ms()), eot("Remind me to call mom", now_ms())):
         listener.q.put_nowait(ev)
