@@ -16,6 +16,8 @@ from voiceclaw_app.bench.browser import CHROMIUM, ROOT, build_mic_wav, chromium_
 
 ARTIFACTS = ROOT / "test-artifacts"
 PORT = int(os.environ.get("VOICECLAW_E2E_PORT", "3117"))
+#: the header naming the person (a number) in tests; see server/ws_voice.header_identity
+IDENTITY_HEADER = "x-voiceclaw-test-user"
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +30,8 @@ def app_server():
         yield external.rstrip("/"), Path(os.environ.get("VOICECLAW_DATA_DIR", "data")), None
         return
     data = Path(tempfile.mkdtemp(prefix="voiceclaw-e2e-"))
-    with prod_app(PORT, data) as (base, log_path):
+    # two browsers may be two people: the stand-in identity until accounts land
+    with prod_app(PORT, data, extra_env={"VOICECLAW_TEST_IDENTITY_HEADER": IDENTITY_HEADER}) as (base, log_path):
         yield base, data, log_path
 
 

@@ -54,11 +54,11 @@ def _played(page) -> int:
 
 
 def wait_ready(page, timeout_s: float = 240) -> None:
-    """Stricter than the bench's helper: the mic socket answered (clock offset measured,
-    so the page is hydrated and on_load ran) and the status stayed off "warming up"
-    across two on_load polls."""
+    """Stricter than the bench's helper: the page is hydrated (the mic component is
+    mounted; its voice socket opens only when the mic starts or a message is typed)
+    and the status stayed off "warming up" across two on_load polls."""
     page.wait_for_selector("#voice-status")
-    page.wait_for_function("window.__voiceclawClockOffset !== undefined", timeout=30000)
+    page.wait_for_function("window.__voiceclawMicMounted === true", timeout=30000)
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         _wait_not_warming(page, timeout_s=max(1.0, deadline - time.time()))
@@ -175,19 +175,70 @@ def test_a_second_tab_takes_the_microphone_over(app_server, launch_browser, tmp_
     build_mic_wav([], wav, lead_silence_s=30)
     browser = launch_browser(wav)
     first, second = browser.new_page(), browser.new_page()
+    sockets: list[str] = []
     for page in (first, second):
+        page.on("websocket", lambda ws: sockets.append(ws.url))
         page.goto(base + "/")
         wait_ready(page)
-    # opening the second tab took the mic over; pressing the button takes it back
+    # merely opening a page opens no voice socket and takes no one's mic
+    first.wait_for_timeout(1500)
+    assert not [u for u in sockets if u.endswith("/ws/voice")], sockets
+    first.click("#voice-button")
+    assert _poll(lambda: "Listening" in first.text_content("#voice-button"), 20)
+    assert "taken over" not in _notice(first)
+    # the second tab (same account) starts its mic: it takes it over and the first is told
+    second.click("#voice-button")
+    assert _poll(lambda: "Listening" in second.text_content("#voice-button"), 20)
     assert _poll(lambda: "taken over by another tab" in _notice(first), 20), "the first tab was not told"
+    assert _poll(lambda: "Listening" not in first.text_content("#voice-button"), 10)
+    # pressing the button takes it back
     first.click("#voice-button")
     assert _poll(lambda: "Listening" in first.text_content("#voice-button"), 20)
     assert _poll(lambda: "taken over by another tab" in _notice(second), 20)
+    assert _poll(lambda: "Listening" not in second.text_content("#voice-button"), 10)
     assert "taken over" not in _notice(first)
-    second.click("#voice-button")
-    assert _poll(lambda: "Listening" in second.text_content("#voice-button"), 20)
-    assert _poll(lambda: "taken over by another tab" in _notice(first), 20)
-    assert _poll(lambda: "Listening" not in first.text_content("#voice-button"), 10)
+
+
+def test_two_people_talk_at_once_and_each_hears_only_their_own_reply(app_server, launch_browser, tmp_path):
+    """Two browsers, two people (the stand-in identity header): both start talking
+    within a second of each other; each page shows its own question and plays its own
+    reply; neither takes the other's mic."""
+    from .conftest import IDENTITY_HEADER
+
+    base, data_dir, _ = app_server
+    pages = []
+    for person, question in ((1001, "q_capital"), (1002, "q_joke")):
+        wav = tmp_path / f"mic-{person}.wav"
+        build_mic_wav([(question, 25.0)], wav, lead_silence_s=1.5)
+        ctx = launch_browser(wav).new_context(extra_http_headers={IDENTITY_HEADER: str(person)})
+        page = ctx.new_page()
+        urls: list[str] = []
+        page.on("request", lambda req, urls=urls: urls.append(req.url) if "/audio/" in req.url else None)
+        page.goto(base + "/")
+        wait_ready(page)
+        pages.append((page, question, urls))
+    for page, _, _ in pages:
+        page.click("#voice-button")
+    for page, question, _ in pages:
+        assert _poll(lambda: page.query_selector('#transcript [data-role="user"]'), 60), f"{question}: the spoken question never reached the transcript"
+    for page, question, _ in pages:
+        assert _poll(lambda: _played(page) >= 1, 90), f"{question}: no reply played"
+        assert "taken over" not in _notice(page)
+    (p1, _, urls1), (p2, _, urls2) = pages
+    user1 = p1.text_content('#transcript [data-role="user"]').lower()
+    user2 = p2.text_content('#transcript [data-role="user"]').lower()
+    assert "capital" in user1 or "france" in user1, user1
+    assert "capital" not in user2 and "france" not in user2, user2
+    assert urls1 and urls2 and not set(urls1) & set(urls2), "a page fetched the other's reply audio"
+    for page, _, _ in pages:
+        page.click("#stop-button")
+    # both turns are stored (each in its own conversation)
+    db = sqlite3.connect(str(data_dir / "voiceclaw.db"))
+    try:
+        rows = db.execute("select conversation_id, content from vc_message where role='user' order by id desc limit 2").fetchall()
+    finally:
+        db.close()
+    assert len({c for c, _ in rows}) == 2
 
 
 def _notice(page) -> str:

@@ -61,6 +61,19 @@ def any_origin(headers: Mapping[str, str]) -> bool:
     return True
 
 
+def header_identity(header: str) -> "Authenticate":
+    """A stand-in for tests and benchmarks only: the user id is the number in ``header``
+    (so two browsers can be two people before accounts exist); no header = user 1.
+    Enabled by ``VOICECLAW_TEST_IDENTITY_HEADER``; the accounts branch replaces it."""
+    name = header.lower()
+
+    async def authenticate(headers: Mapping[str, str], client_host: str | None) -> StandInUser:
+        raw = headers.get(name, "")
+        return StandInUser(id=int(raw), name=f"test-{raw}") if raw.isdigit() and 0 < int(raw) < 2**31 else StandInUser()
+
+    return authenticate
+
+
 Authenticate = Callable[[Mapping[str, str], "str | None"], Awaitable[Any]]
 
 
