@@ -587,6 +587,9 @@ async def test_a_cancelled_turn_does_not_append_to_another_conversation(env):  #
         await asyncio.sleep(0.01)
     old_conv = turn.conversation_id
     assert sink.chat.conversation_id == old_conv == session.conversation_id
+    # the page sends the conversation id it now shows (the projection set it): nothing changes
+    await session.on_control({"type": "context", "conversation_id": old_conv, "muted": True})
+    assert not turn.interrupted
     # "New conversation" pressed mid-turn: the page shows an empty conversation and says so
     sink.chat.conversation_id = ""
     sink.chat.messages = []

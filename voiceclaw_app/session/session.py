@@ -73,6 +73,8 @@ class VoiceSession:
         self.tab = tab
         self.mode = mode if mode in ("push_to_talk", "hands_free") else "hands_free"
         self.conversation_id = conversation_id
+        #: the conversation id the page last sent (its changes are the user's picks)
+        self._page_conversation = conversation_id
         self.muted = muted
         #: ids for conversations picked at a voice onset (the row is written with the first words)
         self._new_id = new_conversation_id or (lambda: uuid.uuid4().hex)
@@ -505,8 +507,11 @@ class VoiceSession:
             self.muted = muted
             if self.starter is not None:
                 self.starter.speak = not muted
-        if not isinstance(conversation_id, str) or conversation_id == self.conversation_id:
-            return
+        if not isinstance(conversation_id, str) or conversation_id == self._page_conversation:
+            return  # unchanged on the page (e.g. only mute changed)
+        self._page_conversation = conversation_id
+        if conversation_id == self.conversation_id:
+            return  # the page caught up with the conversation a reply started
         # another conversation (or "new conversation"): the running reply stops, and the
         # request prepared for the old one is stale
         self.conversation_id = conversation_id
@@ -533,6 +538,10 @@ class VoiceSession:
         (its held-back events flow now)."""
         if self.reply is not None:
             self.reply.interrupt("new turn")
+        if not self.conversation_id:
+            # a new conversation: its id is fixed now, so a second message typed before the
+            # first is stored lands in the same one (the row is written with the first words)
+            self.conversation_id = conversation_id or self._new_id()
         reply = ReplyHandle(conversation_id=conversation_id or self.conversation_id, speak=speak, text=text, reused=reused, marks=early.marks if early is not None else marks or TurnMarks())
         if early is not None:
             reply.cancel = early.cancel
@@ -540,19 +549,16 @@ class VoiceSession:
             reply.marks.mark("stt_final")
         self.reply = reply
         self._failed = False
-        reply.task = asyncio.get_running_loop().create_task(self._run(reply, text, spoken_input, prepared, early, self.conversation_id))
+        reply.task = asyncio.get_running_loop().create_task(self._run(reply, text, spoken_input, prepared, early))
         reply.task.add_done_callback(lambda _: self._ended_unstarted(reply))
         await self._update_status()
         return reply
 
-    async def _run(self, reply: ReplyHandle, text: str, spoken_input: bool, prepared: Any, early: EarlyTurn | None, asked_in: str) -> None:
-        """``asked_in``: the session's conversation when the reply started ("" = a new one)."""
+    async def _run(self, reply: ReplyHandle, text: str, spoken_input: bool, prepared: Any, early: EarlyTurn | None) -> None:
         error = ""
         try:
             settings = await self.services.load_settings()
             reply.conversation_id = await asyncio.to_thread(self.store.ensure_conversation, reply.conversation_id)
-            if self.reply is reply and self.conversation_id == asked_in:
-                self.conversation_id = reply.conversation_id  # a new conversation: the session is in it now
             user_id = await asyncio.to_thread(self.store.add_user_message, reply.conversation_id, text, spoken_input)
             reply.message_id = await asyncio.to_thread(self.store.start_assistant_message, reply.conversation_id, reply.speak)
             await self._emit(ev_.TurnStarted(reply.turn_id, reply.conversation_id, user_id, text, reply.speak))
