@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runs", type=int, default=None, help="number of turns (scenario default otherwise)")
     parser.add_argument("--via-ws", action="store_true", help="cloud: drive the running app's /ws/voice instead of the pipeline directly")
+    parser.add_argument("--people", type=int, default=None, help="browser: how many people (browsers, identities) talk at once")
     local = parser.add_argument_group("local scenario")
     local.add_argument("--silence-ms", type=int, default=None, help="local: vad_silence_ms (end-of-turn silence wait)")
     local.add_argument("--no-speculative", action="store_true", help="local: no work before the end of turn is decided")
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fn = _scenario(args.scenario)
     kwargs = {"runs": args.runs} if args.runs is not None else {}
+    if args.people is not None:
+        if args.scenario != "browser":
+            parser.error("--people applies to the browser scenario only")
+        kwargs["people"] = args.people
     if args.scenario == "local":
         kwargs.update(silence_ms=args.silence_ms, speculative=False if args.no_speculative else None, prefill=not args.no_prefill, verbose=args.verbose)
     result = fn(**kwargs)

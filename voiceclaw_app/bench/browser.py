@@ -12,6 +12,11 @@ converted to the server clock with the offset measured on ``/ws/voice`` (ping/po
 fastest round trip); ``speech_end`` is the arrival time of the last frame the VAD
 marked as speech (for these fixtures within one 32 ms VAD window of the fixture's
 known last voiced sample). Both are stored per turn; this reads them back.
+
+``--people N``: each round, N browsers (N people: the stand-in identity header, so
+none takes another's mic) tap the voice button within a fraction of a second of each
+other and speak different questions at once; each waits for its own reply. The
+figures are over every turn of every person.
 """
 
 from __future__ import annotations
@@ -135,28 +140,42 @@ def wait_ready(page, timeout_s: float = 240) -> None:
     raise RuntimeError("the engines never finished warming up")
 
 
-def _one_run(pw, base: str, wav: Path, timeout_s: float = 60) -> bool:
-    browser = pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(wav))
+#: the header naming the person in the benchmark (the app's stand-in identity until accounts land)
+IDENTITY_HEADER = "x-voiceclaw-test-user"
+
+
+def _one_round(pw, base: str, wavs: list[Path], timeout_s: float = 90) -> int:
+    """Each wav is one person in their own browser; all start talking at once. Returns
+    how many of them heard their reply start."""
+    browsers = [pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(wav)) for wav in wavs]
     try:
-        page = browser.new_page()
-        page.goto(base + "/")
-        wait_ready(page)
-        page.click("#voice-button")
+        pages = []
+        for person, b in enumerate(browsers, start=1):
+            page = b.new_context(extra_http_headers={IDENTITY_HEADER: str(person)}).new_page()
+            page.goto(base + "/")
+            wait_ready(page)
+            pages.append(page)
+        for page in pages:  # within a fraction of a second: they talk at the same time
+            page.click("#voice-button")
+        heard: set[int] = set()
         deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if int(page.get_attribute("#audio-queue", "data-played-count") or 0) >= 1:
-                page.wait_for_timeout(1500)  # let the playback report reach the server
-                with contextlib.suppress(Exception):
-                    page.click("#stop-button")
-                page.wait_for_timeout(500)
-                return True
+        while time.time() < deadline and len(heard) < len(pages):
+            for i, page in enumerate(pages):
+                if i not in heard and int(page.get_attribute("#audio-queue", "data-played-count") or 0) >= 1:
+                    heard.add(i)
             time.sleep(0.1)
-        return False
+        pages[0].wait_for_timeout(1500)  # let the playback reports reach the server
+        for page in pages:
+            with contextlib.suppress(Exception):
+                page.click("#stop-button")
+        pages[0].wait_for_timeout(500)
+        return len(heard)
     finally:
-        browser.close()
+        for b in browsers:
+            b.close()
 
 
-def run_browser(runs: int = 10) -> dict:
+def run_browser(runs: int = 10, people: int = 1) -> dict:
     from playwright.sync_api import sync_playwright
 
     external = os.environ.get("VOICECLAW_BENCH_URL")
@@ -166,7 +185,7 @@ def run_browser(runs: int = 10) -> dict:
         if external:
             base = external.rstrip("/")
         else:
-            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data))
+            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data, extra_env={"VOICECLAW_TEST_IDENTITY_HEADER": IDENTITY_HEADER}))
             os.environ["VOICECLAW_DATA_DIR"] = str(data)
             os.environ["VOICECLAW_DATABASE_URL"] = f"sqlite:///{data / 'voiceclaw.db'}"
         from ..db import repo
@@ -174,16 +193,18 @@ def run_browser(runs: int = 10) -> dict:
         before = {r["id"] for c in repo.list_conversations() for r in repo.timings_for(c["id"])}
         with sync_playwright() as pw:
             for i in range(runs):
-                wav = data / f"bench-mic-{i}.wav"
-                build_mic_wav([(QUESTIONS[i % len(QUESTIONS)], 12.0)], wav, lead_silence_s=1.0)
+                wavs = []
+                for p in range(people):
+                    wav = data / f"bench-mic-{i}-{p}.wav"
+                    build_mic_wav([(QUESTIONS[(i * people + p) % len(QUESTIONS)], 12.0)], wav, lead_silence_s=1.0)
+                    wavs.append(wav)
                 try:
-                    if not _one_run(pw, base, wav):
-                        errors += 1
+                    errors += people - _one_round(pw, base, wavs)
                 except Exception:
-                    errors += 1
+                    errors += people
         rows = [r for c in repo.list_conversations() for r in repo.timings_for(c["id"]) if r["id"] not in before and r["spoken_input"]]
     v2v = [r["v2v_ms"] for r in rows if r.get("v2v_ms") is not None]
-    errors += max(0, runs - errors - len(v2v))
+    errors += max(0, runs * people - errors - len(v2v))
     samples = []
     for r in rows:
         s = {}
@@ -200,7 +221,8 @@ def run_browser(runs: int = 10) -> dict:
         samples.append(s)
     return {
         "scenario": "browser",
-        "runs": runs,
+        "runs": runs * people,
+        "people": people,
         "voice_to_voice_ms": p50_p95(v2v),
         "time_to_first_audio_ms": p50_p95([r["first_audio_ready"] for r in rows if r.get("first_audio_ready") is not None]),
         "stages_ms": stages(samples),
