@@ -47,8 +47,6 @@ class ErrorRaised(SessionEvent):
 
     message: str
     code: str = ""
-    #: the status shows "error" (a listening or turn failure), not for a refused message
-    fatal: bool = True
 
     def wire(self) -> dict:
         out = {"type": "error", "message": self.message}

@@ -216,7 +216,7 @@ class VoiceSession:
         if not self.rate_guard.admit(len(pcm) // 2, t):
             if not self._told_too_fast:
                 self._told_too_fast = True
-                await self._emit(ev_.ErrorRaised("Audio is arriving faster than real time: the extra frames are dropped.", code="too_fast", fatal=False))
+                await self._emit(ev_.ErrorRaised("Audio is arriving faster than real time: the extra frames are dropped.", code="too_fast"))
             return
         self.samples += len(pcm) // 2
         if not self.mic_on:
@@ -306,7 +306,7 @@ class VoiceSession:
 
     async def refuse(self, message: str, code: str) -> None:
         """A message the socket could not take (too large, not JSON...): say why; nothing else changes."""
-        await self._emit(ev_.ErrorRaised(message, code=code, fatal=False))
+        await self._emit(ev_.ErrorRaised(message, code=code))
 
     async def _fail(self, message: str) -> None:
         self._failed = True
@@ -528,7 +528,7 @@ class VoiceSession:
             return None
         text = text.strip()
         if len(text) > MAX_TYPED_CHARS:
-            await self._emit(ev_.ErrorRaised(f"That message is too long ({len(text):,} characters): send at most {MAX_TYPED_CHARS:,} at a time.", code="too_long", fatal=False))
+            await self._emit(ev_.ErrorRaised(f"That message is too long ({len(text):,} characters): send at most {MAX_TYPED_CHARS:,} at a time.", code="too_long"))
             return None
         return await self.start_reply(text, speak=not self.muted, spoken_input=False)
 

@@ -19,18 +19,12 @@ from typing import Any, AsyncIterator, Callable
 
 from ..db import repo
 from ..session import events as ev
-from .chat import BOOT_ID, ChatState, StreamState, _conv_row, _msg_row
+from .chat import BOOT_ID, ChatState, StreamState, _conv_row, _msg_row, audio_url
 
 log = logging.getLogger("voiceclaw.projection")
 
 FLUSH_S = 0.04  # token batching interval
 TAIL = 32  # segments carried per update (~1.3 s of batches: a late render or a reload loses none)
-
-
-def audio_url(url: str, audio_id: str, user_id: int) -> str:
-    """The one place audio URLs for the page are made (``sign_audio_url(audio_id, user_id)``
-    once the accounts branch is merged; the plain URL until then)."""
-    return url
 
 
 class ReflexSink:
