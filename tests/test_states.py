@@ -8,6 +8,11 @@ import pytest
 
 from voiceclaw_app.pipeline.events import AudioReady, LLMToken, TurnDone, UserText
 from voiceclaw_app.pipeline.timing import TurnMarks
+from voiceclaw_app.server.auth import AuthUser, sign_audio_url
+
+#: the account every turn of these tests belongs to (the first user of a fresh database)
+UID = 1
+USER = AuthUser(id=UID, name="tester", is_admin=True)
 
 
 class FakeStream:
@@ -92,10 +97,12 @@ class FakeRunner:
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("VOICECLAW_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("VOICECLAW_DATABASE_URL", f"sqlite:///{tmp_path / 'ui.db'}")
+    from voiceclaw_app import accounts
     from voiceclaw_app.db import repo
     from voiceclaw_app.states import services, turns
 
     repo.create_all()
+    assert accounts.add_user(USER.name, "tester-password", admin=True).id == UID
     sink = FakeSink()
     turns.set_sink(sink)
     holder = {}
@@ -113,32 +120,33 @@ async def test_typed_turn_streams_in_segments_and_is_stored(env):
     sink, holder, turns, repo = env
     tokens = [f" word{i}" for i in range(400)]
     holder["runner"] = FakeRunner(tokens, [("aaaaaaaaaa", "first part."), ("bbbbbbbbbb", "second part.")])
-    turn = turns.start_turn("tok-123456789", "hello there", speak=True, spoken_input=False)
+    turn = turns.start_turn("tok-123456789", "hello there", speak=True, spoken_input=False, user_id=UID)
     await turn.task
     # batched: far fewer updates than tokens, each carrying a bounded window
     assert len(sink.stream.updates) < len(tokens) / 3
     assert max(sink.stream.updates) < 8 * 2000
     assert "".join(turn.segments) == "".join(tokens)
-    assert sink.stream.audio_urls == ["/audio/aaaaaaaaaa.wav", "/audio/bbbbbbbbbb.wav"]
+    # the page gets each chunk's URL signed for the turn's user (server/auth.py)
+    assert sink.stream.audio_urls == [sign_audio_url("aaaaaaaaaa", UID), sign_audio_url("bbbbbbbbbb", UID)]
     assert [m["role"] for m in sink.chat.messages] == ["user", "assistant"]
-    msgs = repo.list_messages(sink.chat.conversation_id)
+    msgs = repo.list_messages(UID, sink.chat.conversation_id)
     assert msgs[1]["content"] == "".join(tokens).strip()
     assert msgs[1]["finished"] and not msgs[1]["interrupted"]
     assert msgs[1]["audio_ids"] == ["aaaaaaaaaa", "bbbbbbbbbb"]
-    assert repo.timings_for(sink.chat.conversation_id)[0]["turn_done"] is not None
+    assert repo.timings_for(UID, sink.chat.conversation_id)[0]["turn_done"] is not None
 
 
 async def test_barge_in_keeps_only_played_chunks(env):
     sink, holder, turns, repo = env
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], [("c1c1c1c1c1", "One."), ("c2c2c2c2c2", "Two."), ("c3c3c3c3c3", "Three.")], chunk_delay=0.05)
-    turn = turns.start_turn("tok-abcdefgh", "count", speak=True, spoken_input=True, marks=TurnMarks(speech_end=1.0, stt_final=2.0))
+    turn = turns.start_turn("tok-abcdefgh", "count", speak=True, spoken_input=True, user_id=UID, marks=TurnMarks(speech_end=1.0, stt_final=2.0))
     while len(turn.chunks) < 2:
         await asyncio.sleep(0.01)
     turns.audio_report("tok-abcdefgh", {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": 500.0})
     assert turns.interrupt("tok-abcdefgh")
     with contextlib.suppress(asyncio.CancelledError):
         await turn.task
-    msgs = repo.list_messages(sink.chat.conversation_id)
+    msgs = repo.list_messages(UID, sink.chat.conversation_id)
     assert msgs[-1]["content"] == "One."
     assert msgs[-1]["interrupted"]
     assert sink.chat.messages[-1]["interrupted"] == "1"
@@ -148,10 +156,10 @@ async def test_barge_in_keeps_only_played_chunks(env):
 async def test_a_new_turn_cancels_the_previous_one(env):
     sink, holder, turns, repo = env
     holder["runner"] = FakeRunner([f" t{i}" for i in range(200)], [], token_delay=0.01)
-    first = turns.start_turn("tok-samesame", "one", speak=False, spoken_input=False)
+    first = turns.start_turn("tok-samesame", "one", speak=False, spoken_input=False, user_id=UID)
     await asyncio.sleep(0.1)
     holder["runner"] = FakeRunner([" ok"], [])
-    second = turns.start_turn("tok-samesame", "two", speak=False, spoken_input=False, conversation_id=first.conversation_id or "")
+    second = turns.start_turn("tok-samesame", "two", speak=False, spoken_input=False, user_id=UID, conversation_id=first.conversation_id or "")
     with contextlib.suppress(asyncio.CancelledError):
         await first.task
     await second.task
@@ -167,8 +175,8 @@ async def test_connection_test_sends_the_stored_llm_key_only_to_the_saved_addres
     from voiceclaw_app.states.settings import _test_provider
 
     sink, holder, turns, repo = env
-    services.key_store().set("llm_api_key", "sk-stored-gateway-token")
     async with FakeChatServer(api_key="sk-stored-gateway-token") as saved_srv, FakeChatServer() as other_srv:
+        services.key_store().set("llm_api_key", "sk-stored-gateway-token", saved_srv.base_url)
         repo.save_settings(VoiceSettings(llm_base_url=saved_srv.base_url, llm_model_voice="openclaw:voice"))
         # the form shows another address, not saved: no request carries the key there
         result = await _test_provider("llm", VoiceSettings(llm_base_url=other_srv.base_url, llm_model_voice="openclaw:voice"))

@@ -13,7 +13,7 @@ import contextlib
 
 from voiceclaw_app.states.chat import apply_audio_report, restore_after_load
 
-from .test_states import FakeRunner, env  # noqa: F401  (env is a fixture)
+from .test_states import UID, USER, FakeRunner, env  # noqa: F401  (env is a fixture)
 
 TOKEN = "tok-uichat-0001"
 CHUNKS = [("d1d1d1d1d1", "One."), ("d2d2d2d2d2", "Two."), ("d3d3d3d3d3", "Three.")]
@@ -28,7 +28,7 @@ def _reload(sink) -> None:
 async def _playing_mid_reply(sink, holder, turns):
     """A spoken reply still being synthesized (two of three chunks so far), its first chunk playing."""
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS, chunk_delay=0.05)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False, user_id=UID)
     while len(turn.chunks) < 2:
         await asyncio.sleep(0.01)
     apply_audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None}, sink.stream, sink.chat)
@@ -38,7 +38,7 @@ async def _playing_mid_reply(sink, holder, turns):
 async def _finished_and_playing(sink, holder, turns):
     """A spoken reply fully synthesized, its audio reported playing by the page."""
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], CHUNKS)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=False, user_id=UID)
     await turn.task
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None})
     assert turns.speaking(TOKEN)
@@ -79,7 +79,7 @@ async def test_a_plain_reconnect_keeps_the_mic_state(env):
 async def test_reload_leaves_thinking_alone_while_the_turn_runs(env):
     sink, holder, turns, _ = env
     holder["runner"] = FakeRunner([f" w{i}" for i in range(300)], [], token_delay=0.01)
-    turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False)
+    turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False, user_id=UID)
     while sink.chat.status != "thinking":
         await asyncio.sleep(0.01)
     _reload(sink)
@@ -93,7 +93,7 @@ async def test_reload_mid_stream_resends_every_segment_once(env):
     sink, holder, turns, _ = env
     tokens = [f" w{i}" for i in range(1200)]
     holder["runner"] = FakeRunner(tokens, [], token_delay=0.003)
-    turn = turns.start_turn(TOKEN, "talk", speak=False, spoken_input=False)
+    turn = turns.start_turn(TOKEN, "talk", speak=False, spoken_input=False, user_id=UID)
     for _ in range(1000):
         if len(turn.segments) > turns.TAIL + 2 and sink.stream.seg_base > 0:
             break
@@ -129,7 +129,7 @@ async def test_page_left_mid_reply_ends_the_running_turn_cut_at_what_was_heard(e
         await turn.task
     assert turn.interrupted
     assert sink.chat.status == "idle"
-    msgs = repo.list_messages(sink.chat.conversation_id)
+    msgs = repo.list_messages(UID, sink.chat.conversation_id)
     assert msgs[-1]["content"] == "One."
     assert msgs[-1]["interrupted"]
     # back on the page: nothing is stuck
@@ -140,7 +140,7 @@ async def test_page_left_mid_reply_ends_the_running_turn_cut_at_what_was_heard(e
 async def test_a_stopped_report_of_another_turn_cancels_nothing(env):
     sink, holder, turns, _ = env
     holder["runner"] = FakeRunner([f" w{i}" for i in range(200)], [], token_delay=0.01)
-    turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False)
+    turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False, user_id=UID)
     while sink.stream.audio_turn != turn.turn_id:
         await asyncio.sleep(0.01)
     apply_audio_report(TOKEN, {"event": "stopped", "turn": "someoldturn", "played": 1}, sink.stream, sink.chat)
@@ -156,7 +156,7 @@ async def test_a_turn_that_outlives_a_reload_does_not_leave_speaking_behind(env)
     that turn, so no "ended" report comes; the turn's end must not leave "speaking"."""
     sink, holder, turns, _ = env
     holder["runner"] = FakeRunner([f" w{i}" for i in range(30)], CHUNKS, token_delay=0.01, chunk_delay=0.05)
-    turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False)
+    turn = turns.start_turn(TOKEN, "talk", speak=True, spoken_input=False, user_id=UID)
     while not turn.chunks:
         await asyncio.sleep(0.01)
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": None})
@@ -185,13 +185,13 @@ async def test_playback_stopped_on_the_mic_socket_cuts_the_reply(env):
 
     sink, holder, turns, repo = env
     turn = await _playing_mid_reply(sink, holder, turns)
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free", USER)
     await session.on_control({"type": "playback_stopped", "turn": turn.turn_id, "played": 1})
     with contextlib.suppress(asyncio.CancelledError):
         await turn.task
     assert turn.interrupted
     for _ in range(100):
-        msgs = repo.list_messages(sink.chat.conversation_id)
+        msgs = repo.list_messages(UID, sink.chat.conversation_id)
         if msgs[-1]["interrupted"]:
             break
         await asyncio.sleep(0.02)

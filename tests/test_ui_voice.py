@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from voiceclaw_app.pipeline.timing import TurnMarks, now_ms
 from voiceclaw_app.providers.base import EngineUnavailable, Listener, SpeechDiscarded, SpeechStarted, queued_events
 
-from .test_states import FakeRunner, env  # noqa: F401  (env is a fixture)
+from .test_states import UID, USER, FakeRunner, env  # noqa: F401  (env is a fixture)
 
 TOKEN = "tok-voice-0001"
 
@@ -24,13 +25,19 @@ TOKEN = "tok-voice-0001"
 class FakeWS:
     """Enough of starlette's WebSocket for ws_voice: scripted input, recorded output."""
 
-    def __init__(self, incoming: list[dict] | None = None):
+    #: the upgrade request's headers by default (the ``voice`` fixture logs the tests' user in)
+    login_headers: dict[str, str] = {}
+
+    def __init__(self, incoming: list[dict] | None = None, headers: dict[str, str] | None = None):
         self.sent: list[dict] = []
         self.closed_with: int | None = None
+        self.accepted = False
         self.incoming = list(incoming or [])
+        self.headers = dict(self.login_headers if headers is None else headers)
+        self.client = SimpleNamespace(host="127.0.0.1", port=50000)
 
     async def accept(self):
-        pass
+        self.accepted = True
 
     async def receive_text(self):
         return self.incoming.pop(0)["text"]
@@ -92,15 +99,19 @@ def voice(env, monkeypatch):  # noqa: F811
         built.append(lst)
         return lst
 
+    from voiceclaw_app.server.auth import SESSION_COOKIE, create_login_session
+
     monkeypatch.setattr(services, "build_listener", fake_build_listener)
     monkeypatch.setattr(ws_voice, "_current", None)
+    cookie = create_login_session(UID)
+    monkeypatch.setattr(FakeWS, "login_headers", {"host": "127.0.0.1:3000", "origin": "http://127.0.0.1:3000", "cookie": f"{SESSION_COOKIE}={cookie}"})
     yield ws_voice, turns, env[0], built, holder
     turns.ACTIVE.clear()
     turns.VOICE_SENDERS.clear()
 
 
 def _speaking_turn(turns, *, started_ago_ms: float = 1000.0, done: bool = False):
-    t = turns.ActiveTurn(turn_id="t-speaking", token=TOKEN, conversation_id="c", speak=True)
+    t = turns.ActiveTurn(turn_id="t-speaking", token=TOKEN, conversation_id="c", speak=True, user_id=UID)
     t.playing = True
     t.playback_started_ms = now_ms() - started_ago_ms
     t.done = done
@@ -112,7 +123,7 @@ def _speaking_turn(turns, *, started_ago_ms: float = 1000.0, done: bool = False)
 async def test_tentative_onset_pauses_and_a_discard_resumes_without_cancelling(voice):
     ws_voice, turns, sink, _, _ = voice
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free", USER)
     turn = _speaking_turn(turns)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     assert ws.types() == ["pause"]
@@ -132,7 +143,7 @@ async def test_tentative_onset_pauses_and_a_discard_resumes_without_cancelling(v
 async def test_confirmed_speech_after_a_pause_barges_in(voice):
     ws_voice, turns, sink, _, _ = voice
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free", USER)
     turn = _speaking_turn(turns)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=False))
@@ -145,7 +156,7 @@ async def test_confirmed_speech_after_a_pause_barges_in(voice):
 async def test_confirmed_speech_while_speaking_barges_in_even_without_a_pause(voice):
     ws_voice, turns, sink, _, _ = voice
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free", USER)
     turn = _speaking_turn(turns)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
     assert ws.types() == ["barge_in"]
@@ -155,7 +166,7 @@ async def test_confirmed_speech_while_speaking_barges_in_even_without_a_pause(vo
 async def test_echo_guard_and_silence_keep_playback_going(voice):
     ws_voice, turns, sink, _, _ = voice
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free", USER)
     # nothing is speaking: no pause, no barge-in
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await session._on_listen_event(SpeechStarted(t_ms=now_ms()))
@@ -172,7 +183,7 @@ async def test_an_unresolved_pause_resumes_by_itself(voice, monkeypatch):
     ws_voice, turns, sink, _, _ = voice
     monkeypatch.setattr(ws_voice, "PAUSE_TIMEOUT_S", 0.05)
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free", USER)
     _speaking_turn(turns)
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await asyncio.sleep(0.2)
@@ -182,7 +193,7 @@ async def test_an_unresolved_pause_resumes_by_itself(voice, monkeypatch):
 async def test_button_barge_in_control_cancels_a_speaking_turn(voice):
     ws_voice, turns, sink, _, _ = voice
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free", USER)
     turn = _speaking_turn(turns)
     await session.on_control({"type": "barge_in"})
     assert ws.types() == ["barge_in"] and turn.interrupted
@@ -192,7 +203,7 @@ async def test_button_barge_in_control_cancels_a_speaking_turn(voice):
 async def test_listener_gets_the_input_mode_when_built_and_on_every_change(voice):
     ws_voice, turns, sink, built, _ = voice
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "push_to_talk")
+    session = ws_voice.VoiceSession(ws, TOKEN, "push_to_talk", USER)
     await session.ensure_listener()
     assert built and built[0].modes == [False]
     await session.on_control({"type": "mode", "mode": "hands_free"})
@@ -208,7 +219,7 @@ async def test_a_provider_error_on_push_is_reported_and_the_socket_survives(voic
     ws_voice, turns, sink, built, holder = voice
     holder["fail_push"] = EngineUnavailable("The speech model files are missing: run make setup.")
     ws = FakeWS()
-    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(ws, TOKEN, "hands_free", USER)
     frame = b"\x00\x01" * 320
     await session.on_audio(frame)
     await asyncio.wait_for(session._starting, 2)
@@ -232,7 +243,7 @@ async def test_a_provider_error_on_push_is_reported_and_the_socket_survives(voic
 async def test_a_listener_that_ends_by_itself_is_rebuilt_on_the_next_frame(voice):
     """A cloud session that failed with fallback off ends its events: the mic must not go dead."""
     ws_voice, turns, sink, built, _ = voice
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free", USER)
     frame = b"\x00\x01" * 320
     await session.on_audio(frame)
     await asyncio.wait_for(session._starting, 2)
@@ -263,7 +274,7 @@ async def test_frames_said_while_the_listener_starts_reach_it_in_order(voice, mo
         return await real_build(settings)
 
     monkeypatch.setattr(services, "build_listener", slow_build)
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free", USER)
     frame = b"\x00\x01" * 320
 
     times = itertools.count()
@@ -295,7 +306,7 @@ async def test_stop_while_the_listener_starts_does_not_bring_it_back(voice, monk
         return await real_build(settings)
 
     monkeypatch.setattr(services, "build_listener", slow_build)
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free", USER)
     await session.on_audio(b"\x00\x01" * 320)
     starting = session._starting
     await asyncio.sleep(0.01)
@@ -314,7 +325,7 @@ async def test_a_barge_in_prepares_the_next_request_again_and_a_cough_in_silence
     from voiceclaw_app.pipeline.preemptive import TurnStarter
 
     ws_voice, turns, sink, _, _ = voice
-    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free")
+    session = ws_voice.VoiceSession(FakeWS(), TOKEN, "hands_free", USER)
     calls: list[float] = []
 
     async def prepare():
@@ -362,17 +373,25 @@ async def test_good_sample_rates_are_accepted(voice, rate):
     assert ws.types()[0] == "ready" and ws.closed_with is None
 
 
-async def test_access_token_is_required_when_configured(voice, monkeypatch):
+async def test_the_mic_socket_needs_a_login_and_the_apps_own_origin(voice):
     ws_voice, *_ = voice
-    monkeypatch.setenv("VOICECLAW_ACCESS_TOKEN", "s3cret-token")
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
+    hello = {"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}
+    # no session cookie: refused with a message, and never "ready"
+    ws = FakeWS([hello], headers={"host": "127.0.0.1:3000", "origin": "http://127.0.0.1:3000"})
     await ws_voice.ws_voice(ws)
-    assert ws.closed_with == 4003
-    assert "access_token" in ws.sent[0]["message"]
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "wrong"})}])
+    assert ws.closed_with == 4003 and ws.types() == ["error"] and ws.sent[0]["code"] == "login"
+    # a made-up cookie is no session either
+    ws = FakeWS([hello], headers={"host": "127.0.0.1:3000", "cookie": "voiceclaw_session=forged-value-123"})
     await ws_voice.ws_voice(ws)
-    assert ws.closed_with == 4003
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "s3cret-token"})}])
+    assert ws.closed_with == 4003 and "ready" not in ws.types()
+    # a valid cookie, but the upgrade comes from another site's page (cross-site WebSocket
+    # hijacking): refused before the socket is even accepted, on loopback too
+    evil = dict(FakeWS.login_headers, origin="http://evil.example")
+    ws = FakeWS([hello], headers=evil)
+    await ws_voice.ws_voice(ws)
+    assert ws.closed_with == 4003 and not ws.accepted and ws.sent == []
+    # the logged-in user from the app's own page: ready
+    ws = FakeWS([hello])
     await ws_voice.ws_voice(ws)
     assert ws.types()[0] == "ready"
 
@@ -380,7 +399,7 @@ async def test_access_token_is_required_when_configured(voice, monkeypatch):
 async def test_a_reload_of_the_same_tab_is_not_a_takeover(voice):
     ws_voice, turns, sink, _, _ = voice
     old_ws = FakeWS()
-    old = ws_voice.VoiceSession(old_ws, TOKEN, "hands_free")
+    old = ws_voice.VoiceSession(old_ws, TOKEN, "hands_free", USER)
     ws_voice._current = old
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
     await ws_voice.ws_voice(ws)
@@ -388,7 +407,7 @@ async def test_a_reload_of_the_same_tab_is_not_a_takeover(voice):
     assert not getattr(sink.chat, "taken_over", False)
     # another tab (another token) does take it over
     other_ws = FakeWS()
-    other = ws_voice.VoiceSession(other_ws, "tok-other-tab-2", "hands_free")
+    other = ws_voice.VoiceSession(other_ws, "tok-other-tab-2", "hands_free", USER)
     ws_voice._current = other
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
     await ws_voice.ws_voice(ws)
@@ -399,7 +418,7 @@ async def test_a_reload_of_the_same_tab_is_not_a_takeover(voice):
 async def _finished_turn(env, chunks, tokens=None, conv=""):
     sink, holder, turns, repo = env
     holder["runner"] = FakeRunner(tokens or [t + " " for _, t in chunks], chunks)
-    turn = turns.start_turn(TOKEN, "hello", speak=True, spoken_input=True, conversation_id=conv, marks=TurnMarks(speech_end=now_ms() - 500, stt_final=now_ms() - 400))
+    turn = turns.start_turn(TOKEN, "hello", speak=True, spoken_input=True, user_id=UID, conversation_id=conv, marks=TurnMarks(speech_end=now_ms() - 500, stt_final=now_ms() - 400))
     await turn.task
     return turn
 
@@ -410,7 +429,7 @@ async def test_only_the_first_first_playing_report_counts(env):  # noqa: F811
     origin = turn.marks.origin()
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 900.0})
     for _ in range(250):  # the write runs in an executor thread
-        first = repo.timings_for(turn.conversation_id)[0]["first_audio_playing"]
+        first = repo.timings_for(UID, turn.conversation_id)[0]["first_audio_playing"]
         if first is not None:
             break
         await asyncio.sleep(0.02)
@@ -420,7 +439,7 @@ async def test_only_the_first_first_playing_report_counts(env):  # noqa: F811
     turns.ACTIVE.pop(TOKEN)
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": origin + 90000.0})
     await asyncio.sleep(0.5)  # (a write, had one been scheduled, would land by now)
-    assert repo.timings_for(turn.conversation_id)[0]["first_audio_playing"] == first
+    assert repo.timings_for(UID, turn.conversation_id)[0]["first_audio_playing"] == first
     assert turn.marks.first_audio_playing == origin + 900.0
 
 
@@ -435,7 +454,7 @@ async def test_a_stop_after_the_reply_was_heard_does_not_cut_it(env):  # noqa: F
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
     turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 1})
     await asyncio.sleep(0.1)
-    msg = repo.list_messages(turn.conversation_id)[-1]
+    msg = repo.list_messages(UID, turn.conversation_id)[-1]
     assert msg["content"] == "One. Two." and not msg["interrupted"]
     assert not turns.speaking(TOKEN)
 
@@ -447,7 +466,7 @@ async def test_a_stop_during_playback_after_synthesis_cuts_to_played_chunks(env)
     assert turns.speaking(TOKEN)
     turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 1})
     for _ in range(50):
-        msg = repo.list_messages(turn.conversation_id)[-1]
+        msg = repo.list_messages(UID, turn.conversation_id)[-1]
         if msg["interrupted"]:
             break
         await asyncio.sleep(0.02)
@@ -458,7 +477,7 @@ async def test_a_stop_during_playback_after_synthesis_cuts_to_played_chunks(env)
 async def test_chunk_reports_set_playing_again_after_a_drain(env):  # noqa: F811
     sink, holder, turns, repo = env
     holder["runner"] = FakeRunner(["One. ", "Two."], [("d1d1d1d1d1", "One."), ("d2d2d2d2d2", "Two.")], chunk_delay=0.3)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True, user_id=UID)
     while not turn.chunks:
         await asyncio.sleep(0.01)
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
@@ -477,7 +496,7 @@ async def _interrupted_after_the_first_chunk(env, ids: tuple[str, str, str]):  #
     """A three-chunk reply: the first chunk starts playing, then a barge-in."""
     sink, holder, turns, repo = env
     holder["runner"] = FakeRunner(["One. ", "Two. ", "Three."], list(zip(ids, ["One.", "Two.", "Three."])), chunk_delay=0.05)
-    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True)
+    turn = turns.start_turn(TOKEN, "count", speak=True, spoken_input=True, user_id=UID)
     while len(turn.chunks) < 2:
         await asyncio.sleep(0.01)
     turns.audio_report(TOKEN, {"event": "first_playing", "turn": turn.turn_id, "index": 0, "server_ms": now_ms()})
@@ -490,7 +509,7 @@ async def _interrupted_after_the_first_chunk(env, ids: tuple[str, str, str]):  #
 async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # noqa: F811
     sink, holder, turns, repo = env
     turn = await _interrupted_after_the_first_chunk(env, ("i1i1i1i1i1", "i2i2i2i2i2", "i3i3i3i3i3"))
-    msg = repo.list_messages(turn.conversation_id)[-1]
+    msg = repo.list_messages(UID, turn.conversation_id)[-1]
     assert msg["content"] == "One." and msg["interrupted"]
     assert msg["audio_ids"] == ["i1i1i1i1i1"]
     assert sink.chat.last_audio_ids == ["i1i1i1i1i1"]
@@ -499,7 +518,7 @@ async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # no
 async def test_a_cancelled_turn_does_not_append_to_another_conversation(env):  # noqa: F811
     sink, holder, turns, repo = env
     holder["runner"] = FakeRunner([f" w{i}" for i in range(200)], [], token_delay=0.01)
-    turn = turns.start_turn(TOKEN, "first conversation", speak=False, spoken_input=False)
+    turn = turns.start_turn(TOKEN, "first conversation", speak=False, spoken_input=False, user_id=UID)
     while not turn.segments and not turn.pending:
         await asyncio.sleep(0.01)
     old_conv = turn.conversation_id
@@ -512,7 +531,7 @@ async def test_a_cancelled_turn_does_not_append_to_another_conversation(env):  #
         await turn.task
     assert sink.chat.messages == []
     assert sink.chat.conversation_id == ""
-    stored = repo.list_messages(old_conv)
+    stored = repo.list_messages(UID, old_conv)
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["interrupted"]
 
 
@@ -544,11 +563,11 @@ def test_preview_and_tests_use_the_forms_current_values(env):  # noqa: F811
 async def test_a_stopped_report_after_the_cut_keeps_the_chunk_that_had_started(env):  # noqa: F811
     sink, holder, turns, repo = env
     turn = await _interrupted_after_the_first_chunk(env, ("s1s1s1s1s1", "s2s2s2s2s2", "s3s3s3s3s3"))
-    assert repo.list_messages(turn.conversation_id)[-1]["content"] == "One."
+    assert repo.list_messages(UID, turn.conversation_id)[-1]["content"] == "One."
     # the page's queue had started chunk 2 before the barge-in reached it
     turns.audio_report(TOKEN, {"event": "stopped", "turn": turn.turn_id, "played": 2})
     for _ in range(50):
-        msg = repo.list_messages(turn.conversation_id)[-1]
+        msg = repo.list_messages(UID, turn.conversation_id)[-1]
         if msg["content"] != "One.":
             break
         await asyncio.sleep(0.02)

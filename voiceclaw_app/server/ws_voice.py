@@ -8,7 +8,8 @@ playback control goes straight back on this socket so it acts without waiting fo
 state update: ``{"type": "pause"}`` on a tentative voice onset while the assistant
 speaks (a cough may follow: the turn is not cancelled), ``{"type": "resume"}`` when
 that onset is discarded, ``{"type": "barge_in"}`` when speech is confirmed (the turn
-is cancelled). One active voice session per user: a new socket takes
+is cancelled). The upgrade needs a logged-in user (session cookie) and the app's own
+Origin (``server/auth.py``). One active voice session per user: a new socket takes
 the mic over and the previous tab is told (``{"type": "taken_over"}``).
 """
 
@@ -16,11 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import math
 import logging
-import os
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -31,6 +30,7 @@ from ..pipeline.timing import now_ms
 from ..providers.base import EndOfTurn, InterimTranscript, ListenNotice, ProviderError, SpeechDiscarded, SpeechStarted
 from ..states import services, turns
 from ..states.chat import apply_audio_report
+from .auth import AuthUser, authenticate, origin_allowed
 
 log = logging.getLogger("voiceclaw.ws")
 
@@ -40,14 +40,15 @@ MAX_BUFFERED_FRAMES = 250  # ~5-10 s of audio held while the listener starts
 RETRY_AFTER_FAILURE_MS = 5000.0
 #: a pause with neither a confirmation nor a discard after this long resumes playback
 PAUSE_TIMEOUT_S = 2.0
-ACCESS_REFUSED = "This server needs an access token: open the page once as /?access_token=..."
+LOGIN_REFUSED = "Not logged in (or the session ended): reload the page and log in."
 _current: "VoiceSession | None" = None
 
 
 class VoiceSession:
-    def __init__(self, ws: WebSocket, token: str, mode: str):
+    def __init__(self, ws: WebSocket, token: str, mode: str, user: AuthUser):
         self.ws = ws
         self.token = token
+        self.user = user
         self.mode = mode
         self.listener: Any = None
         self._starting: asyncio.Task | None = None
@@ -75,7 +76,7 @@ class VoiceSession:
     # ---- listener lifecycle ------------------------------------------
     async def _start_listener(self) -> None:
         try:
-            settings = await services.load_settings()
+            settings = await services.load_settings(self.user.id)
             listener = await services.build_listener(settings)
         except Exception as exc:
             log.exception("could not start listening")
@@ -211,7 +212,7 @@ class VoiceSession:
         self.conversation_id = conv
         if self.starter is not None:
             self.starter.speak = not muted
-        return await turns.prepare_runner(conv)
+        return await turns.prepare_runner(self.user.id, conv)
 
     async def _on_listen_event(self, ev: Any) -> None:
         token = self.token
@@ -254,7 +255,7 @@ class VoiceSession:
             return
         if committed is not None:
             self._fresh_conversation = ""
-            turns.start_turn(token, committed.text, speak=self.starter.speak, spoken_input=True, conversation_id=self.conversation_id, early=committed.turn)
+            turns.start_turn(token, committed.text, speak=self.starter.speak, spoken_input=True, conversation_id=self.conversation_id, early=committed.turn, user_id=self.user.id)
 
     async def pause(self) -> None:
         self.paused = True
@@ -381,17 +382,17 @@ def _sample_rate_ok(value: Any) -> bool:
     return math.isfinite(rate) and rate == 16000
 
 
-def _access_ok(hello: dict) -> bool:
-    access = os.environ.get("VOICECLAW_ACCESS_TOKEN", "")
-    if not access:
-        return True
-    given = hello.get("access_token")
-    return isinstance(given, str) and hmac.compare_digest(given.encode(), access.encode())
-
-
 async def ws_voice(websocket: WebSocket) -> None:
     global _current
+    if not origin_allowed(websocket.headers):
+        await websocket.close(code=4003)  # before accept: the upgrade is refused (HTTP 403)
+        return
+    user = await authenticate(websocket.headers, websocket.client.host if websocket.client else None)
     await websocket.accept()
+    if user is None:
+        await websocket.send_text(json.dumps({"type": "error", "code": "login", "message": LOGIN_REFUSED}))
+        await websocket.close(code=4003)
+        return
     try:
         hello = json.loads(await asyncio.wait_for(websocket.receive_text(), timeout=10))
     except Exception:
@@ -401,16 +402,12 @@ async def ws_voice(websocket: WebSocket) -> None:
         await websocket.send_text(json.dumps({"type": "error", "message": "bad hello"}))
         await websocket.close(code=4000)
         return
-    if not _access_ok(hello):
-        await websocket.send_text(json.dumps({"type": "error", "code": "access_token", "message": ACCESS_REFUSED}))
-        await websocket.close(code=4003)
-        return
     if not _sample_rate_ok(hello.get("sample_rate")):
         await websocket.send_text(json.dumps({"type": "error", "message": "send 16 kHz PCM"}))
         await websocket.close(code=4000)
         return
     mode = hello.get("mode") if hello.get("mode") in ("push_to_talk", "hands_free") else "hands_free"
-    session = VoiceSession(websocket, hello["client_token"], mode)
+    session = VoiceSession(websocket, hello["client_token"], mode, user)
     previous, _current = _current, session
     if previous is not None and not previous.closed:
         if previous.token == session.token:

@@ -18,6 +18,8 @@ import secrets
 import reflex as rx
 
 from ..db import repo
+from ..server.auth import sign_audio_url
+from .auth import require_user
 
 STATUS_WORDS = ("warming up", "idle", "listening", "thinking", "speaking", "error")
 
@@ -39,36 +41,44 @@ class ChatState(rx.State):
     engines: dict[str, str] = {}
 
     @rx.event
-    def set_draft(self, value: str):
+    async def set_draft(self, value: str):
+        if await require_user(self) is None:
+            return
         self.draft = value
 
     @rx.event
-    def set_muted(self, value: bool):
+    async def set_muted(self, value: bool):
+        if await require_user(self) is None:
+            return
         self.muted = bool(value)
 
     @rx.event
     async def set_input_mode(self, value: str):
-        if value not in ("push_to_talk", "hands_free"):
+        user = await require_user(self)
+        if user is None or value not in ("push_to_talk", "hands_free"):
             return
         self.input_mode = value
-        settings = await asyncio.to_thread(repo.load_settings)
-        if settings.input_mode != value:
-            await asyncio.to_thread(repo.save_settings, settings.replace(input_mode=value))
+        settings = await asyncio.to_thread(repo.load_settings, user.id)
+        if settings.input_mode != value:  # a voice preference: the user's own
+            await asyncio.to_thread(repo.save_user_prefs, user.id, settings.replace(input_mode=value))
 
     @rx.event(background=True)
     async def on_load(self):
         """Load the conversation list and settings; report engine warm-up until ready."""
         from . import services, turns
 
-        settings = await services.load_settings()
-        convs = await asyncio.to_thread(repo.list_conversations, "", 50)
+        user = await require_user(self)  # reads the connection's headers: no lock needed
+        if user is None:
+            return
+        settings = await services.load_settings(user.id)
+        convs = await asyncio.to_thread(repo.list_conversations, user.id, "", 50)
         async with self:
             stream = await self.get_state(StreamState)
             restore_after_load(self.router.session.client_token, stream, self)
             self.input_mode = settings.input_mode
             self.conversations = [_conv_row(c) for c in convs]
             if self.conversation_id:
-                msgs = await asyncio.to_thread(repo.list_messages, self.conversation_id)
+                msgs = await asyncio.to_thread(repo.list_messages, user.id, self.conversation_id)
                 self.messages = [_msg_row(m) for m in msgs]
         for _ in range(600):
             status = services.engine_status()
@@ -85,6 +95,9 @@ class ChatState(rx.State):
 
     @rx.event
     async def send_text(self, form: dict | None = None):
+        user = await require_user(self)
+        if user is None:
+            return
         text = (form or {}).get("text", self.draft) if isinstance(form, dict) else self.draft
         text = (text or "").strip()
         if not text:
@@ -92,13 +105,15 @@ class ChatState(rx.State):
         self.draft = ""
         from . import turns
 
-        turns.start_turn(self.router.session.client_token, text, speak=not self.muted, spoken_input=False, conversation_id=self.conversation_id)
+        turns.start_turn(self.router.session.client_token, text, speak=not self.muted, spoken_input=False, conversation_id=self.conversation_id, user_id=user.id)
 
     @rx.event
     async def stop(self):
         """Stop button: cancel the turn, stop playback and the mic."""
         from . import turns
 
+        if await require_user(self) is None:
+            return
         token = self.router.session.client_token
         turns.interrupt(token, reason="stop")
         self.mic_on = False
@@ -123,6 +138,8 @@ class ChatState(rx.State):
 
     @rx.event
     async def new_conversation(self):
+        if await require_user(self) is None:
+            return
         await self._leave_conversation("new")
         self.conversation_id = ""
         self.messages = []
@@ -130,10 +147,14 @@ class ChatState(rx.State):
 
     @rx.event
     async def pick_conversation(self, conversation_id: str):
-        if not isinstance(conversation_id, str) or not conversation_id:
+        user = await require_user(self)
+        if user is None or not isinstance(conversation_id, str) or not conversation_id:
+            return
+        if await asyncio.to_thread(repo.get_conversation, user.id, conversation_id) is None:
+            self.notice = "Conversation not found."
             return
         await self._leave_conversation("pick")
-        msgs = await asyncio.to_thread(repo.list_messages, conversation_id)
+        msgs = await asyncio.to_thread(repo.list_messages, user.id, conversation_id)
         self.conversation_id = conversation_id
         self.messages = [_msg_row(m) for m in msgs]
         last = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
@@ -143,8 +164,11 @@ class ChatState(rx.State):
     async def replay_last(self):
         from . import services
 
+        user = await require_user(self)
+        if user is None:
+            return
         store = services.audio_store()
-        urls = [store.url_for(a) for a in self.last_audio_ids if store.path_for(a) is not None]
+        urls = [sign_audio_url(a, user.id) for a in self.last_audio_ids if store.path_for(a) is not None]
         if not urls:
             self.notice = "No audio to replay."
             return
@@ -155,8 +179,10 @@ class ChatState(rx.State):
 
     # ---- reports from the browser components (small payloads) ----------
     @rx.event
-    def on_mic_event(self, payload: str):
+    async def on_mic_event(self, payload: str):
         """The mic component: listening / stopped / error:<message> / taken_over."""
+        if await require_user(self) is None or not isinstance(payload, str):
+            return
         if payload == "listening":
             self.mic_on = True
             if self.taken_over:  # this tab took the mic back
@@ -183,6 +209,8 @@ class ChatState(rx.State):
     @rx.event
     async def on_audio_event(self, payload: str):
         """The audio queue: {"event": "mounted"|"first_playing"|"chunk"|"ended"|"stopped", ...}."""
+        if await require_user(self) is None:
+            return
         try:
             data = json.loads(payload)
         except ValueError:

@@ -25,6 +25,7 @@ from ..db import repo
 from ..pipeline.preemptive import EarlyTurn
 from ..pipeline.timing import TurnMarks, now_ms
 from ..providers.base import CancelToken
+from ..server.auth import sign_stored_url
 from . import services
 from .chat import ChatState, StreamState, _conv_row, _msg_row
 
@@ -67,6 +68,8 @@ class ActiveTurn:
     token: str
     conversation_id: str
     speak: bool
+    #: the logged-in user the turn is for (repository calls and audio URLs are theirs)
+    user_id: int = 0
     cancel: CancelToken = field(default_factory=CancelToken)
     task: asyncio.Task | None = None
     marks: TurnMarks = field(default_factory=TurnMarks)
@@ -96,7 +99,7 @@ class ActiveTurn:
 ACTIVE: dict[str, ActiveTurn] = {}
 #: turn_id -> (timing row id, origin ms) of finished turns still awaiting their first
 #: playback report; taken out when it is stored, so only the first report counts
-FINISHED_TIMINGS: dict[str, tuple[int, float, str]] = {}
+FINISHED_TIMINGS: dict[str, tuple[int, float, str, int]] = {}
 #: client token -> coroutine function sending a JSON message on the tab's mic socket
 VOICE_SENDERS: dict[str, Callable[[dict], Awaitable[None]]] = {}
 
@@ -242,9 +245,9 @@ def _late_playing(turn_id: str, server_ms: float) -> None:
     info = FINISHED_TIMINGS.pop(turn_id, None)
     if info is None:
         return  # stored already (a later report is a replay), or not a turn of ours
-    timing_id, origin, _ = info
+    timing_id, origin, _, user_id = info
     if timing_id:
-        asyncio.get_running_loop().run_in_executor(None, repo.set_first_audio_playing, timing_id, server_ms - origin)
+        asyncio.get_running_loop().run_in_executor(None, repo.set_first_audio_playing, user_id, timing_id, server_ms - origin)
 
 
 # ---------------------------------------------------------------- starting turns
@@ -258,11 +261,12 @@ def start_turn(
     marks: TurnMarks | None = None,
     prepared: Any = None,
     early: EarlyTurn | None = None,
+    user_id: int = 0,
 ) -> ActiveTurn:
     """Run a turn for the tab; ``early`` is a turn the voice session already started
     at the pause (its held-back events are shown now)."""
     interrupt(token, reason="new turn")
-    turn = ActiveTurn(turn_id=secrets.token_hex(6), token=token, conversation_id=conversation_id, speak=speak, marks=early.marks if early is not None else marks or TurnMarks())
+    turn = ActiveTurn(turn_id=secrets.token_hex(6), token=token, conversation_id=conversation_id, speak=speak, user_id=user_id, marks=early.marks if early is not None else marks or TurnMarks())
     if early is not None:
         turn.cancel = early.cancel
     if turn.marks.stt_final is None:
@@ -272,12 +276,12 @@ def start_turn(
     return turn
 
 
-async def prepare_runner(conversation_id: str) -> tuple[Any, Any]:
+async def prepare_runner(user_id: int, conversation_id: str) -> tuple[Any, Any]:
     """At speech start: the runner and the request (settings + bounded history), and
     providers warmed for it in the background (connections, the local LLM's prompt)."""
-    settings = await services.load_settings()
+    settings = await services.load_settings(user_id)
     runner = await services.get_runner(settings)
-    history = await services.history_for(conversation_id, settings)
+    history = await services.history_for(user_id, conversation_id, settings)
     prepared = runner.prepare(history, conversation_id, spoken=True)
     task = asyncio.get_running_loop().create_task(_warm(runner, prepared))
     _BACKGROUND.add(task)
@@ -309,14 +313,14 @@ async def _run(turn: ActiveTurn, text: str, spoken_input: bool, prepared: Any, e
     error = ""
     flusher: asyncio.Task | None = None
     try:
-        settings = await services.load_settings()
-        conv = await asyncio.to_thread(repo.ensure_conversation, turn.conversation_id)
+        settings = await services.load_settings(turn.user_id)
+        conv = await asyncio.to_thread(repo.ensure_conversation, turn.user_id, turn.conversation_id)
         turn.conversation_id = conv.id
-        history = None if prepared is not None or early is not None else await services.history_for(turn.conversation_id, settings)
-        user = await asyncio.to_thread(repo.add_user_message, turn.conversation_id, text, spoken_input)
-        reply = await asyncio.to_thread(repo.start_assistant_message, turn.conversation_id, turn.speak)
+        history = None if prepared is not None or early is not None else await services.history_for(turn.user_id, turn.conversation_id, settings)
+        user = await asyncio.to_thread(repo.add_user_message, turn.user_id, turn.conversation_id, text, spoken_input)
+        reply = await asyncio.to_thread(repo.start_assistant_message, turn.user_id, turn.conversation_id, turn.speak)
         turn.message_id = reply.id
-        convs = await asyncio.to_thread(repo.list_conversations, "", 50)
+        convs = await asyncio.to_thread(repo.list_conversations, turn.user_id, "", 50)
 
         def begin(stream: StreamState, chat: ChatState) -> None:
             chat.conversation_id = turn.conversation_id
@@ -387,7 +391,7 @@ async def _on_event(turn: ActiveTurn, ev: Any) -> None:
     elif kind == "AudioReady":
         turn.chunks.append((ev.audio_id, ev.text))
         await _flush(turn)
-        url = ev.url
+        url = sign_stored_url(ev.url, turn.user_id)
 
         def apply(stream: StreamState, chat: ChatState) -> None:
             if stream.audio_turn == turn.turn_id:
@@ -417,7 +421,7 @@ async def _on_event(turn: ActiveTurn, ev: Any) -> None:
         turn.reply_text = ev.reply_text or turn.reply_text
         turn.error = ev.message
         if ev.audio_url:
-            url = ev.audio_url
+            url = sign_stored_url(ev.audio_url, turn.user_id)
 
             def apply(stream: StreamState, chat: ChatState) -> None:
                 if stream.audio_turn == turn.turn_id:
@@ -438,7 +442,7 @@ async def _write_message(turn: ActiveTurn, content: str, audio_ids: list[str], *
         if prev is not None:
             with contextlib.suppress(BaseException):
                 await prev
-        await asyncio.to_thread(repo.update_assistant_message, turn.message_id, content, audio_ids, **flags)
+        await asyncio.to_thread(repo.update_assistant_message, turn.user_id, turn.message_id, content, audio_ids, **flags)
 
     turn.db_last = fut = asyncio.ensure_future(run())
     await asyncio.shield(fut)
@@ -471,12 +475,12 @@ async def _finish(turn: ActiveTurn, error: str) -> None:
     try:
         if turn.message_id is not None:
             await _write_message(turn, content, _stored_audio(turn), finished=True, interrupted=turn.interrupted, error=error)
-            timing_id = await asyncio.to_thread(repo.save_timing, turn.conversation_id, turn.message_id, turn.marks, turn.marks.speech_end is not None)
+            timing_id = await asyncio.to_thread(repo.save_timing, turn.user_id, turn.conversation_id, turn.message_id, turn.marks, turn.marks.speech_end is not None)
     except Exception:
         log.exception("could not store the turn")
     origin = turn.marks.origin() or 0.0
     if turn.marks.first_audio_playing is None:  # else stored with the timing row: later reports are replays
-        FINISHED_TIMINGS[turn.turn_id] = (timing_id, origin, turn.conversation_id)
+        FINISHED_TIMINGS[turn.turn_id] = (timing_id, origin, turn.conversation_id, turn.user_id)
     if len(FINISHED_TIMINGS) > 200:
         for k in list(FINISHED_TIMINGS)[:100]:
             FINISHED_TIMINGS.pop(k, None)
