@@ -24,7 +24,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from http.cookies import CookieError, SimpleCookie
 from typing import Mapping
 from urllib.parse import quote, urlsplit
 
@@ -59,22 +58,16 @@ def _user(a: accounts.Account | None) -> AuthUser | None:
 
 # ---------------------------------------------------------------- cookie
 def session_token(headers: Mapping[str, str]) -> str:
-    """The session cookie's value in a request's ``Cookie`` header ("" if none)."""
+    """The session cookie's value in a request's ``Cookie`` header ("" if none).
+
+    Split by hand: ``http.cookies`` drops every cookie after one it cannot parse, and
+    another app on the same host may set such a cookie."""
     raw = _lower(headers).get("cookie", "")
-    if not raw:
-        return ""
-    jar = SimpleCookie()
-    try:
-        jar.load(raw)
-    except CookieError:
-        # one malformed cookie of another app on the same host must not log us out
-        for part in raw.split(";"):
-            k, _, v = part.strip().partition("=")
-            if k == SESSION_COOKIE:
-                return v.strip()
-        return ""
-    morsel = jar.get(SESSION_COOKIE)
-    return morsel.value if morsel is not None else ""
+    for part in raw.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name == SESSION_COOKIE:
+            return value.strip().strip('"')
+    return ""
 
 
 def create_login_session(user_id: int) -> str:
