@@ -72,31 +72,13 @@ def session_cookies(app_server):
 
 
 @pytest.fixture()
-def launch_browser(app_server, session_cookies):
-    """launch(mic_wav=None, user=ADMIN) -> a Chromium browser whose pages start logged in; closed after the test."""
+def _browsers():
+    """One Playwright per test (a second sync instance cannot start inside the first)
+    and every browser launched in it; all closed after the test."""
     from playwright.sync_api import sync_playwright
 
     pw = sync_playwright().start()
-    browsers = []
-
-    def launch(mic_wav: Path | None = None, user: AppUser | None = None):
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(mic_wav))
-        browsers.append(b)
-        return LoggedInBrowser(b, app_server[0], session_cookies(user or _admin()))
-
-    yield launch
-    for b in browsers:
-        b.close()
-    pw.stop()
-
-
-@pytest.fixture()
-def launch_anonymous():
-    """launch() -> a Chromium browser with no login; closed after the test."""
-    from playwright.sync_api import sync_playwright
-
-    pw = sync_playwright().start()
-    browsers = []
+    browsers: list = []
 
     def launch(mic_wav: Path | None = None):
         b = pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(mic_wav))
@@ -107,6 +89,22 @@ def launch_anonymous():
     for b in browsers:
         b.close()
     pw.stop()
+
+
+@pytest.fixture()
+def launch_browser(app_server, session_cookies, _browsers):
+    """launch(mic_wav=None, user=ADMIN) -> a Chromium browser whose pages start logged in."""
+
+    def launch(mic_wav: Path | None = None, user: AppUser | None = None):
+        return LoggedInBrowser(_browsers(mic_wav), app_server[0], session_cookies(user or _admin()))
+
+    return launch
+
+
+@pytest.fixture()
+def launch_anonymous(_browsers):
+    """launch() -> a Chromium browser with no login."""
+    return _browsers
 
 
 def login(page, base: str, user: AppUser) -> None:

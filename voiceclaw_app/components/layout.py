@@ -20,6 +20,9 @@ def page(*children: rx.Component, title: str) -> rx.Component:
                 rx.el.button("Log out", type="submit", id="logout-button", class_name="vc-logout"),
                 action="/auth/logout",
                 method="post",
+                id="logout-form",
+                # Reflex's form prevents the native post; the route needs one (see pages/login.py)
+                on_submit=rx.call_script("document.getElementById('logout-form').submit()"),
                 style={"display": "inline", "margin": 0},
             ),
             align="center",

@@ -1,4 +1,4 @@
-"""``/login``: a plain HTML form posted to ``/auth/login`` (the route sets the HttpOnly
+"""``/login``: an HTML form posted natively to ``/auth/login`` (the route sets the HttpOnly
 cookie, which no Reflex event could); a failure comes back as ``?error=<code>``.
 
 With no account yet, a request from this machine itself gets a form for the first
@@ -20,7 +20,10 @@ def _field(label: str, id_: str, name: str, kind: str, autocomplete: str) -> rx.
     )
 
 
-def _form(action: str, button_id: str, button: str, password_autocomplete: str) -> rx.Component:
+def _form(form_id: str, action: str, button_id: str, button: str, password_autocomplete: str) -> rx.Component:
+    # Reflex's form always prevents the browser's own submission (it hands the fields to
+    # an event instead); the route must get a real POST to set the cookie, so the
+    # submit event only calls the form's native submit(), which fires no second event.
     return rx.el.form(
         rx.vstack(
             _field("User name", "login-username", "username", "text", "username"),
@@ -32,7 +35,8 @@ def _form(action: str, button_id: str, button: str, password_autocomplete: str) 
         ),
         action=action,
         method="post",
-        id="login-form",
+        id=form_id,
+        on_submit=rx.call_script(f"document.getElementById('{form_id}').submit()"),
     )
 
 
@@ -44,10 +48,10 @@ def login_page() -> rx.Component:
                 LoginState.first_run,
                 rx.vstack(
                     rx.text("No account exists yet. Create the first one (it is the admin):"),
-                    _form("/auth/setup", "setup-submit", "Create admin account", "new-password"),
+                    _form("setup-form", "/auth/setup", "setup-submit", "Create admin account", "new-password"),
                     width="100%",
                 ),
-                _form("/auth/login", "login-submit", "Log in", "current-password"),
+                _form("login-form", "/auth/login", "login-submit", "Log in", "current-password"),
             ),
             rx.cond(LoginState.error != "", rx.text(LoginState.error, id="login-error", color="var(--red-11)")),
             rx.cond(
