@@ -319,3 +319,79 @@ async def test_changing_the_llm_url_never_sends_the_stored_key_to_the_new_url(db
         llm = factory.build_llm(repo.load_settings(), services.key_store().load())
         await check_llm(llm, "m", timeout_s=5)
         assert catcher.requests[-1].headers.get("authorization") == "Bearer sk-for-the-new-one"
+
+
+# ---------------------------------------------------------------- the /auth routes (real HTTP through Starlette)
+def _auth_app():
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    from voiceclaw_app.server import auth
+
+    return Starlette(
+        routes=[
+            Route("/auth/login", auth.login_route, methods=["POST"]),
+            Route("/auth/logout", auth.logout_route, methods=["POST"]),
+            Route("/auth/setup", auth.setup_route, methods=["POST"]),
+        ],
+        middleware=[Middleware(auth.OriginGuard)],
+    )
+
+
+def _client(host: str = "127.0.0.1", base: str = "http://127.0.0.1:3000"):
+    from starlette.testclient import TestClient
+
+    return TestClient(_auth_app(), base_url=base, client=(host, 50000), follow_redirects=False)
+
+
+def test_login_route_sets_an_httponly_cookie_and_refuses_foreign_origins(db):
+    accounts, _ = db
+    from voiceclaw_app.server.auth import SESSION_COOKIE
+
+    accounts.add_user("carl", "correct horse battery")
+    c = _client()
+    r = c.post("/auth/login", data={"username": "carl", "password": "nope nope", "next": "/history"}, headers={"Origin": "http://127.0.0.1:3000"})
+    assert r.status_code == 303 and r.headers["location"] == "/login?error=wrong&next=%2Fhistory" and SESSION_COOKIE not in r.headers.get("set-cookie", "")
+    r = c.post("/auth/login", data={"username": "carl", "password": "correct horse battery", "next": "//evil.example/x"}, headers={"Origin": "http://127.0.0.1:3000"})
+    assert r.status_code == 303 and r.headers["location"] == "/"  # never an open redirect
+    cookie = r.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=lax" in cookie and "secure" not in cookie
+    # behind a TLS proxy the cookie is Secure
+    r = c.post("/auth/login", data={"username": "carl", "password": "correct horse battery"}, headers={"X-Forwarded-Proto": "https"})
+    assert "secure" in r.headers["set-cookie"].lower()
+    # a foreign page cannot log the browser in (login CSRF) nor out
+    r = c.post("/auth/login", data={"username": "carl", "password": "correct horse battery"}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "set-cookie" not in r.headers
+    token = r.cookies.get(SESSION_COOKIE) or c.post("/auth/login", data={"username": "carl", "password": "correct horse battery"}).cookies[SESSION_COOKIE]
+    assert accounts.session_user(token) is not None
+    r = c.post("/auth/logout", headers={"Origin": "http://evil.example", "Cookie": f"{SESSION_COOKIE}={token}"})
+    assert r.status_code == 403 and accounts.session_user(token) is not None
+    r = c.post("/auth/logout", headers={"Cookie": f"{SESSION_COOKIE}={token}"})
+    assert r.status_code == 303 and r.headers["location"] == "/login" and accounts.session_user(token) is None
+
+
+def test_the_first_account_form_works_only_from_this_machine_and_only_once(db):
+    accounts, _ = db
+    form = {"username": "carl", "password": "correct horse battery"}
+    r = _client(host="203.0.113.7").post("/auth/setup", data=form)  # another machine
+    assert r.status_code == 303 and "error=setup_refused" in r.headers["location"] and not accounts.has_users()
+    r = _client(base="http://voice.example.org").post("/auth/setup", data=form)  # a tunnel: public Host
+    assert "error=setup_refused" in r.headers["location"] and not accounts.has_users()
+    r = _client().post("/auth/setup", data=form, headers={"X-Forwarded-For": "203.0.113.7"})  # a proxy on this host
+    assert "error=setup_refused" in r.headers["location"] and not accounts.has_users()
+    r = _client().post("/auth/setup", data=form)
+    assert r.status_code == 303 and r.headers["location"] == "/" and "httponly" in r.headers["set-cookie"].lower()
+    assert [(u.name, u.is_admin) for u in accounts.list_users()] == [("carl", True)]
+    r = _client().post("/auth/setup", data={"username": "mallory", "password": "correct horse battery"})
+    assert "error=setup_refused" in r.headers["location"] and accounts.find_user("mallory") is None
+
+
+def test_passwd_lifts_a_lockout(db):
+    accounts, _ = db
+    accounts.add_user("carl", "correct horse battery")
+    for _ in range(accounts.MAX_FAILURES_PER_USER):
+        accounts.check_login("carl", "wrong password", "10.0.0.1")
+    assert accounts.check_login("carl", "correct horse battery", "10.0.0.2").account is None
+    accounts.set_password("carl", "correct horse battery 2")
+    assert accounts.check_login("carl", "correct horse battery 2", "10.0.0.2").account is not None

@@ -144,7 +144,8 @@ def find_user(name: str) -> Account | None:
 
 
 def set_password(name: str, password: str) -> Account:
-    """Change a password; every login session of that user ends."""
+    """Change a password; every login session of that user ends and their failed-login
+    count is cleared (the way out of a lockout)."""
     check_password(password)
     digest = _hasher.hash(password)
     with _session() as s:
@@ -154,6 +155,7 @@ def set_password(name: str, password: str) -> Account:
         u.password_hash = digest
         s.add(u)
         s.exec(delete(LoginSession).where(col(LoginSession.user_id) == u.id))
+        s.exec(delete(LoginFailure).where(LoginFailure.key == f"user:{u.name}"))
         s.commit()
         return _account(u)
 
