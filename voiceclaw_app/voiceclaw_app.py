@@ -4,6 +4,7 @@ the guards in front of them, startup tasks."""
 import asyncio
 import contextlib
 import logging
+import os
 
 import reflex as rx
 from starlette.applications import Starlette
@@ -51,6 +52,8 @@ async def refuse_unprotected_start():
     warning = auth.exposure_warning(host)
     if warning:
         log.warning("%s", warning)
+    if os.environ.get("VOICECLAW_ACCESS_TOKEN"):
+        log.warning("VOICECLAW_ACCESS_TOKEN is no longer used and is ignored: accounts replace it (README: Accounts and access)")
     yield
 
 

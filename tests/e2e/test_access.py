@@ -176,3 +176,26 @@ def test_the_mic_socket_refuses_no_session_and_foreign_origins(app_server, sessi
     assert asyncio.run(attempt({"Origin": "http://evil.example", **cookie})) == ("refused", 403)
     msgs, _ = asyncio.run(attempt({"Origin": base, **cookie}))
     assert msgs and msgs[-1]["type"] == "ready"
+
+
+def test_the_next_user_of_the_same_tab_sees_nothing_of_the_previous_one(app_server, launch_anonymous):
+    """A tab keeps its client token (and so its Reflex state) across a log out: the
+    gate resets the tab's states when the user changes, before anything is sent."""
+    base, _, _ = app_server
+    secret = f"mango-{uuid.uuid4().hex[:6]}"
+    page = launch_anonymous().new_page()
+    login(page, base, ADMIN)
+    page.wait_for_selector("#text-input", timeout=60000)
+    page.wait_for_function("window.__voiceclawClockOffset !== undefined", timeout=30000)
+    page.fill("#text-input", f"Keep {secret} between us")
+    page.click("#send-button")
+    page.wait_for_selector('#transcript [data-role="user"]', timeout=30000)
+    token = page.evaluate("window.sessionStorage.getItem('token')")
+    page.click("#logout-button")
+    page.wait_for_url("**/login**", timeout=15000)
+    login(page, base, OTHER)
+    page.wait_for_selector("#voice-status", timeout=60000)
+    page.wait_for_timeout(2000)
+    assert page.evaluate("window.sessionStorage.getItem('token')") == token  # the same tab, the same state token
+    assert secret not in page.content()
+    assert page.query_selector('#transcript [data-role="user"]') is None
