@@ -65,7 +65,8 @@ VOICECLAW_HOST ?= 127.0.0.1
 PORT ?= 3000
 
 run: setup
-	$(PY) -m reflex run --env prod --backend-host $(VOICECLAW_HOST) --frontend-port $(PORT) --backend-port $(PORT)
+	@$(PY) -m voiceclaw_app.cli serve-check $(VOICECLAW_HOST)
+	VOICECLAW_HOST=$(VOICECLAW_HOST) $(PY) -m reflex run --env prod --backend-host $(VOICECLAW_HOST) --frontend-port $(PORT) --backend-port $(PORT)
 
 test: setup
 	@mkdir -p test-artifacts

@@ -42,7 +42,7 @@ function cue(kind) {
 if (typeof window !== "undefined") window.__voiceclawCue = cue;
 
 const ACCESS_KEY = "voiceclaw:access_token";
-const ACCESS_MESSAGE = "This server needs an access token: open the page once as /?access_token=...";
+const ACCESS_MESSAGE = "Not logged in (or the session ended): reload the page and log in.";
 
 // ?access_token=... is taken from the URL once, kept in localStorage and removed from the address bar
 function accessToken() {
@@ -149,7 +149,7 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversatio
       if (disposedRef.current) return;
       if (ev.code === 4001) return; // taken over: do not reconnect and steal it back
       if (ev.code === 4002) return; // this tab opened a newer socket
-      if (ev.code === 4003) { // refused: no (or a wrong) access token; retrying cannot help
+      if (ev.code === 4003) { // refused: not logged in (or a foreign Origin); retrying cannot help
         refusedRef.current = true;
         stopCapture(false);
         setError(ACCESS_MESSAGE);

@@ -108,7 +108,7 @@ class _Services:
         self.runner = runner
         self.listener = listener
 
-    async def load_settings(self):
+    async def load_settings(self, user_id=None):
         return self.settings
 
     async def get_runner(self, settings):

@@ -10,6 +10,9 @@ spoken audio, with the configured engines: the embedded ones unless
 ``VOICECLAW_STT=deepgram`` / ``VOICECLAW_TTS=openai`` (with their API keys) say
 otherwise. They exist to check an install without the web app ("does Whisper load,
 does Piper speak?").
+
+``user add|list|passwd|remove`` manage accounts and ``serve-check HOST`` guards
+``make run`` (``cli_users.py``).
 """
 
 from __future__ import annotations
@@ -256,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="check each configured provider and explain what is wrong")
     p.set_defaults(func=cmd_doctor)
+
+    from .cli_users import add_parsers
+
+    add_parsers(sub)  # user add/list/passwd/remove, serve-check
     return parser
 
 

@@ -84,6 +84,11 @@ def _env_headers() -> dict[str, str]:
     return headers
 
 
+#: Settings each user chooses for themselves (stored per user, merged over the global
+#: row by ``repo.load_settings(user_id)``); every other field is the admin's.
+USER_PREF_FIELDS: tuple[str, ...] = ("tts_voice", "tts_speed", "input_mode", "stt_language", "vad_silence_ms", "max_spoken_chars")
+
+
 @dataclass
 class VoiceSettings:
     """Every voice-mode setting named in the contracts, with its validation rules."""

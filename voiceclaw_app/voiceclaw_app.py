@@ -1,26 +1,32 @@
-"""The Reflex app: pages, the voice socket (over the app's SessionHub) and the audio route, startup tasks.
+"""The Reflex app: pages, the login routes, the voice socket (over the app's
+SessionHub) and the audio route, the guards in front of them, startup tasks.
 
 Nothing imports this module: what needs the app gets it passed in (the projection's sink).
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 
 import reflex as rx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.routing import Route, WebSocketRoute
 
 from .db import repo
 from .db.models import new_id
 from .pages.dashboard import dashboard
 from .pages.history import history
+from .pages.login import login_page
 from .pages.settings import settings_page
+from .server import auth
 from .server.audio import audio_route
 from .server.hub import SessionHub
 from .server.persistence import DbConversationStore
-from .server.ws_voice import header_identity, local_user, make_ws_voice
+from .server.ws_voice import make_ws_voice
 from .states import services
+from .states.auth import AuthGate, LoginState
 from .states.chat import ChatState
 from .states.history import HistoryState
 from .states.projection import Projection, ReflexSink
@@ -28,15 +34,8 @@ from .states.settings import SettingsState
 
 log = logging.getLogger("voiceclaw.app")
 
-
 def _projection(token: str, user_id: int) -> Projection:
     return Projection(ReflexSink(app), token, user_id)
-
-
-def _authenticate():
-    """The stand-in user until accounts land (tests may name two people by a header)."""
-    header = os.environ.get("VOICECLAW_TEST_IDENTITY_HEADER")
-    return header_identity(header) if header else local_user
 
 
 #: this process's live voice sessions (one per tab's voice socket)
@@ -44,15 +43,41 @@ hub = SessionHub(services=services, store_for=DbConversationStore, projection_fo
 
 api = Starlette(
     routes=[
+        Route("/auth/login", auth.login_route, methods=["POST"]),
+        Route("/auth/logout", auth.logout_route, methods=["POST"]),
+        Route("/auth/setup", auth.setup_route, methods=["POST"]),
         Route("/audio/{id}.wav", audio_route, methods=["GET", "HEAD"]),
-        # the accounts branch passes its authenticate / origin_allowed here
-        WebSocketRoute("/ws/voice", make_ws_voice(hub, authenticate=_authenticate())),
-    ]
+        WebSocketRoute("/ws/voice", make_ws_voice(hub, authenticate=auth.authenticate, origin_allowed=auth.origin_allowed)),
+    ],
+    # in front of Reflex's own routes too (the api mounts them): /_event included
+    middleware=[Middleware(auth.OriginGuard)],
 )
 
 
+@contextlib.asynccontextmanager
+async def refuse_unprotected_start():
+    """A lifespan context (it runs before the app serves, and raising stops the start):
+    no serving beyond loopback with no account; a warning without TLS there."""
+    host = rx.config.get_config().backend_host
+    problem = await asyncio.to_thread(auth.exposure_problem, host)
+    if problem:
+        log.error("%s", problem)
+        raise RuntimeError(problem)
+    warning = auth.exposure_warning(host)
+    if warning:
+        log.warning("%s", warning)
+    if os.environ.get("VOICECLAW_ACCESS_TOKEN"):
+        log.warning("VOICECLAW_ACCESS_TOKEN is no longer used and is ignored: accounts replace it (README: Accounts and access)")
+    yield
+
+
 async def startup() -> None:
-    """Mark replies a crash left unfinished as interrupted; warm the embedded engines; prune old audio."""
+    """Mark replies a crash left unfinished as interrupted; bind keys stored before key
+    binding to the addresses configured now; warm the engines; prune old audio."""
+    try:
+        await asyncio.to_thread(services.bind_legacy_keys)
+    except Exception:
+        log.exception("could not bind the stored keys to their addresses")
     try:
         n = await asyncio.to_thread(repo.recover_unfinished)
         if n:
@@ -85,7 +110,25 @@ app = rx.App(
     stylesheets=["/voiceclaw.css"],
     theme=rx.theme(accent_color="teal", radius="medium"),
 )
+app.add_middleware(AuthGate(), index=0)
+
+
+def _socket_origin_ok(origin: str | None, environ: dict) -> bool:
+    """socket.io's own origin check (engine.io calls it on every handshake) with the
+    app's one rule: the Host's origin or VOICECLAW_ALLOWED_ORIGINS, even on loopback."""
+    headers = {"host": environ.get("HTTP_HOST", "")}
+    if origin is not None:
+        headers["origin"] = origin
+    return auth.origin_allowed(headers)
+
+
+# Reflex hands socket.io the configured list only (no "own Host" rule): give it the
+# same check as the other routes (OriginGuard refuses foreign origins before it too).
+if app.sio is not None:
+    app.sio.eio.cors_allowed_origins = _socket_origin_ok
+app.register_lifespan_task(refuse_unprotected_start)
 app.register_lifespan_task(startup)
+app.add_page(login_page, route="/login", title="VoiceClaw · Log in", on_load=LoginState.on_load)
 app.add_page(dashboard, route="/", title="VoiceClaw", on_load=ChatState.on_load)
 app.add_page(settings_page, route="/settings", title="VoiceClaw · Settings", on_load=SettingsState.on_load)
 app.add_page(history, route="/history", title="VoiceClaw · History", on_load=HistoryState.on_load)

@@ -200,18 +200,17 @@ def test_a_second_tab_takes_the_microphone_over(app_server, launch_browser, tmp_
 
 
 def test_two_people_talk_at_once_and_each_hears_only_their_own_reply(app_server, launch_browser, tmp_path):
-    """Two browsers, two people (the stand-in identity header): both start talking
-    within a second of each other; each page shows its own question and plays its own
-    reply; neither takes the other's mic."""
-    from .conftest import IDENTITY_HEADER
+    """Two browsers, two accounts: both start talking within a second of each other;
+    each page shows its own question and plays its own reply; neither takes the other's
+    mic, and neither can fetch the other's reply audio."""
+    from .conftest import ADMIN, OTHER
 
     base, data_dir, _ = app_server
     pages = []
-    for person, question in ((1001, "q_capital"), (1002, "q_joke")):
-        wav = tmp_path / f"mic-{person}.wav"
+    for person, question in ((ADMIN, "q_capital"), (OTHER, "q_joke")):
+        wav = tmp_path / f"mic-{person.name}.wav"
         build_mic_wav([(question, 25.0)], wav, lead_silence_s=1.5)
-        ctx = launch_browser(wav).new_context(extra_http_headers={IDENTITY_HEADER: str(person)})
-        page = ctx.new_page()
+        page = launch_browser(wav, user=person).new_page()
         urls: list[str] = []
         page.on("request", lambda req, urls=urls: urls.append(req.url) if "/audio/" in req.url else None)
         page.goto(base + "/")
@@ -230,6 +229,8 @@ def test_two_people_talk_at_once_and_each_hears_only_their_own_reply(app_server,
     assert "capital" in user1 or "france" in user1, user1
     assert "capital" not in user2 and "france" not in user2, user2
     assert urls1 and urls2 and not set(urls1) & set(urls2), "a page fetched the other's reply audio"
+    # each one's audio URL is refused to the other (signed for its owner, checked against the cookie)
+    assert p2.request.get(urls1[0]).status == 404 and p1.request.get(urls1[0]).status == 200
     for page, _, _ in pages:
         page.click("#stop-button")
     # both turns are stored (each in its own conversation)

@@ -13,10 +13,16 @@ fastest round trip); ``speech_end`` is the arrival time of the last frame the VA
 marked as speech (for these fixtures within one 32 ms VAD window of the fixture's
 known last voiced sample). Both are stored per turn; this reads them back.
 
-``--people N``: each round, N browsers (N people: the stand-in identity header, so
-none takes another's mic) tap the voice button within a fraction of a second of each
-other and speak different questions at once; each waits for its own reply. The
-figures are over every turn of every person.
+``--people N``: each round, N browsers (N people, N accounts: none takes another's
+mic) tap the voice button within a fraction of a second of each other and speak
+different questions at once; each waits for its own reply. The figures are over
+every turn of every person.
+
+The app needs a login: the app started here gets its accounts (``BENCH_USER``, then
+one per extra person) made with the CLI, and each browser starts logged in with its
+session cookie (a real ``POST /auth/login``). Against ``VOICECLAW_BENCH_URL`` set
+``VOICECLAW_BENCH_USER`` and ``VOICECLAW_BENCH_PASSWORD`` to an existing account
+(one person only).
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -55,6 +64,73 @@ def node_env() -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class AppUser:
+    name: str
+    password: str
+    admin: bool = False
+
+
+#: the account the app started by :func:`prod_app` always has (an admin)
+BENCH_USER = AppUser("bench", "bench-password-1", admin=True)
+
+
+def create_user(env: dict[str, str], user: AppUser) -> None:
+    """Create an account with the CLI, in the app's database (``env``)."""
+    cmd = [sys.executable, "-m", "voiceclaw_app.cli", "user", "add", user.name, "--password-stdin"] + (["--admin"] if user.admin else [])
+    subprocess.run(cmd, cwd=ROOT, env=env, input=user.password + "\n", text=True, check=True, capture_output=True, timeout=60)
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def http_login(base: str, user: AppUser) -> str:
+    """Log in through ``POST /auth/login`` as a browser would; returns the session cookie's value."""
+    from ..server.auth import SESSION_COOKIE
+
+    body = urllib.parse.urlencode({"username": user.name, "password": user.password, "next": "/"}).encode()
+    req = urllib.request.Request(base + "/auth/login", data=body, method="POST", headers={"Origin": base})
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        resp = opener.open(req, timeout=30)
+        headers = resp.headers
+    except urllib.error.HTTPError as exc:  # the 303 comes back as an "error" without redirects
+        headers = exc.headers
+    for raw in headers.get_all("Set-Cookie") or []:
+        name, _, rest = raw.partition("=")
+        if name.strip() == SESSION_COOKIE:
+            return rest.split(";", 1)[0]
+    raise RuntimeError(f"login as {user.name!r} failed (no session cookie; Location: {headers.get('Location')})")
+
+
+def login_cookie(base: str, token: str) -> dict:
+    """The session cookie for Playwright's ``context.add_cookies``."""
+    from ..server.auth import SESSION_COOKIE
+
+    return {"name": SESSION_COOKIE, "value": token, "url": base + "/", "httpOnly": True, "sameSite": "Lax"}
+
+
+class LoggedInBrowser:
+    """A Playwright browser whose new pages and contexts start logged in."""
+
+    def __init__(self, browser, base: str, token: str):
+        self._browser = browser
+        self._cookie = login_cookie(base, token)
+
+    def new_context(self, **kwargs):
+        ctx = self._browser.new_context(**kwargs)
+        ctx.add_cookies([self._cookie])
+        return ctx
+
+    def new_page(self, **kwargs):
+        return self.new_context(**kwargs).new_page()
+
+    def __getattr__(self, name):
+        return getattr(self._browser, name)
+
+
 def wait_http(url: str, timeout_s: float) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -68,14 +144,17 @@ def wait_http(url: str, timeout_s: float) -> None:
 
 
 @contextlib.contextmanager
-def prod_app(port: int, data: Path, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, Path]]:
-    """Migrate, build and serve the app in prod mode on ``port``; yields (base URL, log path)."""
+def prod_app(port: int, data: Path, extra_env: dict[str, str] | None = None, users: tuple[AppUser, ...] = ()) -> Iterator[tuple[str, Path]]:
+    """Migrate, create the accounts (:data:`BENCH_USER` and ``users``), build and serve
+    the app in prod mode on ``port``; yields (base URL, log path)."""
     env = node_env()
     env["VOICECLAW_DATA_DIR"] = str(data)
     env["VOICECLAW_DATABASE_URL"] = f"sqlite:///{data / 'voiceclaw.db'}"
     env.setdefault("VOICECLAW_MODEL_DIR", str(ROOT / "data" / "models"))
     env.update(extra_env or {})
     subprocess.run(["reflex", "db", "migrate"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=180)
+    for user in (BENCH_USER, *users):
+        create_user(env, user)
     log_path = data / "app.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -140,18 +219,19 @@ def wait_ready(page, timeout_s: float = 240) -> None:
     raise RuntimeError("the engines never finished warming up")
 
 
-#: the header naming the person in the benchmark (the app's stand-in identity until accounts land)
-IDENTITY_HEADER = "x-voiceclaw-test-user"
+def people_accounts(n: int) -> tuple[AppUser, ...]:
+    """The accounts of a ``--people n`` run: :data:`BENCH_USER` first, then one per extra person."""
+    return (BENCH_USER,) + tuple(AppUser(f"bench{p}", f"bench-password-{p}") for p in range(2, n + 1))
 
 
-def _one_round(pw, base: str, wavs: list[Path], timeout_s: float = 90) -> int:
-    """Each wav is one person in their own browser; all start talking at once. Returns
-    how many of them heard their reply start."""
-    browsers = [pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(wav)) for wav in wavs]
+def _one_round(pw, base: str, people: list[tuple[str, Path]], timeout_s: float = 90) -> int:
+    """Each (session cookie, wav) is one person in their own browser; all start talking
+    at once. Returns how many of them heard their reply start."""
+    browsers = [LoggedInBrowser(pw.chromium.launch(executable_path=CHROMIUM, args=chromium_args(wav)), base, token) for token, wav in people]
     try:
         pages = []
-        for person, b in enumerate(browsers, start=1):
-            page = b.new_context(extra_http_headers={IDENTITY_HEADER: str(person)}).new_page()
+        for b in browsers:
+            page = b.new_page()
             page.goto(base + "/")
             wait_ready(page)
             pages.append(page)
@@ -179,30 +259,47 @@ def run_browser(runs: int = 10, people: int = 1) -> dict:
     from playwright.sync_api import sync_playwright
 
     external = os.environ.get("VOICECLAW_BENCH_URL")
+    if external and people != 1:
+        raise ValueError("--people needs the app the benchmark starts (one account per person)")
     data = Path(os.environ["VOICECLAW_DATA_DIR"]) if external else Path(tempfile.mkdtemp(prefix="voiceclaw-bench-"))
+    users = people_accounts(people)
     errors = 0
     with contextlib.ExitStack() as stack:
         if external:
             base = external.rstrip("/")
         else:
-            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data, extra_env={"VOICECLAW_TEST_IDENTITY_HEADER": IDENTITY_HEADER}))
+            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data, users=users[1:]))
             os.environ["VOICECLAW_DATA_DIR"] = str(data)
             os.environ["VOICECLAW_DATABASE_URL"] = f"sqlite:///{data / 'voiceclaw.db'}"
+        from .. import accounts
         from ..db import repo
 
-        before = {r["id"] for c in repo.list_conversations() for r in repo.timings_for(c["id"])}
+        if external:
+            users = (AppUser(os.environ.get("VOICECLAW_BENCH_USER", ""), os.environ.get("VOICECLAW_BENCH_PASSWORD", "")),)
+        tokens = [http_login(base, u) for u in users]
+        uids = []
+        for u in users:
+            account = accounts.find_user(u.name)
+            if account is None:
+                raise RuntimeError(f"no account {u.name!r} in the database at VOICECLAW_DATABASE_URL")
+            uids.append(account.id)
+
+        def timing_rows() -> list[dict]:
+            return [r for uid in uids for c in repo.list_conversations(uid) for r in repo.timings_for(uid, c["id"])]
+
+        before = {r["id"] for r in timing_rows()}
         with sync_playwright() as pw:
             for i in range(runs):
-                wavs = []
+                round_ = []
                 for p in range(people):
                     wav = data / f"bench-mic-{i}-{p}.wav"
                     build_mic_wav([(QUESTIONS[(i * people + p) % len(QUESTIONS)], 12.0)], wav, lead_silence_s=1.0)
-                    wavs.append(wav)
+                    round_.append((tokens[p], wav))
                 try:
-                    errors += people - _one_round(pw, base, wavs)
+                    errors += people - _one_round(pw, base, round_)
                 except Exception:
                     errors += people
-        rows = [r for c in repo.list_conversations() for r in repo.timings_for(c["id"]) if r["id"] not in before and r["spoken_input"]]
+        rows = [r for r in timing_rows() if r["id"] not in before and r["spoken_input"]]
     v2v = [r["v2v_ms"] for r in rows if r.get("v2v_ms") is not None]
     errors += max(0, runs * people - errors - len(v2v))
     samples = []

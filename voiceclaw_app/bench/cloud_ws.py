@@ -28,7 +28,7 @@ import numpy as np
 
 from ..pipeline.text import chunk_text
 from ..pipeline.timing import now_ms
-from .browser import prod_app
+from .browser import BENCH_USER, http_login, prod_app
 from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE, TAIL_S, _segments
 from .drive import dither, load_fixtures, paced
 from .pipeline import TOKENS_PER_S, TTFT_S, TTS_REALTIME, TTS_TTFB_S, first_chunk_tokens, replies, transfer_s
@@ -81,7 +81,10 @@ async def run_cloud_ws(runs: int = 8) -> dict[str, Any]:
             app = prod_app(PORT, data, env)
             await asyncio.to_thread(app.__enter__)  # the fake servers keep answering meanwhile
             try:
-                async with websockets.connect(f"ws://localhost:{PORT}/ws/voice", max_size=None) as ws:
+                from ..server.auth import SESSION_COOKIE
+
+                token = await asyncio.to_thread(http_login, f"http://localhost:{PORT}", BENCH_USER)  # the socket needs a login
+                async with websockets.connect(f"ws://localhost:{PORT}/ws/voice", max_size=None, additional_headers={"Cookie": f"{SESSION_COOKIE}={token}"}) as ws:
                     await ws.send(json.dumps({"type": "hello", "client_token": secrets.token_hex(16), "sample_rate": RATE, "mode": "hands_free"}))
                     ready = json.loads(await asyncio.wait_for(ws.recv(), 10))
                     assert ready.get("type") == "ready", ready

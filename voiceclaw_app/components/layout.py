@@ -1,4 +1,4 @@
-"""Page frame: navigation bar and a content column."""
+"""Page frame: navigation bar (with log out) and a content column."""
 
 import reflex as rx
 
@@ -15,6 +15,16 @@ def page(*children: rx.Component, title: str) -> rx.Component:
             nav_link("Talk", "/"),
             nav_link("History", "/history"),
             nav_link("Settings", "/settings"),
+            # a plain form post: the route ends the session and clears the HttpOnly cookie
+            rx.el.form(
+                rx.el.button("Log out", type="submit", id="logout-button", class_name="vc-logout"),
+                action="/auth/logout",
+                method="post",
+                id="logout-form",
+                # Reflex's form prevents the native post; the route needs one (see pages/login.py)
+                on_submit=rx.call_script("document.getElementById('logout-form').submit()"),
+                style={"display": "inline", "margin": 0},
+            ),
             align="center",
             width="100%",
             padding_y="0.6em",

@@ -1,5 +1,5 @@
 """Persistence: SQLModel tables and repository functions."""
 
-from .models import Conversation, Message, SettingsRow, TurnTiming
+from .models import Conversation, LoginFailure, LoginSession, Message, SettingsRow, TurnTiming, User
 
-__all__ = ["Conversation", "Message", "SettingsRow", "TurnTiming"]
+__all__ = ["Conversation", "LoginFailure", "LoginSession", "Message", "SettingsRow", "TurnTiming", "User"]

@@ -1,4 +1,5 @@
-"""SQLModel tables: conversations, messages, turn timings, the settings row.
+"""SQLModel tables: users and their login sessions, conversations, messages, turn
+timings, the settings row.
 
 Plain ``sqlmodel.SQLModel`` tables (``rx.Model`` is deprecated); migrations with
 ``reflex db makemigrations`` / ``reflex db migrate`` (``alembic/``).
@@ -23,10 +24,50 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+class User(SQLModel, table=True):
+    """An account. Passwords are argon2id hashes (``accounts.py``); ``prefs`` holds the
+    user's own voice preferences (``config.USER_PREF_FIELDS``) as JSON, merged over
+    the global settings row by ``repo.load_settings(user_id)``."""
+
+    __tablename__ = "vc_user"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True, index=True)
+    password_hash: str = Field(default="", max_length=200)
+    is_admin: bool = False
+    created_at: float = Field(default_factory=_now)
+    prefs: str = "{}"
+
+
+class LoginSession(SQLModel, table=True):
+    """A logged-in browser. ``id`` is the SHA-256 of the cookie value, so a copy of
+    the database does not hold usable cookies."""
+
+    __tablename__ = "vc_login_session"
+
+    id: str = Field(primary_key=True, max_length=64)
+    user_id: int = Field(foreign_key="vc_user.id", index=True)
+    created_at: float = Field(default_factory=_now)
+    expires_at: float = Field(index=True)
+
+
+class LoginFailure(SQLModel, table=True):
+    """One failed login, for the rate limit (``key`` is ``user:<name>`` or ``addr:<ip>``).
+    In the database so every worker process counts the same failures."""
+
+    __tablename__ = "vc_login_failure"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200, index=True)
+    at: float = Field(default_factory=_now, index=True)
+
+
 class Conversation(SQLModel, table=True):
     __tablename__ = "vc_conversation"
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=40)
+    #: the owner; NULL only for rows from before accounts, claimed by the first admin
+    user_id: Optional[int] = Field(default=None, foreign_key="vc_user.id", index=True)
     title: str = Field(default="New conversation", max_length=200)
     created_at: float = Field(default_factory=_now, index=True)
     updated_at: float = Field(default_factory=_now, index=True)

@@ -1,8 +1,13 @@
-"""``/settings``: one field per setting name (ids = setting names), presets, keys, tests, preview."""
+"""``/settings``: one field per setting name (ids = setting names), presets, keys, tests, preview.
+
+Every user sees their own voice preferences (``USER_PREF_FIELDS``); the rest (providers,
+addresses, keys, presets, connection tests) only an admin sees and can save.
+"""
 
 import reflex as rx
 
 from ..components.layout import page
+from ..config import USER_PREF_FIELDS
 from ..states.settings import KEY_NAMES, SettingsState
 
 CHOICES = {
@@ -98,34 +103,53 @@ def test_row(provider: str, label: str) -> rx.Component:
     )
 
 
+def _admin_only(c: rx.Component) -> rx.Component:
+    return rx.cond(SettingsState.is_admin, c)
+
+
+def _section(title: str, fields: list) -> rx.Component:
+    rows = [field_row(*f) if f[0] in USER_PREF_FIELDS else _admin_only(field_row(*f)) for f in fields]
+    heading = rx.heading(title, size="3", margin_top="1em")
+    if not any(f[0] in USER_PREF_FIELDS for f in fields):
+        heading = _admin_only(heading)
+    return rx.box(heading, *rows)
+
+
 def settings_page() -> rx.Component:
-    sections = [
-        rx.box(rx.heading(title, size="3", margin_top="1em"), *[field_row(*f) for f in fields])
-        for title, fields in FIELDS
-    ]
+    sections = [_section(title, fields) for title, fields in FIELDS]
     return page(
-        rx.hstack(
+        rx.cond(
+            SettingsState.is_admin,
+            rx.fragment(),
+            rx.text("Your own voice preferences. The providers and keys are set by an admin.", id="settings-user-note", size="2", color="gray", margin_top="1em"),
+        ),
+        _admin_only(rx.hstack(
             rx.text("Preset:", weight="bold"),
             rx.button("Fastest", id="preset-fastest", variant="soft", on_click=SettingsState.apply_preset("fastest")),
             rx.button("Balanced", id="preset-balanced", variant="soft", on_click=SettingsState.apply_preset("balanced")),
             rx.button("Best quality", id="preset-best_quality", variant="soft", on_click=SettingsState.apply_preset("best_quality")),
             align="center",
             margin_top="1em",
-        ),
+        )),
         rx.cond(SettingsState.message != "", rx.callout(SettingsState.message, id="settings-message", margin_top="0.8em")),
         rx.form(
             *sections,
-            rx.heading("API keys", size="3", margin_top="1em"),
-            rx.text("Keys are stored encrypted on the server and never shown again: only set / not set.", size="1", color="gray"),
-            *[key_row(k) for k in KEY_NAMES],
+            _admin_only(rx.box(
+                rx.heading("API keys", size="3", margin_top="1em"),
+                rx.text("Keys are stored encrypted on the server and never shown again: only set / not set. "
+                        "A key is sent only to the address it was saved for: after changing an address, enter its key again.", size="1", color="gray"),
+                *[key_row(k) for k in KEY_NAMES],
+            )),
             rx.button("Save", type="submit", id="save-settings", size="3", margin_top="1em"),
             on_submit=SettingsState.save,
             reset_on_submit=False,
             key=SettingsState.form_version.to_string(),
             id="settings-form",
         ),
-        rx.heading("Connections", size="3", margin_top="1.5em"),
-        rx.vstack(test_row("llm", "LLM"), test_row("stt", "speech-to-text"), test_row("tts", "text-to-speech")),
+        _admin_only(rx.box(
+            rx.heading("Connections", size="3", margin_top="1.5em"),
+            rx.vstack(test_row("llm", "LLM"), test_row("stt", "speech-to-text"), test_row("tts", "text-to-speech")),
+        )),
         rx.heading("Voice preview", size="3", margin_top="1.5em"),
         rx.hstack(
             rx.button("Preview voice", id="preview-voice", variant="soft", on_click=SettingsState.preview_voice),

@@ -17,6 +17,10 @@ embedded engines, which :mod:`.engines` loads once per process).
   embedded VAD + Whisper listener. The mic session sets the input mode with
   ``set_hands_free`` (the settings' ``input_mode`` is only the initial value).
 
+Keys: every builder first keeps only the keys saved for the address its client will
+call (:func:`key_targets`, :meth:`ProviderKeys.only_for`), so a changed URL never
+receives a key saved for another one, whoever calls the factory.
+
 The embedded engines are imported lazily, inside the ``_local_*`` functions only, so
 cloud-only deployments never load model runtimes and the names live in one place.
 ``build_llm``/``build_tts``/``build_stt`` are synchronous (the UI calls them in a
@@ -31,7 +35,7 @@ import contextlib
 from typing import Any
 
 from ..config import VoiceSettings
-from ..secrets import ProviderKeys
+from ..secrets import ProviderKeys, env_key_url
 from .base import LLM, STT, TTS, Listener
 
 
@@ -68,8 +72,19 @@ async def _local_listener(settings: VoiceSettings) -> Listener:
     return LocalListener.from_settings(settings)
 
 
+# ------------------------------------------------------------------ keys
+def key_targets(settings: VoiceSettings) -> dict[str, str]:
+    """Key name -> the address a client built from ``settings`` sends that key to."""
+    return {"llm_api_key": settings.llm_base_url, "openai_api_key": env_key_url("openai_api_key"), "deepgram_api_key": env_key_url("deepgram_api_key")}
+
+
+def _keys_for(settings: VoiceSettings, keys: ProviderKeys) -> ProviderKeys:
+    return keys.only_for(key_targets(settings))
+
+
 # ------------------------------------------------------------------ builders
 def build_llm(settings: VoiceSettings, keys: ProviderKeys) -> LLM:
+    keys = _keys_for(settings, keys)
     if settings.uses_local_llm:
         return _local_llm(settings)
     from .openai_llm import OpenAICompatLLM
@@ -78,6 +93,7 @@ def build_llm(settings: VoiceSettings, keys: ProviderKeys) -> LLM:
 
 
 def build_tts(settings: VoiceSettings, keys: ProviderKeys) -> TTS:
+    keys = _keys_for(settings, keys)
     if settings.tts_provider != "openai":
         return _local_tts(settings)
     from .openai_tts import OpenAITTS
@@ -91,6 +107,7 @@ def build_tts(settings: VoiceSettings, keys: ProviderKeys) -> TTS:
 
 
 def build_stt(settings: VoiceSettings, keys: ProviderKeys) -> STT:
+    keys = _keys_for(settings, keys)
     if settings.stt_provider != "deepgram":
         return _local_stt(settings)
     from .deepgram_stt import DeepgramSTT
@@ -116,6 +133,7 @@ async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener
     Raises :class:`ProviderError` with a plain message when neither the cloud nor (if
     allowed) the embedded listener can start.
     """
+    keys = _keys_for(settings, keys)
     if settings.stt_provider != "deepgram":
         return await _local_listener(settings)
     from .deepgram_stt import DeepgramListener

@@ -7,8 +7,8 @@ chunk, and at least every second of text); a cut (barge-in, stop) rewrites it to
 was heard, marked interrupted; the session orders one reply's writes so an abandoned
 write never lands after the cut.
 
-Every call is scoped to ``user_id`` (once the accounts branch gives ``repo`` its
-``user_id`` first parameter, these calls pass it; see the README's merge notes).
+Every call is scoped to ``user_id``: a conversation or message id of another user is
+not found (``repo.NotFound``), never appended to.
 """
 
 from __future__ import annotations
@@ -22,22 +22,22 @@ class DbConversationStore:
         self.user_id = user_id
 
     def ensure_conversation(self, conversation_id: str) -> str:
-        return repo.ensure_conversation(conversation_id or None).id
+        return repo.ensure_conversation(self.user_id, conversation_id or None).id
 
     def add_user_message(self, conversation_id: str, text: str, spoken: bool) -> int:
-        return repo.add_user_message(conversation_id, text, spoken).id or 0
+        return repo.add_user_message(self.user_id, conversation_id, text, spoken).id or 0
 
     def start_assistant_message(self, conversation_id: str, spoken: bool) -> int:
-        return repo.start_assistant_message(conversation_id, spoken).id or 0
+        return repo.start_assistant_message(self.user_id, conversation_id, spoken).id or 0
 
     def update_assistant_message(self, message_id: int, content: str, audio_ids: list[str], *, finished: bool = False, interrupted: bool = False, error: str = "") -> None:
-        repo.update_assistant_message(message_id, content, audio_ids, finished=finished, interrupted=interrupted, error=error)
+        repo.update_assistant_message(self.user_id, message_id, content, audio_ids, finished=finished, interrupted=interrupted, error=error)
 
     def recent_history(self, conversation_id: str, turns: int) -> list[tuple[str, str]]:
-        return repo.recent_history(conversation_id, turns)
+        return repo.recent_history(self.user_id, conversation_id, turns)
 
     def save_timing(self, conversation_id: str, message_id: int | None, marks: TurnMarks, spoken_input: bool) -> int:
-        return repo.save_timing(conversation_id, message_id, marks, spoken_input)
+        return repo.save_timing(self.user_id, conversation_id, message_id, marks, spoken_input)
 
     def set_first_audio_playing(self, timing_id: int, relative_ms: float) -> None:
-        repo.set_first_audio_playing(timing_id, relative_ms)
+        repo.set_first_audio_playing(self.user_id, timing_id, relative_ms)

@@ -11,19 +11,17 @@ text that is not JSON, frames that are not PCM16 or too large each get an error
 message (at most one per kind every few seconds) and the socket stays.
 
 ``authenticate(headers, client_host) -> user | None`` and ``origin_allowed(headers)``
-are injected (the accounts branch provides the real ones; :func:`local_user` and
-:func:`any_origin` are the stand-ins until then).
+are injected by the app (``server/auth.py``: the login cookie and the app's own
+origins); a socket without a logged-in user or from a foreign origin is refused before
+anything else is read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
-import os
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Mapping
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -41,37 +39,6 @@ MAX_JSON_DEPTH = 16
 HELLO_TIMEOUT_S = 10.0
 #: the same kind of refusal is said at most once per this many ms
 REFUSAL_EVERY_MS = 5000.0
-ACCESS_REFUSED = "This server needs an access token: open the page once as /?access_token=..."
-
-
-@dataclass(frozen=True)
-class StandInUser:
-    """Until the accounts branch lands: everyone is the one local user."""
-
-    id: int = 1
-    name: str = "local"
-    is_admin: bool = True
-
-
-async def local_user(headers: Mapping[str, str], client_host: str | None) -> StandInUser:
-    return StandInUser()
-
-
-def any_origin(headers: Mapping[str, str]) -> bool:
-    return True
-
-
-def header_identity(header: str) -> "Authenticate":
-    """A stand-in for tests and benchmarks only: the user id is the number in ``header``
-    (so two browsers can be two people before accounts exist); no header = user 1.
-    Enabled by ``VOICECLAW_TEST_IDENTITY_HEADER``; the accounts branch replaces it."""
-    name = header.lower()
-
-    async def authenticate(headers: Mapping[str, str], client_host: str | None) -> StandInUser:
-        raw = headers.get(name, "")
-        return StandInUser(id=int(raw), name=f"test-{raw}") if raw.isdigit() and 0 < int(raw) < 2**31 else StandInUser()
-
-    return authenticate
 
 
 Authenticate = Callable[[Mapping[str, str], "str | None"], Awaitable[Any]]
@@ -133,15 +100,6 @@ def _sample_rate_ok(value: Any) -> bool:
     return math.isfinite(rate) and rate == 16000
 
 
-def _access_ok(hello: dict) -> bool:
-    """``VOICECLAW_ACCESS_TOKEN`` (until the accounts branch replaces it with the login)."""
-    access = os.environ.get("VOICECLAW_ACCESS_TOKEN", "")
-    if not access:
-        return True
-    given = hello.get("access_token")
-    return isinstance(given, str) and hmac.compare_digest(given.encode(), access.encode())
-
-
 class _Refusals:
     """At most one refusal of each kind every few seconds (a flood of bad frames stays quiet)."""
 
@@ -156,7 +114,7 @@ class _Refusals:
         return True
 
 
-def make_ws_voice(hub: SessionHub, *, authenticate: Authenticate = local_user, origin_allowed: Callable[[Mapping[str, str]], bool] = any_origin) -> Callable[[WebSocket], Awaitable[None]]:
+def make_ws_voice(hub: SessionHub, *, authenticate: Authenticate, origin_allowed: Callable[[Mapping[str, str]], bool]) -> Callable[[WebSocket], Awaitable[None]]:
     """The ``/ws/voice`` endpoint over ``hub`` (the app builds it once)."""
 
     async def ws_voice(websocket: WebSocket) -> None:
@@ -183,10 +141,6 @@ def make_ws_voice(hub: SessionHub, *, authenticate: Authenticate = local_user, o
         hello, _, problem = parse_control(raw)
         if hello is None or hello.get("type") != "hello" or not _valid_token(hello.get("client_token")):
             await _close_quietly(websocket, send, problem or "bad hello")
-            return
-        if not _access_ok(hello):
-            await send({"type": "error", "code": "access_token", "message": ACCESS_REFUSED})
-            await websocket.close(code=4003)
             return
         if not _sample_rate_ok(hello.get("sample_rate")):
             await _close_quietly(websocket, send, "send 16 kHz PCM")

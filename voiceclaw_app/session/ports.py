@@ -37,7 +37,9 @@ class ConversationStore(Protocol):
 class Services(Protocol):
     """Settings, the (cached) turn runner and a new listener; ``states/services.py`` is one."""
 
-    async def load_settings(self) -> Any: ...
+    async def load_settings(self, user_id: int | None = None) -> Any:
+        """The provider settings with this user's voice preferences over them."""
+        ...
 
     async def get_runner(self, settings: Any) -> Any: ...
 

@@ -233,7 +233,7 @@ class VoiceSession:
 
     async def _start_listener(self) -> None:
         try:
-            settings = await self.services.load_settings()
+            settings = await self.services.load_settings(self.user_id)
             listener = await self.services.build_listener(settings)
         except Exception as exc:
             log.exception("could not start listening")
@@ -394,7 +394,7 @@ class VoiceSession:
             conv = self._fresh_conversation
         if self.starter is not None:
             self.starter.speak = not self.muted
-        settings = await self.services.load_settings()
+        settings = await self.services.load_settings(self.user_id)
         runner = await self.services.get_runner(settings)
         history = await self._history(conv, settings)
         prepared = runner.prepare(history, conv, spoken=True)
@@ -557,7 +557,7 @@ class VoiceSession:
     async def _run(self, reply: ReplyHandle, text: str, spoken_input: bool, prepared: Any, early: EarlyTurn | None) -> None:
         error = ""
         try:
-            settings = await self.services.load_settings()
+            settings = await self.services.load_settings(self.user_id)
             reply.conversation_id = await asyncio.to_thread(self.store.ensure_conversation, reply.conversation_id)
             user_id = await asyncio.to_thread(self.store.add_user_message, reply.conversation_id, text, spoken_input)
             reply.message_id = await asyncio.to_thread(self.store.start_assistant_message, reply.conversation_id, reply.speak)

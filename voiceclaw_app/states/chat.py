@@ -21,6 +21,8 @@ import secrets
 import reflex as rx
 
 from ..db import repo
+from ..server.auth import sign_audio_url, sign_stored_url
+from .auth import require_user
 
 STATUS_WORDS = ("warming up", "idle", "listening", "thinking", "speaking", "error")
 #: this process's id: a status stamped by another (an earlier run) is stale after a restart
@@ -30,9 +32,9 @@ RESTART_NOTICE = "The server restarted while a reply was in progress: it was sto
 
 def audio_url(url: str, audio_id: str, user_id: int) -> str:
     """The one place audio URLs for the page are made (the projection's and replay's):
-    ``sign_audio_url(audio_id, user_id)`` once the accounts branch is merged; the plain
-    URL until then."""
-    return url
+    signed for the user (``server/auth.py``), so only they can fetch it (a fixed phrase
+    comes with its URL only: its id is read from it)."""
+    return sign_audio_url(audio_id, user_id) if audio_id else sign_stored_url(url, user_id)
 
 
 class ChatState(rx.State):
@@ -71,36 +73,44 @@ class ChatState(rx.State):
         return self.session_status
 
     @rx.event
-    def set_draft(self, value: str):
+    async def set_draft(self, value: str):
+        if await require_user(self) is None:
+            return
         self.draft = value
 
     @rx.event
-    def set_muted(self, value: bool):
+    async def set_muted(self, value: bool):
+        if await require_user(self) is None:
+            return
         self.muted = bool(value)
 
     @rx.event
     async def set_input_mode(self, value: str):
-        if value not in ("push_to_talk", "hands_free"):
+        user = await require_user(self)
+        if user is None or value not in ("push_to_talk", "hands_free"):
             return
         self.input_mode = value
-        settings = await asyncio.to_thread(repo.load_settings)
-        if settings.input_mode != value:
-            await asyncio.to_thread(repo.save_settings, settings.replace(input_mode=value))
+        settings = await asyncio.to_thread(repo.load_settings, user.id)
+        if settings.input_mode != value:  # a voice preference: the user's own
+            await asyncio.to_thread(repo.save_user_prefs, user.id, settings.replace(input_mode=value))
 
     @rx.event(background=True)
     async def on_load(self):
         """Load the conversation list and settings; report engine warm-up until ready."""
         from . import services
 
-        settings = await services.load_settings()
-        convs = await asyncio.to_thread(repo.list_conversations, "", 50)
+        user = await require_user(self)  # reads the connection's headers: no lock needed
+        if user is None:
+            return
+        settings = await services.load_settings(user.id)
+        convs = await asyncio.to_thread(repo.list_conversations, user.id, "", 50)
         async with self:
             stream = await self.get_state(StreamState)
             restore_after_load(stream, self)
             self.input_mode = settings.input_mode
             self.conversations = [_conv_row(c) for c in convs]
             if self.conversation_id:
-                msgs = await asyncio.to_thread(repo.list_messages, self.conversation_id)
+                msgs = await asyncio.to_thread(repo.list_messages, user.id, self.conversation_id)
                 self.messages = [_msg_row(m) for m in msgs]
         for _ in range(600):
             status = services.engine_status()
@@ -116,6 +126,8 @@ class ChatState(rx.State):
     async def send_text(self, form: dict | None = None):
         """A typed message goes to the tab's voice session through the page's voice socket
         (opened for it when the mic is off): the session runs the turn."""
+        if await require_user(self) is None:
+            return
         text = (form or {}).get("text", self.draft) if isinstance(form, dict) else self.draft
         text = (text or "").strip()
         if not text:
@@ -127,6 +139,8 @@ class ChatState(rx.State):
     @rx.event
     async def stop(self):
         """Stop button: the page stops playback and the mic and tells the session "stop"."""
+        if await require_user(self) is None:
+            return
         stream = await self.get_state(StreamState)
         stream.stop_seq += 1
         stream.audio_stop_seq += 1
@@ -142,6 +156,8 @@ class ChatState(rx.State):
 
     @rx.event
     async def new_conversation(self):
+        if await require_user(self) is None:
+            return
         await self._leave_conversation()
         self.conversation_id = ""
         self.messages = []
@@ -149,10 +165,14 @@ class ChatState(rx.State):
 
     @rx.event
     async def pick_conversation(self, conversation_id: str):
-        if not isinstance(conversation_id, str) or not conversation_id:
+        user = await require_user(self)
+        if user is None or not isinstance(conversation_id, str) or not conversation_id:
+            return
+        if await asyncio.to_thread(repo.get_conversation, user.id, conversation_id) is None:
+            self.notice = "Conversation not found."
             return
         await self._leave_conversation()
-        msgs = await asyncio.to_thread(repo.list_messages, conversation_id)
+        msgs = await asyncio.to_thread(repo.list_messages, user.id, conversation_id)
         self.conversation_id = conversation_id
         self.messages = [_msg_row(m) for m in msgs]
         last = next((m for m in reversed(msgs) if m["role"] == "assistant"), None)
@@ -162,8 +182,11 @@ class ChatState(rx.State):
     async def replay_last(self):
         from . import services
 
+        user = await require_user(self)
+        if user is None:
+            return
         store = services.audio_store()
-        urls = [audio_url(store.url_for(a), a, 0) for a in self.last_audio_ids if store.path_for(a) is not None]
+        urls = [audio_url(store.url_for(a), a, user.id) for a in self.last_audio_ids if store.path_for(a) is not None]
         if not urls:
             self.notice = "No audio to replay."
             return
@@ -174,10 +197,10 @@ class ChatState(rx.State):
 
     # ---- reports from the mic component (small payloads) ----------------
     @rx.event
-    def on_mic_event(self, payload: str):
+    async def on_mic_event(self, payload: str):
         """The mic component: listening / stopped / error:<message> / taken_over (the
         session says the same on the voice socket; here only what the page alone knows)."""
-        if not isinstance(payload, str):
+        if await require_user(self) is None or not isinstance(payload, str):
             return
         if payload == "listening":
             if self.taken_over:  # this tab took the mic back

@@ -9,7 +9,9 @@ import time
 import reflex as rx
 
 from ..db import repo
+from ..server.auth import sign_audio_url
 from . import services
+from .auth import require_user
 
 STAGES = [
     ("transcript", "speech_end", "stt_final"),
@@ -57,12 +59,12 @@ class HistoryState(rx.State):
     replaying: bool = False
     confirm_all: bool = False
 
-    async def _refresh(self) -> None:
-        convs = await asyncio.to_thread(repo.list_conversations, self.search, 200)
+    async def _refresh(self, user_id: int) -> None:
+        convs = await asyncio.to_thread(repo.list_conversations, user_id, self.search, 200)
         self.conversations = [
             {"id": c["id"], "title": c["title"], "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(c["updated_at"]))} for c in convs
         ]
-        summ = await asyncio.to_thread(repo.latency_summary, 50)
+        summ = await asyncio.to_thread(repo.latency_summary, user_id, 50)
         self.summary = [
             {"name": k.replace("_", " "), "p50": "-" if v["p50"] is None else f"{v['p50']:.0f} ms", "p95": "-" if v["p95"] is None else f"{v['p95']:.0f} ms", "n": str(v["n"])}
             for k, v in summ.items()
@@ -70,26 +72,32 @@ class HistoryState(rx.State):
 
     @rx.event
     async def on_load(self):
+        user = await require_user(self)
+        if user is None:
+            return
         self.replay_urls = []  # a reloaded page plays nothing by itself
         self.replaying = False
-        await self._refresh()
+        await self._refresh(user.id)
         if self.selected:
-            await self._load_conversation(self.selected)
+            await self._load_conversation(user.id, self.selected)
 
     @rx.event
     async def set_search(self, value: str):
-        self.search = value
-        await self._refresh()
+        user = await require_user(self)
+        if user is None:
+            return
+        self.search = str(value or "")
+        await self._refresh(user.id)
 
-    async def _load_conversation(self, conversation_id: str) -> None:
-        conv = await asyncio.to_thread(repo.get_conversation, conversation_id)
-        if conv is None:
+    async def _load_conversation(self, user_id: int, conversation_id: str) -> None:
+        conv = await asyncio.to_thread(repo.get_conversation, user_id, conversation_id)
+        if conv is None:  # gone, or another user's: the same "not found"
             self.selected = ""
             self.messages = []
             self.waterfall = []
             return
-        msgs = await asyncio.to_thread(repo.list_messages, conversation_id)
-        timings = await asyncio.to_thread(repo.timings_for, conversation_id)
+        msgs = await asyncio.to_thread(repo.list_messages, user_id, conversation_id)
+        timings = await asyncio.to_thread(repo.timings_for, user_id, conversation_id)
         store = services.audio_store()
         self.selected = conversation_id
         self.selected_title = conv.title
@@ -108,64 +116,87 @@ class HistoryState(rx.State):
 
     @rx.event
     async def select(self, conversation_id: str):
-        await self._load_conversation(conversation_id)
+        user = await require_user(self)
+        if user is None or not isinstance(conversation_id, str):
+            return
+        await self._load_conversation(user.id, conversation_id)
 
     @rx.event
     async def delete_selected(self):
-        if not self.selected:
+        user = await require_user(self)
+        if user is None or not self.selected:
             return
-        audio = await asyncio.to_thread(repo.delete_conversation, self.selected)
+        audio = await asyncio.to_thread(repo.delete_conversation, user.id, self.selected)
         await asyncio.to_thread(services.audio_store().delete, audio)
         self.selected = ""
         self.messages = []
         self.waterfall = []
-        await self._refresh()
+        await self._refresh(user.id)
 
     @rx.event
-    def ask_delete_all(self):
+    async def ask_delete_all(self):
+        if await require_user(self) is None:
+            return
         self.confirm_all = True
 
     @rx.event
-    def cancel_delete_all(self):
+    async def cancel_delete_all(self):
+        if await require_user(self) is None:
+            return
         self.confirm_all = False
 
     @rx.event
     async def delete_all(self):
-        audio = await asyncio.to_thread(repo.delete_all_conversations)
+        """Delete all of *this user's* conversations (no one else's)."""
+        user = await require_user(self)
+        if user is None:
+            return
+        audio = await asyncio.to_thread(repo.delete_all_conversations, user.id)
         await asyncio.to_thread(services.audio_store().delete, audio)
         self.confirm_all = False
         self.selected = ""
         self.messages = []
         self.waterfall = []
-        await self._refresh()
+        await self._refresh(user.id)
 
     @rx.event
     async def export(self, fmt: str):
-        if not self.selected:
+        user = await require_user(self)
+        if user is None or not self.selected:
             return
-        name, body = await asyncio.to_thread(repo.export_conversation, self.selected, fmt)
+        try:
+            name, body = await asyncio.to_thread(repo.export_conversation, user.id, self.selected, fmt)
+        except repo.NotFound:
+            return
         return rx.download(data=body, filename=name)
 
     @rx.event
     async def replay(self, message_id: str):
-        msgs = await asyncio.to_thread(repo.list_messages, self.selected)
+        user = await require_user(self)
+        if user is None:
+            return
+        msgs = await asyncio.to_thread(repo.list_messages, user.id, self.selected)
         store = services.audio_store()
         for m in msgs:
             if str(m["id"]) == message_id:
-                self.replay_urls = [store.url_for(a) for a in m["audio_ids"] if store.path_for(a) is not None]
+                self.replay_urls = [sign_audio_url(a, user.id) for a in m["audio_ids"] if store.path_for(a) is not None]
                 self.replay_turn = f"replay-{message_id}-{time.time():.3f}"
                 self.replaying = bool(self.replay_urls)
                 return
 
     @rx.event
-    def stop_replay(self):
+    async def stop_replay(self):
+        if await require_user(self) is None:
+            return
         self.replay_stop_seq += 1
         self.replaying = False
         self.replay_urls = []
 
     @rx.event
-    def on_audio_event(self, payload: str):
+    async def on_audio_event(self, payload: str):
         """Replays report playback like the dashboard's queue; only the end matters here."""
+        if await require_user(self) is None:
+            return
         try:
             data = json.loads(payload)
         except ValueError:

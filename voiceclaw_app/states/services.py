@@ -49,8 +49,17 @@ def key_store() -> KeyStore:
     return KeyStore()
 
 
-async def load_settings() -> VoiceSettings:
-    return await asyncio.to_thread(repo.load_settings)
+async def load_settings(user_id: int | None = None) -> VoiceSettings:
+    """The global settings with this user's voice preferences over them (off the loop)."""
+    return await asyncio.to_thread(repo.load_settings, user_id)
+
+
+def bind_legacy_keys() -> int:
+    """Startup: keys stored before keys were bound to addresses get the addresses of
+    the saved settings (the only ones they were ever sent to)."""
+    from ..providers.factory import key_targets
+
+    return key_store().bind_legacy(key_targets(repo.load_settings()))
 
 
 def _snapshot_key(settings: VoiceSettings, keys: Any) -> str:
@@ -128,11 +137,11 @@ async def _quiet(coro) -> None:
         pass
 
 
-async def history_for(conversation_id: str, settings: VoiceSettings) -> list[ChatMessage]:
-    """Bounded recent history for the LLM (the runner adds the system prompt)."""
+async def history_for(user_id: int, conversation_id: str, settings: VoiceSettings) -> list[ChatMessage]:
+    """Bounded recent history of the user's conversation for the LLM (the runner adds the system prompt)."""
     if not conversation_id:
         return []
-    pairs = await asyncio.to_thread(repo.recent_history, conversation_id, settings.llm_history_turns)
+    pairs = await asyncio.to_thread(repo.recent_history, user_id, conversation_id, settings.llm_history_turns)
     return [ChatMessage(role=r, content=c) for r, c in pairs]  # type: ignore[arg-type]
 
 
