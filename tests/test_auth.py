@@ -7,6 +7,9 @@ import time
 
 import pytest
 
+import voiceclaw_app.states.chat  # noqa: F401  Reflex state classes are defined at collection (a later
+import voiceclaw_app.states.history  # noqa: F401  first import inside an async test's context lacks
+import voiceclaw_app.states.settings  # noqa: F401  Reflex's registration context)
 from voiceclaw_app.config import VoiceSettings
 
 
@@ -395,3 +398,35 @@ def test_passwd_lifts_a_lockout(db):
     assert accounts.check_login("carl", "correct horse battery", "10.0.0.2").account is None
     accounts.set_password("carl", "correct horse battery 2")
     assert accounts.check_login("carl", "correct horse battery 2", "10.0.0.2").account is not None
+
+
+def test_the_gate_lets_only_reflex_own_events_and_the_login_page_through():
+    import reflex as rx
+
+    from voiceclaw_app.states.auth import AuthGate, LoginState
+    from voiceclaw_app.states.chat import ChatState
+    from voiceclaw_app.states.history import HistoryState
+    from voiceclaw_app.states.settings import SettingsState
+
+    root = rx.State.get_full_name()
+    assert AuthGate._open(f"{root}.hydrate") and AuthGate._open(f"{root}.hydrate_and_load")
+    assert AuthGate._open(f"{root}.reflex___state____on_load_internal_state.on_load_internal")
+    assert AuthGate._open(f"{LoginState.get_full_name()}.on_load")
+    for cls, handler in ((ChatState, "on_load"), (ChatState, "send_text"), (HistoryState, "delete_all"), (SettingsState, "save"), (SettingsState, "clear_key")):
+        assert not AuthGate._open(f"{cls.get_full_name()}.{handler}")
+
+
+async def test_the_app_refuses_to_start_beyond_loopback_with_no_account(db, monkeypatch):
+    import reflex as rx
+
+    from voiceclaw_app.voiceclaw_app import refuse_unprotected_start
+
+    accounts, _ = db
+    config = rx.config.get_config()
+    monkeypatch.setattr(config, "backend_host", "0.0.0.0")
+    with pytest.raises(RuntimeError, match="user add NAME --admin"):
+        async with refuse_unprotected_start():
+            pass
+    accounts.add_user("carl", "correct horse battery")
+    async with refuse_unprotected_start():  # an account exists: starts (with a TLS warning)
+        pass

@@ -15,22 +15,39 @@ from voiceclaw_app.providers.local_listener import LocalListener
 from voiceclaw_app.providers.openai_llm import OpenAICompatLLM
 from voiceclaw_app.providers.openai_tts import OpenAITTS
 from voiceclaw_app.providers.silero_vad import SileroGate
-from voiceclaw_app.secrets import ProviderKeys, Secret
+from voiceclaw_app.secrets import ProviderKeys, Secret, env_key_url, normalize_url
 
-KEYS = ProviderKeys(llm_api_key=Secret("gw"), deepgram_api_key=Secret("dg"), openai_api_key=Secret("sk"))
+GATEWAY = "http://gateway:18789/v1"
+
+
+def keys(llm_url: str = GATEWAY) -> ProviderKeys:
+    """The keys as the key store hands them out: each bound to the address it was saved
+    for (the gateway's; the environment's TTS and Deepgram addresses, read now)."""
+    urls = {"llm_api_key": normalize_url(llm_url), "deepgram_api_key": normalize_url(env_key_url("deepgram_api_key")), "openai_api_key": normalize_url(env_key_url("openai_api_key"))}
+    return ProviderKeys(llm_api_key=Secret("gw"), deepgram_api_key=Secret("dg"), openai_api_key=Secret("sk"), urls=urls)
+
+
+def test_a_key_saved_for_another_address_is_not_given_to_the_client(monkeypatch):
+    s = VoiceSettings(llm_base_url="http://elsewhere.example/v1", llm_model_voice="m")
+    assert build_llm(s, keys())._api_key == ""
+    assert build_llm(s, keys("http://elsewhere.example/v1/"))._api_key == "gw"
+    monkeypatch.setenv("VOICECLAW_TTS_BASE_URL", "http://127.0.0.1:9/v1")
+    bound_elsewhere = keys()  # bound to 127.0.0.1:9 ...
+    monkeypatch.setenv("VOICECLAW_TTS_BASE_URL", "http://127.0.0.1:10/v1")  # ... but the TTS now calls another address
+    assert build_tts(VoiceSettings(tts_provider="openai", fallback_to_local=False), bound_elsewhere)._api_key == ""
 
 
 def test_cloud_llm_and_tts_from_settings(monkeypatch):
     monkeypatch.setenv("VOICECLAW_TTS_BASE_URL", "http://127.0.0.1:9/v1")
     s = VoiceSettings(llm_base_url="http://gateway:18789/v1", llm_model_voice="openclaw:main", llm_headers={"x-openclaw-agent-id": "voice"}, tts_provider="openai", tts_model="tts-1", tts_voice="nova")
-    llm = build_llm(s, KEYS)
+    llm = build_llm(s, keys())
     assert isinstance(llm, OpenAICompatLLM) and llm.base_url == "http://gateway:18789/v1" and llm.headers == {"x-openclaw-agent-id": "voice"}
-    tts = build_tts(s, KEYS)
+    tts = build_tts(s, keys())
     assert isinstance(tts, FallbackTTS) and isinstance(tts.primary, OpenAITTS)
     assert (tts.primary.base_url, tts.primary.model, tts.primary.default_voice) == ("http://127.0.0.1:9/v1", "tts-1", "nova")
-    plain = build_tts(s.replace(fallback_to_local=False), KEYS)
+    plain = build_tts(s.replace(fallback_to_local=False), keys())
     assert isinstance(plain, OpenAITTS)
-    assert isinstance(build_stt(s.replace(stt_provider="deepgram"), KEYS), DeepgramSTT)
+    assert isinstance(build_stt(s.replace(stt_provider="deepgram"), keys()), DeepgramSTT)
 
 
 @pytest.mark.asyncio
@@ -38,12 +55,12 @@ async def test_deepgram_listener_is_started_at_session_start(monkeypatch):
     async with FakeDeepgramServer(api_key="dg") as srv:
         monkeypatch.setenv("VOICECLAW_DEEPGRAM_URL", srv.url)
         s = VoiceSettings(stt_provider="deepgram", vad_silence_ms=400, input_mode="push_to_talk", fallback_to_local=False)
-        lst = await build_listener(s, KEYS)
+        lst = await build_listener(s, keys())
         assert isinstance(lst, DeepgramListener) and not lst.hands_free
         assert isinstance(lst.vad, SileroGate)  # barge-in from our own VAD as well as Deepgram's
         assert len(srv.sessions) == 1 and srv.sessions[0].query["endpointing"] == "400"
         await lst.aclose()
-        wrapped = await build_listener(s.replace(fallback_to_local=True), KEYS)
+        wrapped = await build_listener(s.replace(fallback_to_local=True), keys())
         assert isinstance(wrapped, FallbackListener) and not wrapped.switched
         assert len(srv.sessions) == 2
         assert not wrapped.hands_free and not wrapped.active.hands_free
@@ -78,7 +95,7 @@ async def test_local_listener_vad_then_whisper_engine():
     engines.reset_for_tests()
     engines.configure(factories={"stt": LengthSTT})
     try:
-        lst = await build_listener(VoiceSettings(stt_provider="local", vad_silence_ms=400), KEYS)
+        lst = await build_listener(VoiceSettings(stt_provider="local", vad_silence_ms=400), keys())
         assert isinstance(lst, LocalListener)
         pcm += b"\x00\x00" * 16000
         for k in range(0, len(pcm), 640):
@@ -108,7 +125,7 @@ async def test_deepgram_session_reports_barge_in_from_the_server_vad(monkeypatch
         # frames go in faster than real time here, so make Deepgram's own SpeechStarted
         # need more audio than the server VAD's onset: the VAD's must be reported
         srv.profile.speech_started_after_s = 0.5
-        lst = await build_listener(VoiceSettings(stt_provider="deepgram", fallback_to_local=False), KEYS)
+        lst = await build_listener(VoiceSettings(stt_provider="deepgram", fallback_to_local=False), keys())
         pcm, meta = fixture("q_weather")
         seen = []
 
