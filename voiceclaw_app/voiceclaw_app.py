@@ -35,7 +35,7 @@ from .states.settings import SettingsState
 log = logging.getLogger("voiceclaw.app")
 
 def _projection(token: str, user_id: int) -> Projection:
-    return Projection(ReflexSink(app), token, user_id)
+    return Projection(ReflexSink(app, user_id), token, user_id)
 
 
 #: this process's live voice sessions (one per tab's voice socket)

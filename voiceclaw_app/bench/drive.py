@@ -119,7 +119,7 @@ class BenchServices:
         self.runner: Any = runner if prefill else _NoPrefill(runner)
         self.listener = listener
 
-    async def load_settings(self) -> Any:
+    async def load_settings(self, user_id: int | None = None) -> Any:
         return self.settings
 
     async def get_runner(self, settings: Any) -> Any:

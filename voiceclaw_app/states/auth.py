@@ -103,8 +103,6 @@ class AuthGate(Middleware):
         access = await state.get_state(AccessState)
         owner = user.id if user is not None else 0
         if access._owner != owner:
-            if access._owner:
-                _stop_tab_turn(state.router.session.client_token)
             await _reset_app_states(state)
             access._owner = owner
         if foreign:
@@ -120,14 +118,6 @@ class AuthGate(Middleware):
         path = _state_path(event_name)
         last = path.rsplit(".", 1)[-1]
         return last.startswith("reflex___") or path == LoginState.get_full_name()
-
-
-def _stop_tab_turn(token: str) -> None:
-    """The previous user's reply must not keep streaming into the next user's tab.
-    (With the per-connection voice session this becomes the session hub's job.)"""
-    from . import turns
-
-    turns.interrupt(token, reason="user changed")
 
 
 async def _reset_app_states(root: Any) -> None:

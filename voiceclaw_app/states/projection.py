@@ -27,17 +27,29 @@ FLUSH_S = 0.04  # token batching interval
 TAIL = 32  # segments carried per update (~1.3 s of batches: a late render or a reload loses none)
 
 
-class ReflexSink:
-    """Applies a change to a tab's (StreamState, ChatState) through ``app.modify_state``."""
+class NotTheOwnersTab(Exception):
+    """The tab now shows another user's data (logged out, someone else logged in)."""
 
-    def __init__(self, app: Any) -> None:
+
+class ReflexSink:
+    """Applies a change to a tab's (StreamState, ChatState) through ``app.modify_state``,
+    only while the tab is still its user's: after a logout (or another login in the same
+    tab) a reply still running for the previous user must not stream into it."""
+
+    def __init__(self, app: Any, user_id: int) -> None:
         self.app = app
+        self.user_id = user_id
 
     @contextlib.asynccontextmanager
     async def states(self, token: str) -> AsyncIterator[tuple[StreamState, ChatState]]:
         import reflex as rx
 
+        from .auth import AccessState
+
         async with self.app.modify_state(rx.BaseStateToken(ident=token, cls=StreamState)) as root:
+            access = await root.get_state(AccessState)
+            if access._owner != self.user_id:
+                raise NotTheOwnersTab(token)
             stream = await root.get_state(StreamState)
             chat = await root.get_state(ChatState)
             yield stream, chat
@@ -59,6 +71,8 @@ class Projection:
         try:
             async with self.sink.states(self.token) as (stream, chat):
                 fn(stream, chat)
+        except NotTheOwnersTab:
+            log.info("not shown: tab %s is no longer user %s's", self.token[:8], self.user_id)
         except Exception:
             log.exception("state update failed")
 
@@ -145,7 +159,7 @@ class Projection:
         await self._stop_flusher()
         self.turn_id, self.segments, self.pending = e.turn_id, [], ""
         try:
-            convs = await asyncio.to_thread(repo.list_conversations, "", 50)
+            convs = await asyncio.to_thread(repo.list_conversations, self.user_id, "", 50)
         except Exception:
             log.exception("could not list conversations")
             convs = None
