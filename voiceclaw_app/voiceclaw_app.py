@@ -8,6 +8,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 
 from .db import repo
+from .db.migrate import migrate_at_startup
 from .pages.dashboard import dashboard
 from .pages.history import history
 from .pages.settings import settings_page
@@ -29,7 +30,9 @@ api = Starlette(
 
 
 async def startup() -> None:
-    """Mark replies a crash left unfinished as interrupted; warm the embedded engines; prune old audio."""
+    """Migrate the configured database; mark replies a crash left unfinished as interrupted;
+    warm the embedded engines; prune old audio."""
+    await migrate_at_startup()
     try:
         n = await asyncio.to_thread(repo.recover_unfinished)
         if n:

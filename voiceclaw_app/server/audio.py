@@ -10,7 +10,7 @@ from ..states import services
 
 async def audio_route(request: Request) -> Response:
     audio_id = request.path_params.get("id", "")
-    path = services.audio_store().path_for(audio_id)
+    path = await services.audio_store().locate(audio_id)  # any worker: a shared store fetches it
     if path is None:
         return Response("not found", status_code=404)
     return FileResponse(path, media_type="audio/wav", headers={"Cache-Control": "private, max-age=86400"})
