@@ -244,8 +244,10 @@ class Cluster:
         try:
             self.redis.start()
             self.postgres.start()
-            if build or not (self.root / "www" / "index.html").exists():
+            if build:
                 self.build_frontend()
+            else:  # sockets only (the load benchmark), or a frontend built before
+                (self.root / "www").mkdir(exist_ok=True)
             for i in range(self.workers):
                 self.start_worker(i)
             self.start_caddy()
