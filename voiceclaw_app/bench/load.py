@@ -149,6 +149,7 @@ class SimulatedUser:
         self._tasks: list[asyncio.Task] = []
         self.server_messages: list[dict] = []
         self.audio_fetched = 0
+        self.played_urls: list[str] = []
         self.audio_errors: list[str] = []
 
     async def connect(self) -> None:
@@ -202,6 +203,7 @@ class SimulatedUser:
         import wave
         import io
 
+        self.played_urls.append(url)
         full = url if url.startswith("http") else self.base_url + url
         try:
             async with self._http.get(full, headers=login_headers(self.index)) as resp:
