@@ -24,7 +24,8 @@ from voiceclaw_app.pipeline.audio_store import AudioStore
 from voiceclaw_app.pipeline.audio_store_db import DbAudioStore, audio_store_mode, open_audio_store
 from voiceclaw_app.providers.base import AudioClip
 
-PG_PORT = int(os.environ.get("VOICECLAW_TEST_PG_PORT", "3891"))
+# not the cluster test's 3891: its cluster lives for the whole session
+PG_PORT = int(os.environ.get("VOICECLAW_TEST_AUDIO_PG_PORT", "3892"))
 
 
 def _clip(seconds: float = 0.3, freq: float = 440.0) -> AudioClip:
