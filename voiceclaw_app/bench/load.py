@@ -149,6 +149,7 @@ class SimulatedUser:
         self._tasks: list[asyncio.Task] = []
         self.server_messages: list[dict] = []
         self.audio_fetched = 0
+        self.mic_closed = ""
         self.played_urls: list[str] = []
         self.audio_errors: list[str] = []
 
@@ -244,12 +245,22 @@ class SimulatedUser:
                 await asyncio.sleep(delay)
 
     async def _read_mic(self) -> None:
-        async for msg in self._ws:
-            if isinstance(msg, str):
-                try:
-                    self.server_messages.append(json.loads(msg))
-                except ValueError:
-                    pass
+        import websockets
+
+        try:
+            async for msg in self._ws:
+                if isinstance(msg, str):
+                    try:
+                        self.server_messages.append(json.loads(msg))
+                    except ValueError:
+                        pass
+        except websockets.ConnectionClosed:
+            pass
+        code = self._ws.close_code
+        if code not in (None, 1000, 1001):
+            # e.g. 4001: the server gave this tab's mic to another tab (today's ws_voice
+            # keeps one mic session per process; the session work makes it per user)
+            self.mic_closed = f"mic socket closed by the server ({code} {self._ws.close_reason or ''})".strip()
 
     async def speak(self, fx: Fixture, timeout_s: float = TURN_TIMEOUT_S) -> bool:
         """Say one fixture; True once the reply was spoken and the page left "speaking"."""
@@ -265,7 +276,7 @@ class SimulatedUser:
             self.stats.answered += 1
             return True
         self.stats.errors += 1
-        self.stats.problems.append(self.page.error or f"no answer within {timeout_s:.0f} s (status {self.page.status!r})")
+        self.stats.problems.append(self.page.error or self.mic_closed or f"no answer within {timeout_s:.0f} s (status {self.page.status!r})")
         return False
 
     async def close(self) -> None:
