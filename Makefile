@@ -95,9 +95,9 @@ bench: setup
 	$(PY) -m voiceclaw_app.bench pipeline --json
 
 # On loopback: Redis, a throwaway PostgreSQL, 3 backend workers, Caddy with TLS at
-# https://localhost:8443 (see README "Scaling out"). Ports and count: deploy/cluster.sh.
+# https://localhost:8443 (see README "Scaling out"). Ports and count: deploy/cluster.py.
 cluster: setup .tools/.apt-cluster-stamp
-	deploy/cluster.sh start
+	$(PY) deploy/cluster.py start
 
 cluster-stop:
-	deploy/cluster.sh stop
+	$(PY) deploy/cluster.py stop
