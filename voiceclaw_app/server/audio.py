@@ -22,7 +22,7 @@ async def audio_route(request: Request) -> Response:
     audio_id = request.path_params.get("id", "")
     if not audio_url_valid(audio_id, user.id, request.query_params.get("u"), request.query_params.get("s")):
         return Response("not found", status_code=404)
-    path = services.audio_store().path_for(audio_id)
+    path = await services.audio_store().locate(audio_id)  # any worker: a shared store fetches it
     if path is None:
         return Response("not found", status_code=404)
     return FileResponse(path, media_type="audio/wav", headers={"Cache-Control": "private, max-age=86400"})

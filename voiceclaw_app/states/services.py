@@ -17,7 +17,9 @@ from typing import Any
 
 from ..config import VoiceSettings, data_dir
 from ..db import repo
+from ..db.engine import database_url
 from ..pipeline.audio_store import AudioStore
+from ..pipeline.audio_store_db import open_audio_store
 from ..providers.base import ChatMessage
 from ..secrets import KeyStore
 
@@ -30,7 +32,7 @@ _audio_store: AudioStore | None = None
 def audio_store() -> AudioStore:
     global _audio_store
     if _audio_store is None:
-        _audio_store = AudioStore(data_dir() / "audio")
+        _audio_store = open_audio_store(data_dir() / "audio", database_url())  # disk, or shared via the database
     return _audio_store
 
 

@@ -1,0 +1,412 @@
+"""``python -m voiceclaw_app.bench load --sessions N --minutes M [--workers W] --json``.
+
+N simulated users talk to a real cluster (what ``make cluster`` starts: Redis,
+PostgreSQL, W backend workers, Caddy with TLS; see ``deploy/cluster.py``) whose
+providers are the local protocol servers with the guide's cloud profile (Deepgram
+live, LLM first token 300 ms then 40 tokens/s, TTS first byte 200 ms), run in a
+child process so the clients' pacing never delays them.
+
+Each user is what a browser tab is to the server: a Reflex event socket (a raw
+socket.io client on ``wss://.../_event?token=...``, receiving the state updates the
+page would render) and a ``/ws/voice`` socket streaming microphone audio at real
+time without pause (noise between turns, a spoken fixture from tests/fixtures per
+turn, as a hands-free mic does). A turn counts as answered when the page state
+reaches "speaking" and then leaves it; one that shows an error or never answers
+within 30 s is an error.
+
+Figures (ms, p50/p95), from the timing marks the app stored per turn (PostgreSQL):
+``time_to_first_audio`` = first audio ready - speech end (the listener's estimate,
+as in ``cloud --via-ws``); ``overhead`` = that minus the ideal critical path of the
+reply (is_final delay + first token + the first chunk's remaining tokens + TTS first
+byte + the transfer of the first playable piece). ``rss_mb_start`` / ``rss_mb_end``:
+resident memory of all worker processes together, after warm-up and at the end.
+
+Logging in: each user's sockets carry the headers of :func:`login_headers` (none
+until the accounts work is merged; then a session cookie from
+``create_login_session``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import ssl
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..pipeline.text import chunk_text
+from ..pipeline.timing import now_ms
+from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE
+from .drive import Fixture, dither, load_fixtures
+from .pipeline import TOKENS_PER_S, TTFT_S, TTS_TTFB_S, first_chunk_tokens, transfer_s
+from .stats import p50_p95
+
+# ports of the benchmark's own cluster (within 3800-3899; make cluster and the tests use others)
+FIRST_WORKER_PORT, HTTPS_PORT, REDIS_PORT, PG_PORT = 3821, 3853, 3870, 3871
+TURN_TIMEOUT_S = 30.0
+SPOKEN_TEXT = "What is the capital of France?"  # what the fake recognizer hears
+EVENT_NAMESPACE = "/_event"  # Reflex's socket.io path and namespace (both "/_event")
+CHAT_STATE = "reflex___state____state.voiceclaw_app___states___chat____chat_state"  # ChatState.get_full_name()
+
+
+def login_headers(user_index: int) -> dict[str, str]:
+    """Headers that log simulated user ``user_index`` in, for both sockets.
+
+    The one place the accounts work plugs in: after the merge, create (once) a user
+    per index and return ``{"Cookie": f"{SESSION_COOKIE}={create_login_session(user_id)}"}``
+    (``voiceclaw_app.server.auth``). Until then the app has no login."""
+    return {}
+
+
+@dataclass
+class UserStats:
+    turns: int = 0
+    answered: int = 0
+    errors: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+class PageState:
+    """What the page would show, from the Reflex state updates of one tab."""
+
+    def __init__(self) -> None:
+        self.status = ""
+        self.error = ""
+        self.notice = ""
+        self.audio_turn = ""
+        self.audio_urls: list[str] = []
+        self.audio_done = True
+        self.changed = asyncio.Event()
+        self.updates = 0
+
+    def apply(self, update: Any) -> None:
+        if isinstance(update, str):
+            update = json.loads(update)
+        delta = (update or {}).get("delta") or {}
+        for sub, values in delta.items():
+            if not isinstance(values, dict):
+                continue
+            for key, value in values.items():
+                name = key.removesuffix("_rx_state_")
+                if sub.endswith("chat_state"):
+                    if name == "status":
+                        self.status = str(value)
+                    elif name == "error" and value:
+                        self.error = str(value)
+                    elif name == "notice":
+                        self.notice = str(value or "")
+                elif sub.endswith("stream_state"):
+                    if name == "audio_turn":
+                        self.audio_turn = str(value)
+                    elif name == "audio_urls":
+                        self.audio_urls = list(value or [])
+                    elif name == "audio_done":
+                        self.audio_done = bool(value)
+        self.updates += 1
+        self.changed.set()
+
+    async def wait_for(self, predicate, timeout_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            self.changed.clear()
+            try:  # asyncio.timeout, not wait_for: a cancel arriving with an update is never swallowed
+                async with asyncio.timeout(min(left, 0.5)):
+                    await self.changed.wait()
+            except TimeoutError:
+                pass
+        return True
+
+
+class SimulatedUser:
+    """One tab: a Reflex event socket and a mic socket streaming at real time.
+
+    Also used by the cluster and fault tests (``connect``, ``speak``, ``close``)."""
+
+    def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None, index: int = 0, *, token: str | None = None, event_url: str | None = None, voice_url: str | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.event_url = (event_url or self.base_url).rstrip("/")
+        self.voice_url = (voice_url or self.base_url).rstrip("/")
+        self.ssl = ssl_context
+        self.index = index
+        self.token = token or str(uuid.uuid4())
+        self.page = PageState()
+        self.stats = UserStats()
+        self._rng = np.random.default_rng(index)
+        self._speech: bytearray = bytearray()
+        self._sio = None
+        self._ws = None
+        self._tasks: list[asyncio.Task] = []
+        self.server_messages: list[dict] = []
+        self.audio_fetched = 0
+        self.mic_closed = ""
+        self.played_urls: list[str] = []
+        self.audio_errors: list[str] = []
+
+    async def connect(self) -> None:
+        import aiohttp
+        import socketio
+        import websockets
+
+        headers = login_headers(self.index)
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl if self.ssl is not None else False))
+        self._sio = socketio.AsyncClient(http_session=self._http, reconnection=True, reconnection_delay=0.5)
+        self._sio.on("event", self.page.apply, namespace=EVENT_NAMESPACE)
+        await self._sio.connect(f"{self.event_url}?token={self.token}", socketio_path=EVENT_NAMESPACE, namespaces=[EVENT_NAMESPACE], transports=["websocket"], headers=headers, wait_timeout=20)
+        ws_base = self.voice_url.replace("https://", "wss://").replace("http://", "ws://")
+        self._ws = await websockets.connect(f"{ws_base}/ws/voice?token={self.token}", ssl=self.ssl, max_size=None, additional_headers={**headers, "Origin": self.base_url}, open_timeout=20)
+        await self._ws.send(json.dumps({"type": "hello", "client_token": self.token, "sample_rate": RATE, "mode": "hands_free"}))
+        ready = json.loads(await asyncio.wait_for(self._ws.recv(), 20))
+        if ready.get("type") != "ready":
+            raise RuntimeError(f"mic socket refused: {ready}")
+        self._tasks = [asyncio.create_task(self._stream_mic()), asyncio.create_task(self._read_mic()), asyncio.create_task(self._play())]
+        await self.event("on_mic_event", "listening")  # what the page's mic component reports once capturing
+
+    async def event(self, handler: str, payload: str | None = None) -> None:
+        """Send a ChatState event as the page does (a button, a component report)."""
+        args = {"payload": payload} if payload is not None else {}
+        await self._sio.emit("event", {"name": f"{CHAT_STATE}.{handler}", "payload": args, "router_data": {"pathname": "/", "query": {}, "asPath": "/"}}, namespace=EVENT_NAMESPACE)
+
+    async def _play(self) -> None:
+        """The page's audio queue: fetch each reply URL (through the proxy, any worker),
+        "play" it for its duration, and report first_playing / chunk / ended as the page does."""
+        turn, played = "", 0
+        while True:
+            await self.page.wait_for(lambda: self.page.audio_turn != turn or played < len(self.page.audio_urls) or (played and self.page.audio_done), 3600)
+            if self.page.audio_turn != turn:
+                turn, played = self.page.audio_turn, 0
+                continue
+            if played < len(self.page.audio_urls):
+                url = self.page.audio_urls[played]
+                seconds = await self._fetch_audio(url)
+                await self._report({"event": "first_playing" if played == 0 else "chunk", "turn": turn, "index": played, "client_ms": now_ms(), "server_ms": now_ms()})
+                played += 1
+                self.audio_fetched += 1
+                await asyncio.sleep(seconds)
+                continue
+            if played and self.page.audio_done:
+                await self._report({"event": "ended", "turn": turn, "played": played, "client_ms": now_ms()})
+                turn_done = turn
+                await self.page.wait_for(lambda: self.page.audio_turn != turn_done, 3600)
+
+    async def _fetch_audio(self, url: str) -> float:
+        """GET the clip like the browser does; its duration in seconds (0 if it failed)."""
+        import wave
+        import io
+
+        self.played_urls.append(url)
+        full = url if url.startswith("http") else self.base_url + url
+        try:
+            async with self._http.get(full, headers=login_headers(self.index)) as resp:
+                body = await resp.read()
+                if resp.status != 200:
+                    self.audio_errors.append(f"{resp.status} for {url}")
+                    return 0.0
+            with wave.open(io.BytesIO(body), "rb") as w:
+                return w.getnframes() / float(w.getframerate() or 1)
+        except Exception as exc:
+            self.audio_errors.append(f"{exc.__class__.__name__} for {url}")
+            return 0.0
+
+    async def _report(self, data: dict) -> None:
+        """A playback report, the way the page's audio queue sends it today (a Reflex
+        event on ChatState). If the session work moves these reports to /ws/voice,
+        this is the one method to change."""
+        await self.event("on_audio_event", json.dumps(data))
+
+    async def _stream_mic(self) -> None:
+        """20 ms frames at real time, forever: speech when queued, room noise otherwise."""
+        frame_samples = RATE * FRAME_MS // 1000
+        frame_bytes = frame_samples * 2
+        t0 = time.monotonic()
+        sent = 0
+        while True:
+            if self._speech:
+                frame = bytes(self._speech[:frame_bytes])
+                del self._speech[:frame_bytes]
+                if len(frame) < frame_bytes:
+                    frame += dither(frame_samples - len(frame) // 2, self._rng)
+            else:
+                frame = dither(frame_samples, self._rng)
+            await self._ws.send(frame)
+            sent += 1
+            delay = t0 + sent * FRAME_MS / 1000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _read_mic(self) -> None:
+        import websockets
+
+        try:
+            async for msg in self._ws:
+                if isinstance(msg, str):
+                    try:
+                        self.server_messages.append(json.loads(msg))
+                    except ValueError:
+                        pass
+        except websockets.ConnectionClosed:
+            pass
+        code = self._ws.close_code
+        if code not in (None, 1000, 1001):
+            # e.g. 4001: the server gave this tab's mic to another tab (today's ws_voice
+            # keeps one mic session per process; the session work makes it per user)
+            self.mic_closed = f"mic socket closed by the server ({code} {self._ws.close_reason or ''})".strip()
+
+    async def speak(self, fx: Fixture, timeout_s: float = TURN_TIMEOUT_S) -> bool:
+        """Say one fixture; True once the reply was spoken and the page left "speaking"."""
+        self.stats.turns += 1
+        self.page.error = ""
+        lead = dither(int(LEAD_S * RATE), self._rng)
+        self._speech += lead + fx.pcm
+        fetched = self.audio_fetched
+        speaking = await self.page.wait_for(lambda: self.page.status == "speaking" or bool(self.page.error), timeout_s)
+        done = speaking and not self.page.error and await self.page.wait_for(lambda: self.page.status not in ("speaking", "thinking") or bool(self.page.error), timeout_s)
+        done = done and self.audio_fetched > fetched
+        if done and not self.page.error:
+            self.stats.answered += 1
+            return True
+        self.stats.errors += 1
+        self.stats.problems.append(self.page.error or self.mic_closed or f"no answer within {timeout_s:.0f} s (status {self.page.status!r})")
+        return False
+
+    async def close(self) -> None:
+        """Close both sockets (bounded: a dead worker must not hang the caller)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        closers = []
+        if self._ws is not None:
+            closers.append(self._ws.close())
+        if self._sio is not None:
+            closers.append(self._sio.disconnect())
+        for closer in closers:
+            try:
+                await asyncio.wait_for(closer, 5)
+            except Exception:
+                pass
+        if getattr(self, "_http", None) is not None:
+            await self._http.close()
+
+
+def stored_turns(database_url: str, since: float) -> list[tuple[float | None, str]]:
+    """(first_audio_ready ms after speech end, reply text) of the spoken turns stored since ``since``."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("select t.first_audio_ready, m.content from vc_turn_timing t join vc_message m on m.id = t.message_id "
+                     "where t.spoken_input = :yes and m.created_at >= :since order by t.id"),
+                {"yes": True, "since": since},
+            ).fetchall()
+    finally:
+        engine.dispose()
+    return [(r[0], r[1]) for r in rows]
+
+
+def ideal_ms(reply: str) -> float:
+    """The reply's critical path with zero overhead (see the module docstring)."""
+    first = chunk_text(reply)[0]
+    return 1000.0 * (IS_FINAL_S + TTFT_S + first_chunk_tokens(reply, first.text) / TOKENS_PER_S + TTS_TTFB_S + transfer_s(first.speech))
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024.0
+
+
+async def _user_loop(user: SimulatedUser, fixtures: list[Fixture], stop_at: float) -> None:
+    rnd = random.Random(user.index)
+    await asyncio.sleep(rnd.uniform(0, 3.0))  # users do not all start talking in the same 20 ms
+    k = user.index
+    while time.monotonic() < stop_at:
+        await user.speak(fixtures[k % len(fixtures)])
+        k += 1
+        await asyncio.sleep(rnd.uniform(1.0, 3.0))  # the user listens, then thinks
+
+
+async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -> dict[str, Any]:
+    import os
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from deploy.cluster import Cluster
+    from tests.servers.fleet import fleet_process
+
+    fixtures = [f for f in load_fixtures() if f.name.startswith("q_")]
+    with tempfile.TemporaryDirectory(prefix="voiceclaw-load-") as tmp, fleet_process(default_text=SPOKEN_TEXT) as provider_env:
+        os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user
+        cluster = Cluster(root=Path(tmp), workers=workers, first_port=FIRST_WORKER_PORT, https_port=HTTPS_PORT, redis_port=REDIS_PORT, pg_port=PG_PORT, extra_env=provider_env)
+        await asyncio.to_thread(cluster.start, False)
+        try:
+            ctx = cluster.ssl_context()
+            pids = lambda: [p for i in range(workers) for p in cluster.worker_pids(i)]  # noqa: E731
+            users = [SimulatedUser(cluster.url, ctx, i) for i in range(sessions)]
+            connect_errors = 0
+            for chunk in range(0, sessions, 10):  # connect in groups: a page load is not a stampede
+                results = await asyncio.gather(*(u.connect() for u in users[chunk:chunk + 10]), return_exceptions=True)
+                connect_errors += sum(isinstance(r, BaseException) for r in results)
+            # one warm-up turn each (connections, runner, phrase audio), not measured
+            warm = await asyncio.gather(*(u.speak(fixtures[0]) for u in users), return_exceptions=True)
+            for u in users:
+                u.stats = UserStats()
+            await asyncio.sleep(2.0)
+            rss_start = rss_mb(pids())
+            since = time.time()
+            t_start = now_ms()
+            stop_at = time.monotonic() + minutes * 60
+            await asyncio.gather(*(_user_loop(u, fixtures, stop_at) for u in users), return_exceptions=True)
+            elapsed_s = (now_ms() - t_start) / 1000
+            await asyncio.sleep(1.0)
+            rss_end = rss_mb(pids())
+            await asyncio.gather(*(u.close() for u in users), return_exceptions=True)
+            rows = await asyncio.to_thread(stored_turns, cluster.postgres.url, since)
+        finally:
+            await asyncio.to_thread(cluster.stop)
+    ttfa = [r[0] for r in rows if r[0] is not None]
+    overhead = [r[0] - ideal_ms(r[1]) for r in rows if r[0] is not None and r[1]]
+    turns = sum(u.stats.turns for u in users)
+    turn_errors = sum(u.stats.errors for u in users)
+    problems: dict[str, int] = {}
+    for u in users:
+        for p in u.stats.problems:
+            problems[p] = problems.get(p, 0) + 1
+    return {
+        "scenario": "load",
+        "sessions": sessions,
+        "minutes": minutes,
+        "workers": workers,
+        "runs": len(ttfa),
+        "turns_spoken": turns,
+        "turns_per_minute": round(turns / max(elapsed_s / 60, 1e-9), 1),
+        "time_to_first_audio_ms": p50_p95(ttfa),
+        "overhead_ms": p50_p95(overhead),
+        "stages_ms": {},
+        "errors": turn_errors + connect_errors + sum(1 for r in rows if r[0] is None),
+        "error_kinds": problems,
+        "warmup_errors": sum(1 for w in warm if w is not True),
+        "rss_mb_start": round(rss_start, 1),
+        "rss_mb_end": round(rss_end, 1),
+        "rss_growth_pct": round(100.0 * (rss_end - rss_start) / rss_start, 1) if rss_start else None,
+        "measured": "first_audio_ready - speech_end as stored by the app; through Caddy (TLS), Redis, PostgreSQL",
+    }
