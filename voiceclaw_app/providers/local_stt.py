@@ -231,8 +231,8 @@ class LocalWhisperSTT(STT):
         # segment with a timestamp, one cut by the cap stops on a word
         finished = bool(ids) and ids[-1] >= tokenizer.timestamp_begin
         text_tokens = tokens_within(ids, tokenizer.eot, tokenizer.timestamp_begin, duration)
-        n = max(1, len(ids))
-        avg_logprob = result.scores[0] / (n + 1) if result.scores else 0.0
+        # ctranslate2's score is already the mean log-probability per token
+        avg_logprob = result.scores[0] if result.scores else 0.0
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
             return ""  # Whisper's own "this was not speech" rule
         text = tokenizer.decode(text_tokens).strip()
