@@ -5,7 +5,9 @@
 
 Scenarios: ``pipeline`` (text turns against local protocol servers), ``local``
 (embedded engines, voice to first audio), ``cloud`` (Deepgram/LLM/TTS protocol
-servers with the guide's latency profile), ``browser`` (true V2V in Chromium).
+servers with the guide's latency profile), ``browser`` (true V2V in Chromium),
+``stt`` (the embedded recognizer beside faster-whisper's standard path, unseen
+voices), ``turns`` (end-of-turn decisions: cut-offs on hesitations, dead air).
 """
 
 from __future__ import annotations
@@ -36,12 +38,20 @@ def _scenario(name: str):
         from .browser import run_browser
 
         return run_browser
-    raise SystemExit(f"unknown scenario {name!r} (pipeline, local, cloud, browser)")
+    if name == "stt":
+        from .stt import run_stt
+
+        return run_stt
+    if name == "turns":
+        from .turns import run_turns
+
+        return run_turns
+    raise SystemExit(f"unknown scenario {name!r} (pipeline, local, cloud, browser, stt, turns)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m voiceclaw_app.bench", description=__doc__)
-    parser.add_argument("scenario", choices=["pipeline", "local", "cloud", "browser"])
+    parser.add_argument("scenario", choices=["pipeline", "local", "cloud", "browser", "stt", "turns"])
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runs", type=int, default=None, help="number of turns (scenario default otherwise)")
     parser.add_argument("--via-ws", action="store_true", help="cloud: drive the running app's /ws/voice instead of the pipeline directly")
@@ -49,11 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--silence-ms", type=int, default=None, help="local: vad_silence_ms (end-of-turn silence wait)")
     local.add_argument("--no-speculative", action="store_true", help="local: no work before the end of turn is decided")
     local.add_argument("--no-prefill", action="store_true", help="local: no LLM prefill while the user speaks")
-    local.add_argument("-v", "--verbose", action="store_true", help="local: print each run as it finishes")
+    local.add_argument("--turn-detection", choices=["smart_turn", "silence"], default=None, help="local: end-of-turn mode (default: the settings')")
+    local.add_argument("--fixtures", choices=["default", "unseen"], default="default", help="local: tests/fixtures (default) or the unseen set's questions")
+    local.add_argument("-v", "--verbose", action="store_true", help="local, stt, turns: print each run as it finishes")
     args = parser.parse_args(argv)
-    local_flags = args.silence_ms is not None or args.no_speculative or args.no_prefill or args.verbose
+    local_flags = args.silence_ms is not None or args.no_speculative or args.no_prefill or args.turn_detection is not None or args.fixtures != "default"
     if local_flags and args.scenario != "local":
-        parser.error("--silence-ms, --no-speculative, --no-prefill and -v apply to the local scenario only")
+        parser.error("--silence-ms, --no-speculative, --no-prefill, --turn-detection and --fixtures apply to the local scenario only")
+    if args.verbose and args.scenario not in ("local", "stt", "turns"):
+        parser.error("-v applies to the local, stt and turns scenarios only")
     # The protocol test servers live in tests/; make the repo root importable.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
@@ -66,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     kwargs = {"runs": args.runs} if args.runs is not None else {}
     if args.scenario == "local":
         kwargs.update(silence_ms=args.silence_ms, speculative=False if args.no_speculative else None, prefill=not args.no_prefill, verbose=args.verbose)
+        if args.turn_detection is not None:
+            kwargs["turn_detection"] = args.turn_detection
+        if args.fixtures != "default":
+            kwargs["fixtures"] = args.fixtures
+    elif args.scenario in ("stt", "turns"):
+        kwargs["verbose"] = args.verbose
     result = fn(**kwargs)
     if inspect.isawaitable(result):
         result = asyncio.run(result)
