@@ -239,7 +239,7 @@ class LocalListener(Listener):
         try:
             analyzer = await self._turn_analyzer()
             verdict_task = asyncio.ensure_future(analyzer.score(ev.pcm))
-            text = await asyncio.shield(spec.task)
+            text = await asyncio.shield(spec.task) if self.judge.use_words else ""
             verdict = await verdict_task
         except ProviderError as exc:
             self._judge_error(exc)

@@ -27,7 +27,6 @@ executor).
 from __future__ import annotations
 
 import asyncio
-import re
 import concurrent.futures
 import importlib.metadata
 import importlib.util
@@ -38,6 +37,7 @@ from types import ModuleType
 
 import numpy as np
 
+from ..pipeline.text.words import ends_dangling
 from .base import EngineUnavailable, TurnAnalyzer, TurnVerdict
 
 SAMPLE_RATE = 16000
@@ -140,18 +140,6 @@ class SmartTurnV3(TurnAnalyzer):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.score_sync, pcm16)
 
 
-#: words an English sentence does not end on: a turn whose transcript stops on one
-#: is unfinished whatever the intonation ("remind me to buy ... milk", "set a timer for ...")
-DANGLING = frozenset("""
-a an the my your our their its every each
-to of in at for with by from into onto than through under until between without
-and or but nor because if when while although though whether unless
-i we they he she
-""".split())
-
-_WORDS = re.compile(r"[a-z']+")
-
-
 class PauseJudge:
     """Combines the model's verdict with the words heard up to the pause.
 
@@ -169,8 +157,7 @@ class PauseJudge:
 
     @staticmethod
     def dangles(text: str) -> bool:
-        words = _WORDS.findall(text.lower())
-        return bool(words) and words[-1] in DANGLING
+        return ends_dangling(text)
 
     @staticmethod
     def closed(text: str) -> bool:
