@@ -18,16 +18,15 @@ Figures, from the fixtures' known samples (never the VAD's estimate):
 * ``dead_air_ms`` on the *complete* utterances: last voiced sample -> end of turn
   decided (``EndOfTurn.eot_ms``), p50/p95.
 
-Configurations that do not need the words for their decision share one pass over
-an utterance (their decisions come from the VAD and the model, so a queue at
-Whisper cannot move them); ``smart_turn`` gets a pass of its own, so its wait for
-the pause's transcript is not inflated by the other listeners' transcriptions.
+Decisions are timed when made (the listener's ``on_decision``), before their
+transcription. Configurations that do not need the words share one pass over an
+utterance; ``smart_turn`` gets a pass of its own, so its wait for the pause's
+transcript is not inflated by the other listeners' transcriptions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,6 @@ import numpy as np
 
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
-from ..providers.base import EndOfTurn
 from ..providers.local_listener import LocalListener
 from .drive import SAMPLE_RATE, dither, paced
 from .stats import p50_p95
@@ -43,8 +41,6 @@ from .unseen import Utterance, load_unseen
 
 #: after the last voiced sample, how long the mic keeps sending noise (past every ceiling)
 TAIL_MS = 2600
-#: then how long the transcriptions may take to land
-SETTLE_S = 40.0
 
 
 @dataclass(frozen=True)
@@ -69,45 +65,39 @@ def configs(base: VoiceSettings) -> list[Config]:
     ]
 
 
-async def _pass(utt: Utterance, group: list[Config], stt, analyzer, rng: np.random.Generator) -> dict[str, list[EndOfTurn]]:
-    """One utterance through one listener per config at once; the ends of turn of each."""
-    listeners = {c.name: LocalListener(settings=c.settings, stt=stt, turn_analyzer=analyzer, use_words=c.use_words) for c in group}
-    got: dict[str, list[EndOfTurn]] = {name: [] for name in listeners}
-
-    async def collect(name: str, listener: LocalListener) -> None:
-        async for ev in listener.events():
-            if isinstance(ev, EndOfTurn):
-                got[name].append(ev)
-
-    readers = [asyncio.create_task(collect(n, lst)) for n, lst in listeners.items()]
+async def _pass(utt: Utterance, group: list[Config], stt, analyzer, rng: np.random.Generator) -> dict[str, list[float]]:
+    """One utterance through one listener per config at once; each config's end-of-turn
+    decision times (ms from the utterance start), taken when decided (``on_decision``),
+    not when transcribed: a queue at Whisper does not move them."""
+    decided: dict[str, list[float]] = {c.name: [] for c in group}
     t0 = now_ms() + 5.0
-    speech_end = t0 + 1000.0 * (utt.last_voiced_sample + 1) / SAMPLE_RATE
+    listeners = {
+        c.name: LocalListener(settings=c.settings, stt=stt, turn_analyzer=analyzer, use_words=c.use_words, on_decision=lambda eot, _end, n=c.name: decided[n].append(eot - t0))
+        for c in group
+    }
+    drains = [asyncio.create_task(_drain(lst)) for lst in listeners.values()]
+    speech_end = 1000.0 * (utt.last_voiced_sample + 1) / SAMPLE_RATE
     async for _, frame, due in paced(utt.pcm, 20, t0, pad=lambda n: dither(n, rng)):
         for lst in listeners.values():
             await lst.push(frame, due)
-        if due > speech_end + TAIL_MS:
+        if due - t0 > speech_end + TAIL_MS or all(any(t >= speech_end - 1 for t in ts) for ts in decided.values()):
             break
-    deadline = time.monotonic() + SETTLE_S
-    # every listener decided after the speech ended (or gave up): the finals may still be transcribing
-    while time.monotonic() < deadline and not all(any(e.eot_ms >= speech_end - 1 for e in evs) for evs in got.values()):
-        await asyncio.sleep(0.05)
     for lst in listeners.values():
         await lst.aclose()
-    await asyncio.gather(*readers, return_exceptions=True)
-    return {name: [EndOfTurn(e.text, e.speech_end_ms - t0, e.eot_ms - t0, e.stt_final_ms - t0) for e in evs] for name, evs in got.items()}
+    await asyncio.gather(*drains, return_exceptions=True)
+    return decided
 
 
-def _score(utt: Utterance, evs: list[EndOfTurn]) -> dict[str, Any]:
-    """Times relative to the utterance start (ms)."""
+async def _drain(listener: LocalListener) -> None:
+    async for _ev in listener.events():
+        pass
+
+
+def _score(utt: Utterance, decided: list[float]) -> dict[str, Any]:
     speech_end = 1000.0 * (utt.last_voiced_sample + 1) / SAMPLE_RATE
-    early = [e for e in evs if e.eot_ms < speech_end - 1]
-    final = [e for e in evs if e.eot_ms >= speech_end - 1]
-    return {
-        "cut_off": bool(early),
-        "dead_air_ms": round(final[0].eot_ms - speech_end, 1) if final else None,
-        "turns": len(evs),
-        "texts": [e.text for e in evs],
-    }
+    early = [t for t in decided if t < speech_end - 1]
+    final = [t for t in decided if t >= speech_end - 1]
+    return {"cut_off": bool(early), "dead_air_ms": round(final[0] - speech_end, 1) if final else None, "turns": len(decided)}
 
 
 async def run_turns_async(runs: int | None = None, *, verbose: bool = False) -> dict[str, Any]:

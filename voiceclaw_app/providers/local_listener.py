@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
@@ -61,8 +61,11 @@ class _Speculation:
 class LocalListener(Listener):
     """Silero VAD + the embedded (or given) STT over one mic stream."""
 
-    def __init__(self, *, settings: VoiceSettings, stt: STT | None = None, turn_analyzer: TurnAnalyzer | None = None, use_words: bool = True) -> None:
+    def __init__(self, *, settings: VoiceSettings, stt: STT | None = None, turn_analyzer: TurnAnalyzer | None = None, use_words: bool = True, on_decision: Callable[[float, float], None] | None = None) -> None:
         self.settings = settings
+        #: called with (eot_decided, speech_end) the moment an end of turn is decided,
+        #: before its transcription (``bench turns`` times decisions with it)
+        self.on_decision = on_decision
         self._stt = stt
         self._analyzer = turn_analyzer
         self.smart_turn = settings.turn_detection == "smart_turn"
@@ -214,6 +217,8 @@ class LocalListener(Listener):
                 self._q.put_nowait(ListenNotice(ev.message, kind="max_length"))
             elif isinstance(ev, sv.EndOfTurn):
                 self._pause_gen += 1
+                if self.on_decision is not None:
+                    self.on_decision(ev.t_ms, ev.speech_end_ms)
                 self._ended_since_flush = True
                 spec, self._spec = self._spec, None
                 reuse = spec if spec is not None and spec.pcm == ev.pcm else None
