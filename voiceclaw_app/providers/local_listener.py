@@ -243,9 +243,18 @@ class LocalListener(Listener):
         A verdict that comes after the user spoke again (``gen`` moved on) is dropped."""
         try:
             analyzer = await self._turn_analyzer()
-            verdict_task = asyncio.ensure_future(analyzer.score(ev.pcm))
-            text = await asyncio.shield(spec.task) if self.judge.use_words else ""
-            verdict = await verdict_task
+            verdict = await analyzer.score(ev.pcm)
+            text = ""
+            if self.judge.use_words:
+                # the model says complete: wait for the words (their veto) only until
+                # the silence mode would have ended the turn, so a slow transcription
+                # never makes this mode slower than `silence`; the model says
+                # incomplete: the words may still close the sentence, up to the ceiling
+                budget = (self.settings.vad_silence_ms - (now_ms() - ev.t_ms)) / 1000.0 if verdict.complete else None
+                try:
+                    text = await asyncio.wait_for(asyncio.shield(spec.task), timeout=max(0.0, budget)) if budget is not None else await asyncio.shield(spec.task)
+                except asyncio.TimeoutError:
+                    text = None  # type: ignore[assignment]
         except ProviderError as exc:
             self._judge_error(exc)
             return
@@ -254,8 +263,8 @@ class LocalListener(Listener):
         except Exception as exc:  # a runtime's own error: silence at the ceiling still ends turns
             self._judge_error(EngineUnavailable(f"The end-of-turn model failed: {exc}", detail=repr(exc)))
             return
-        complete = self.judge.complete(verdict, text)
-        log.debug("pause verdict p=%.2f (%.0f ms) words=%r -> %s", verdict.probability, verdict.ms, text[-40:], "complete" if complete else "incomplete")
+        complete = verdict.complete if text is None else self.judge.complete(verdict, text)
+        log.debug("pause verdict p=%.2f (%.0f ms) words=%r -> %s", verdict.probability, verdict.ms, None if text is None else text[-40:], "complete" if complete else "incomplete")
         if not complete or gen != self._pause_gen or self._closed:
             return
         try:
