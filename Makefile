@@ -21,8 +21,9 @@ setup: .venv/.deps-stamp .tools/.node-stamp .tools/.apt-stamp migrate data/.mode
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 
-.venv/.deps-stamp: requirements.txt .venv/bin/python
+.venv/.deps-stamp: requirements.txt requirements-nodeps.txt .venv/bin/python
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Reflex 0.10 needs Node >= 22.22; the system's may be older. The npm package

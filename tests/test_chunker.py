@@ -190,3 +190,33 @@ def test_spoken_length_limit_ends_at_a_chunk_with_a_notice():
     assert admitted[-1].notice and admitted[-1].text == "The rest is on screen."
     assert sum(len(c.speech) for c in admitted if not c.notice) <= 60
     assert limiter.truncated
+
+
+def test_first_chunk_without_a_clause_is_cut_at_a_word_count():
+    text = "I think the best thing you could do today is rest and drink water. Then sleep."
+    chunks = chunk_text(text)
+    assert chunks[0].text == "I think the best thing you could do"  # 8 words, no clause boundary came
+    assert chunks[1].text == "today is rest and drink water."
+    # never on a word no phrase ends on: "the" moves the cut one word on
+    assert chunk_text("Go on and you will see that the big tower is open.")[0].text == "Go on and you will see that the big"
+    # a clause boundary before the cap still wins
+    assert chunk_text("Well, I think that you should rest, and drink water today.")[0].text == "Well, I think that you should rest,"
+    assert chunk_text("I don't think that you can't or won't go there today.")[0].text == "I don't think that you can't or won't"
+    assert chunk_text("Sure, I think that is right.", min_first_words=2)[0].text == "Sure, I think that is right."
+    # a higher min_first_words raises the cap with it
+    assert len(chunk_text(text, min_first_words=10)[0].text.split()) == 10
+
+
+def test_first_chunk_deadline_cuts_at_the_last_word_boundary():
+    ch = SpeechChunker(4)
+    assert ch.push("The weather in") == []
+    assert ch.cut_first_now() == []  # two words before the last space: too short to say alone
+    assert ch.push(" Paris today") == []
+    (first,) = ch.cut_first_now()
+    assert first.text == "The weather in Paris" and first.seq == 0 and not ch.first_pending
+    assert ch.cut_first_now() == []  # only ever the first chunk
+    rest = ch.push(" is sunny and warm. More soon.") + ch.flush()
+    assert [c.text for c in rest] == ["today is sunny and warm.", "More soon."]
+    fenced = SpeechChunker(4)
+    fenced.push("```python\nprint(1) and more words here")
+    assert fenced.cut_first_now() == []

@@ -52,7 +52,8 @@ async def drain(listener: LocalListener, until=EndOfTurn, timeout: float = 10.0)
 
 
 def settings(**kw) -> VoiceSettings:
-    return VoiceSettings(**{"vad_silence_ms": 500, **kw})
+    """The silence end of turn (these tests time it); tests/test_smart_turn.py has the model's."""
+    return VoiceSettings(**{"vad_silence_ms": 500, "turn_detection": "silence", **kw})
 
 
 @pytest.mark.asyncio

@@ -22,6 +22,7 @@ from typing import Any, Literal
 #: ``auto`` (the default): ``server`` for gateway models, ``client`` for any other
 HistoryMode = Literal["auto", "server", "client"]
 InputMode = Literal["push_to_talk", "hands_free"]
+TurnDetection = Literal["smart_turn", "silence"]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are Atlas, a personal AI assistant. Keep responses conversational and "
@@ -115,6 +116,10 @@ class VoiceSettings:
     vad_min_speech_ms: int = 200
     max_utterance_s: float = 30.0
     input_mode: InputMode = "hands_free"
+    #: hands-free end of turn: ``smart_turn`` (a model judges each short pause, up to
+    #: ``turn_max_wait_ms`` of silence) or ``silence`` (``vad_silence_ms`` of silence)
+    turn_detection: TurnDetection = "smart_turn"
+    turn_max_wait_ms: int = 2000
     speculative: bool = True
     fallback_to_local: bool = True
 
@@ -207,6 +212,10 @@ class VoiceSettings:
             p["max_utterance_s"] = "The maximum utterance must be between 2 and 300 seconds."
         if self.input_mode not in ("push_to_talk", "hands_free"):
             p["input_mode"] = "Input mode is 'push_to_talk' or 'hands_free'."
+        if self.turn_detection not in ("smart_turn", "silence"):
+            p["turn_detection"] = "End of turn is 'smart_turn' (a model listens for a finished sentence) or 'silence' (a fixed wait)."
+        if not 500 <= self.turn_max_wait_ms <= 10000:
+            p["turn_max_wait_ms"] = "The longest wait at an unfinished sentence must be between 500 and 10,000 ms."
         return p
 
     # ---- derived ------------------------------------------------------

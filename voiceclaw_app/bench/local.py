@@ -125,7 +125,7 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return prev[-1] / len(ref)
 
 
-async def run_local(runs: int | None = None, silence_ms: int | None = None, *, speculative: bool | None = None, prefill: bool = True, verbose: bool = False) -> dict[str, Any]:
+async def run_local(runs: int | None = None, silence_ms: int | None = None, *, speculative: bool | None = None, prefill: bool = True, verbose: bool = False, turn_detection: str | None = None, fixtures: str = "default") -> dict[str, Any]:
     """Run the benchmark; returns the contract JSON object (``scenario`` = ``local``).
 
     ``speculative=False`` / ``prefill=False`` switch the overlaps off, to measure
@@ -139,6 +139,8 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
         settings = settings.replace(vad_silence_ms=int(silence_ms))
     if speculative is not None:
         settings = settings.replace(speculative=bool(speculative))
+    if turn_detection is not None:
+        settings = settings.replace(turn_detection=turn_detection)
     engines.configure(settings)
     t_load = time.monotonic()
     engines.start_warmup(settings=settings).join()
@@ -147,7 +149,13 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
     if not engines.all_ready():
         return {"scenario": "local", "runs": 0, "time_to_first_audio_ms": {"p50": None, "p95": None}, "stages_ms": {}, "errors": runs, "engines": status}
     stt, llm, tts = TimedSTT(engines.get_stt()), engines.get_llm(), engines.get_tts()
-    fixtures = load_fixtures()
+    fixture_set = fixtures
+    if fixtures == "unseen":
+        from .unseen import unseen_questions
+
+        fixtures = unseen_questions()  # type: ignore[assignment]
+    else:
+        fixtures = load_fixtures()  # type: ignore[assignment]
     rng = np.random.default_rng(7)
     results: list[dict[str, Any]] = []
     conversations = InMemoryStore()  # one conversation across the runs: its history grows as in the app
@@ -185,6 +193,8 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
         "errors": sum(1 for r in results if r.get("error")),
         "measured": "first audio URL sent by the session (not before the commit) - speech_end (fixture's last voiced sample), server side",
         "vad_silence_ms": settings.vad_silence_ms,
+        "turn_detection": settings.turn_detection,
+        "fixtures": fixture_set,
         "speculative": settings.speculative,
         "prefill": prefill,
         "speculative_reused": sum(1 for r in results if r.get("speculative_reused")),

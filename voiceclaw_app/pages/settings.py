@@ -15,6 +15,7 @@ CHOICES = {
     "stt_provider": ["local", "deepgram"],
     "tts_provider": ["local", "openai"],
     "input_mode": ["hands_free", "push_to_talk"],
+    "turn_detection": ["smart_turn", "silence"],
     "speculative": ["on", "off"],
     "fallback_to_local": ["on", "off"],
 }
@@ -46,7 +47,9 @@ FIELDS = [
     ]),
     ("Turn taking", [
         ("input_mode", "Input mode", "select", ""),
-        ("vad_silence_ms", "Silence that ends a turn (ms)", "number", ""),
+        ("turn_detection", "End of turn", "select", "smart_turn: a model hears whether the sentence is finished; silence: a fixed wait"),
+        ("turn_max_wait_ms", "Longest wait at an unfinished sentence (ms)", "number", "smart_turn only"),
+        ("vad_silence_ms", "Silence that ends a turn (ms)", "number", "silence mode"),
         ("vad_min_speech_ms", "Minimum speech (ms)", "number", ""),
         ("max_utterance_s", "Longest utterance (s)", "number", ""),
         ("speculative", "Start work at a short pause", "select", ""),

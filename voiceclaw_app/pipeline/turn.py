@@ -35,6 +35,9 @@ from .tts_scheduler import TTSCache, TTSScheduler
 log = logging.getLogger("voiceclaw.turn")
 
 STILL_WORKING_AFTER_S = 2.0
+#: no first chunk this long after the first token: cut it at the last word boundary
+#: (SpeechChunker.cut_first_now); at ~40 tokens/s the 8-word cap usually comes first
+FIRST_CHUNK_DEADLINE_S = 0.3
 STILL_WORKING_REPEAT_S = 10.0
 _END = object()
 
@@ -230,10 +233,13 @@ class _Turn:
         request = self.prepared.complete(self.user_text)
         self.marks.mark("llm_request")
         self.last_activity = now_ms()
+        deadline: asyncio.TimerHandle | None = None
         try:
             async for delta in self.runner.llm.stream(request, self.cancel):
                 if self.cancel.cancelled:
                     return
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().call_later(FIRST_CHUNK_DEADLINE_S, self._first_chunk_deadline)
                 self.marks.mark("llm_first_token")
                 self.last_activity = now_ms()
                 self.reply.append(delta)
@@ -246,9 +252,18 @@ class _Turn:
             self.llm_error = exc
             log.warning("LLM failed (%s): %s", exc.kind, exc.detail or exc.user_message)
         finally:
+            if deadline is not None:
+                deadline.cancel()
             self.llm_done.set()
             if self.scheduler is not None:
                 self.scheduler.close()
+
+    def _first_chunk_deadline(self) -> None:
+        """Runs on the loop between two tokens (never inside ``chunker.push``)."""
+        if self.cancel.cancelled or self.llm_done.is_set() or not self.chunker.first_pending:
+            return
+        for chunk in self.chunker.cut_first_now():
+            self._chunk(chunk)
 
     def _chunk(self, chunk: Chunk) -> None:
         if self.scheduler is None:

@@ -329,6 +329,28 @@ class STT(abc.ABC):
         """Release resources."""
 
 
+@dataclass(frozen=True)
+class TurnVerdict:
+    """An end-of-turn model's answer for the audio of a turn so far."""
+
+    complete: bool
+    probability: float  # of "the speaker is done"
+    ms: float  # model time
+
+
+class TurnAnalyzer(abc.ABC):
+    """Decides from the audio (not a fixed silence) whether a pause ends the turn.
+
+    Listeners ask it at a short pause; "complete" ends the turn there, "incomplete"
+    keeps listening (up to a ceiling the listener owns)."""
+
+    name: str = "turn"
+
+    @abc.abstractmethod
+    async def score(self, pcm16: bytes) -> TurnVerdict:
+        """Score the turn's 16 kHz mono PCM16 audio so far, off the event loop."""
+
+
 # ---------------------------------------------------------------- streaming listening
 @dataclass(frozen=True)
 class SpeechStarted:

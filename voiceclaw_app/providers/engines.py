@@ -4,7 +4,8 @@ Decision: one copy of each engine per process (per web worker). The models are
 small (about 0.5 GB RSS for all three) and an in-process call avoids a hop; with
 several Granian workers each worker holds its own copy, stated in the README.
 
-* :func:`start_warmup` loads and warms STT, LLM and TTS, one after another, in one
+* :func:`start_warmup` loads and warms STT, the end-of-turn model (Smart Turn, 8.7 MB:
+  the listener needs it at the user's first pause), LLM and TTS, one after another, in one
   daemon thread (loading them in parallel on 2 cores only makes each slower), so
   the event loop never blocks and the app answers while models load.
 * :func:`engine_status` reports ``"warming"``, ``"ready"`` or ``"error: ..."`` per
@@ -33,8 +34,9 @@ from .base import EngineUnavailable, ProviderError
 from .local_llm import LocalLlamaLLM
 from .local_stt import LocalWhisperSTT
 from .local_tts import LocalPiperTTS
+from .smart_turn import SmartTurnV3
 
-ENGINE_NAMES = ("stt", "llm", "tts")
+ENGINE_NAMES = ("stt", "turn", "llm", "tts")
 
 
 @dataclass
@@ -66,6 +68,7 @@ def rss_mb() -> float:
 def _default_factories(settings: VoiceSettings) -> dict[str, Callable[[], object]]:
     return {
         "stt": lambda: LocalWhisperSTT(),
+        "turn": lambda: SmartTurnV3(),
         "llm": lambda: LocalLlamaLLM(assistant_name=settings.assistant_name, system_prompt=settings.system_prompt),
         "tts": lambda: LocalPiperTTS(),
     }
@@ -205,6 +208,10 @@ async def aget_engine(name: str) -> object:
 
 def get_stt() -> LocalWhisperSTT:
     return get_engine("stt")  # type: ignore[return-value]
+
+
+def get_turn_analyzer() -> SmartTurnV3:
+    return get_engine("turn")  # type: ignore[return-value]
 
 
 def get_llm() -> LocalLlamaLLM:

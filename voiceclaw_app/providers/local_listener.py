@@ -10,7 +10,10 @@ frames; :meth:`events` yields the :mod:`.base` listen events:
   cough or a click that never became speech (resume playback);
 * :class:`PreliminaryTranscript` when the utterance so far was transcribed at a
   short pause (~200 ms): the turn may start preemptively;
-* :class:`EndOfTurn` after ``vad_silence_ms`` of silence. If the audio is the
+* :class:`EndOfTurn` after ``vad_silence_ms`` of silence (``turn_detection="silence"``),
+  or, with ``turn_detection="smart_turn"`` (the default), at the short pause itself
+  when the end-of-turn model (:mod:`.smart_turn`) and the words say the sentence is
+  finished, else after ``turn_max_wait_ms`` of silence. If the audio is the
   same as at the short pause, the speculative transcription is reused (awaited if
   still running) instead of transcribed again;
 * :class:`ListenNotice` for a max-length cut, an empty utterance (including a
@@ -31,17 +34,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
 from . import silero_vad as sv
-from .base import STT, CancelToken, EndOfTurn, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, queued_events, run_per_frame
+from .base import STT, CancelToken, EndOfTurn, EngineUnavailable, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, TurnAnalyzer, queued_events, run_per_frame
+from .smart_turn import PauseJudge
 
 log = logging.getLogger("voiceclaw.listener")
 _CLOSED = object()
 #: what a push-to-talk release with nothing (or too little) heard tells the user
 NOTHING_HEARD = "I didn't hear anything. Hold the button while you speak, then release it."
+#: with smart_turn, the pause at which the model is asked (5 silero windows): short,
+#: since a "complete" verdict ends the turn right there
+SMART_TURN_PAUSE_MS = 160
 
 
 class _Speculation:
@@ -54,14 +61,24 @@ class _Speculation:
 class LocalListener(Listener):
     """Silero VAD + the embedded (or given) STT over one mic stream."""
 
-    def __init__(self, *, settings: VoiceSettings, stt: STT | None = None) -> None:
+    def __init__(self, *, settings: VoiceSettings, stt: STT | None = None, turn_analyzer: TurnAnalyzer | None = None, use_words: bool = True, on_decision: Callable[[float, float], None] | None = None) -> None:
         self.settings = settings
+        #: called with (eot_decided, speech_end) the moment an end of turn is decided,
+        #: before its transcription (``bench turns`` times decisions with it)
+        self.on_decision = on_decision
         self._stt = stt
+        self._analyzer = turn_analyzer
+        self.smart_turn = settings.turn_detection == "smart_turn"
+        # smart_turn: silence only ends the turn at the ceiling; the model ends it sooner
         self.detector = sv.SileroTurnDetector(
-            silence_ms=settings.vad_silence_ms,
+            silence_ms=settings.turn_max_wait_ms if self.smart_turn else settings.vad_silence_ms,
             min_speech_ms=settings.vad_min_speech_ms,
             max_utterance_s=settings.max_utterance_s,
+            short_pause_ms=SMART_TURN_PAUSE_MS if self.smart_turn else 200,
         )
+        self.judge = PauseJudge(use_words=use_words)
+        self._pause_gen = 0  # bumped whenever a pause's verdict would be stale
+        self._judge_failed = False
         self._q: asyncio.Queue = asyncio.Queue()
         self._spec: _Speculation | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -144,6 +161,13 @@ class LocalListener(Listener):
             self._stt = await engines.aget_engine("stt")  # type: ignore[assignment]
         return self._stt
 
+    async def _turn_analyzer(self) -> TurnAnalyzer:
+        if self._analyzer is None:
+            from . import engines
+
+            self._analyzer = await engines.aget_engine("turn")  # type: ignore[assignment]
+        return self._analyzer
+
     async def _transcribe(self, pcm: bytes, cancel: CancelToken | None = None) -> str:
         stt = await self._engine()
         result = await stt.transcribe(pcm, sample_rate=sv.SAMPLE_RATE, language=self.settings.stt_language or "en", cancel=cancel)
@@ -177,17 +201,24 @@ class LocalListener(Listener):
             elif isinstance(ev, sv.OnsetDiscarded):
                 self._tentative = False
                 self._q.put_nowait(SpeechDiscarded(t_ms=ev.t_ms))
-            elif isinstance(ev, sv.ShortPause) and self.settings.speculative:
+            elif isinstance(ev, sv.ShortPause) and (self.settings.speculative or self.smart_turn):
                 self._drop_speculation()
                 cancel = CancelToken()
                 self._spec = _Speculation(ev.pcm, self._spawn(self._preliminary(ev, cancel)), cancel)
+                if self.smart_turn and self.hands_free:
+                    self._pause_gen += 1
+                    self._spawn(self._judge_pause(ev, self._pause_gen, self._spec))
             elif isinstance(ev, sv.SpeechResumed):
+                self._pause_gen += 1
                 self._drop_speculation()
                 # speaking again after a pause: a turn started on that pause is stale
                 self._q.put_nowait(SpeechStarted(t_ms=ev.t_ms, source="vad"))
             elif isinstance(ev, sv.MaxLengthCut):
                 self._q.put_nowait(ListenNotice(ev.message, kind="max_length"))
             elif isinstance(ev, sv.EndOfTurn):
+                self._pause_gen += 1
+                if self.on_decision is not None:
+                    self.on_decision(ev.t_ms, ev.speech_end_ms)
                 self._ended_since_flush = True
                 spec, self._spec = self._spec, None
                 reuse = spec if spec is not None and spec.pcm == ev.pcm else None
@@ -201,9 +232,55 @@ class LocalListener(Listener):
         except ProviderError as exc:
             log.warning("speculative transcription failed: %s", exc.user_message)
             return ""
-        if text and not cancel.cancelled and self._spec is not None and self._spec.cancel is cancel:
+        if text and self.settings.speculative and not cancel.cancelled and self._spec is not None and self._spec.cancel is cancel:
             self._q.put_nowait(PreliminaryTranscript(text, speech_end_ms=ev.speech_end_ms))
         return text
+
+    async def _judge_pause(self, ev: sv.ShortPause, gen: int, spec: _Speculation) -> None:
+        """smart_turn: score the pause (model + the pause's transcript); "complete" ends
+        the turn now, "incomplete" leaves it to the user or the ``turn_max_wait_ms`` ceiling.
+
+        A verdict that comes after the user spoke again (``gen`` moved on) is dropped."""
+        try:
+            analyzer = await self._turn_analyzer()
+            verdict = await analyzer.score(ev.pcm)
+            text = ""
+            if self.judge.use_words:
+                # the model says complete: wait for the words (their veto) only until
+                # the silence mode would have ended the turn, so a slow transcription
+                # never makes this mode slower than `silence`; the model says
+                # incomplete: the words may still close the sentence, up to the ceiling
+                budget = (self.settings.vad_silence_ms - (now_ms() - ev.t_ms)) / 1000.0 if verdict.complete else None
+                try:
+                    text = await asyncio.wait_for(asyncio.shield(spec.task), timeout=max(0.0, budget)) if budget is not None else await asyncio.shield(spec.task)
+                except asyncio.TimeoutError:
+                    text = None  # type: ignore[assignment]
+        except ProviderError as exc:
+            self._judge_error(exc)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a runtime's own error: silence at the ceiling still ends turns
+            self._judge_error(EngineUnavailable(f"The end-of-turn model failed: {exc}", detail=repr(exc)))
+            return
+        complete = verdict.complete if text is None else self.judge.complete(verdict, text)
+        log.debug("pause verdict p=%.2f (%.0f ms) words=%r -> %s", verdict.probability, verdict.ms, None if text is None else text[-40:], "complete" if complete else "incomplete")
+        if not complete or gen != self._pause_gen or self._closed:
+            return
+        try:
+            events = await run_per_frame(self.detector.end_turn, now_ms())
+        except ProviderError as exc:
+            self._vad_error(exc)
+            return
+        self._dispatch(events)  # the detector checked it was still the same pause
+
+    def _judge_error(self, exc: ProviderError) -> None:
+        """No end-of-turn model: fall back to the silence wait, and say so once."""
+        self.detector.silence_ms = max(self.settings.vad_silence_ms, int(sv.WINDOW_MS))
+        if not self._judge_failed:
+            self._judge_failed = True
+            log.warning("end-of-turn model unavailable, using the silence wait: %s (%s)", exc.user_message, exc.detail)
+            self._q.put_nowait(ListenNotice(exc.user_message + " Turns end after a silence instead.", kind="error"))
 
     async def _final(self, ev: sv.EndOfTurn, reuse: _Speculation | None, previous: asyncio.Task | None) -> None:
         try:

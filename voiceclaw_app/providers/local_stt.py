@@ -4,8 +4,16 @@ Speed: Whisper normally pads every utterance to a 30 s window, which costs a fix
 ~0.5 s of encoder time here however short the utterance. CTranslate2's encoder
 accepts a shorter mel window, so utterances under ~25 s are encoded in a window of
 ``max(10 s, length + 2 s)``: measured on this 2-core machine, 56 ms instead of
-460 ms for the encoder, same transcripts on the fixtures, and the round-trip test
-(WER) guards the quality. Longer audio goes through faster-whisper's normal path.
+460 ms for the encoder. Longer audio goes through faster-whisper's normal path.
+
+Right before fast: the short window is padded with silence, and decoding without
+timestamps let Whisper run on into that padding and repeat the sentence (a slow
+"turn the kitchen light off and lock the front door" came back three times). The
+short path now decodes *with* timestamps and keeps only segments that start inside
+the audio, caps the tokens by the duration, and hands the audio to faster-whisper's
+standard ``transcribe()`` when a repetition, a low log-probability or an unfinished
+decode still shows (see :meth:`LocalWhisperSTT._decode_short`). ``bench stt``
+measures both paths on the unseen set (``tests/fixtures/unseen``).
 
 Threads: CTranslate2 defaults to every core; ``cpu_threads`` caps it (default 1,
 ``VOICECLAW_STT_THREADS``; measured faster than 2 here) and one worker runs one call at a time, so a
@@ -19,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -92,6 +101,8 @@ class LocalWhisperSTT(STT):
         self._model = None
         self._load_lock = threading.Lock()
         self._call_lock = threading.Lock()
+        #: short-window decodes the repetition guard sent to the standard path
+        self.fallbacks = 0
 
     # ------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -160,26 +171,48 @@ class LocalWhisperSTT(STT):
             if cancel is not None and cancel.cancelled:
                 return ""
             if duration <= SHORT_PATH_MAX_S and language:
-                return self._decode_short(audio, language, cancel)
-            segments, _info = self._model.transcribe(
-                audio, language=language, beam_size=1, vad_filter=False, without_timestamps=True,
-                condition_on_previous_text=False, temperature=0.0,
-            )
-            parts = []
-            for seg in segments:
-                if cancel is not None and cancel.cancelled:
-                    break
-                parts.append(seg.text)
-            return " ".join(p.strip() for p in parts if p.strip())
+                short = self._decode_short(audio, language, cancel)
+                if short is not None:
+                    return short
+                self.fallbacks += 1  # the guard tripped: faster-whisper's own loop decides
+            return self._decode_standard(audio, language, cancel)
 
-    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> str:
-        """Encode in a window just longer than the audio, decode greedily."""
+    def _decode_standard(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> str:
+        """faster-whisper's own ``transcribe()`` loop: timestamps, seeking, temperature
+        fallback on a repetitive or unlikely decode (its compression-ratio and log-prob
+        checks). Greedy first (``beam_size=1``); slower than the short window, right
+        where the short window cannot be trusted."""
+        segments, _info = self._model.transcribe(
+            audio, language=language, beam_size=1, vad_filter=False,
+            condition_on_previous_text=False,
+        )
+        parts = []
+        for seg in segments:
+            if cancel is not None and cancel.cancelled:
+                break
+            parts.append(seg.text)
+        return " ".join(p.strip() for p in parts if p.strip())
+
+    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> str | None:
+        """Encode in a window just longer than the audio, decode greedily *with timestamps*.
+
+        Why timestamps: without them (the old ``no_timestamps`` prompt) nothing tells the
+        decoder where the speech stops, and on unseen voices it ran on into the zero
+        padding and said the sentence again, two or three times. With them each
+        segment carries its start and end time, so segments that begin at or past the
+        end of the audio are padding and are dropped; ``max_length`` is tied to the
+        duration; and a decode that still looks wrong (a repeated run of words,
+        faster-whisper's compression-ratio test, Whisper's no-speech rule) returns
+        ``None`` so :meth:`_decode` falls back to the standard path.
+        Returns the text, ``""`` for no speech, ``None`` when the guard tripped.
+        """
         import ctranslate2
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
 
         model = self._model
-        window_s = min(30, max(MIN_WINDOW_S, math.ceil(audio.size / SAMPLE_RATE + 2)))
+        duration = audio.size / SAMPLE_RATE
+        window_s = min(30, max(MIN_WINDOW_S, math.ceil(duration + 2)))
         padded = np.zeros(window_s * SAMPLE_RATE, dtype=np.float32)
         padded[: audio.size] = audio
         features = model.feature_extractor(padded)[:, : window_s * 100]
@@ -187,17 +220,78 @@ class LocalWhisperSTT(STT):
         encoded = model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])), to_cpu=False)
         if cancel is not None and cancel.cancelled:
             return ""
-        prompt = list(tokenizer.sot_sequence) + [tokenizer.no_timestamps]
-        # ~3 tokens per second of speech; the cap stops a hallucination loop early
-        max_length = int(min(448, 16 + 8 * audio.size / SAMPLE_RATE))
+        prompt = list(tokenizer.sot_sequence)
         result = model.model.generate(
-            encoded, [prompt], beam_size=1, max_length=max_length, return_scores=True,
+            encoded, [prompt], beam_size=1, max_length=max_tokens(duration), return_scores=True,
             return_no_speech_prob=True, suppress_blank=True,
             suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
         )[0]
-        tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
-        n = max(1, len(tokens))
-        avg_logprob = result.scores[0] / (n + 1) if result.scores else 0.0
+        ids = list(result.sequences_ids[0])
+        # ctranslate2 leaves the end token out; a decode that ended closes its last
+        # segment with a timestamp, one cut by the cap stops on a word
+        finished = bool(ids) and ids[-1] >= tokenizer.timestamp_begin
+        text_tokens = tokens_within(ids, tokenizer.eot, tokenizer.timestamp_begin, duration)
+        # ctranslate2's score is already the mean log-probability per token
+        avg_logprob = result.scores[0] if result.scores else 0.0
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
             return ""  # Whisper's own "this was not speech" rule
-        return tokenizer.decode(tokens).strip()
+        text = tokenizer.decode(text_tokens).strip()
+        if not finished or looks_repeated(text) or avg_logprob < -1.0:
+            return None
+        return text
+
+
+#: tokens per second of speech the cap allows: ~3-4 text tokens/s at 190 wpm, plus
+#: two timestamps per segment
+TOKENS_PER_S = 7
+#: faster-whisper's own threshold for "this decode repeats itself"
+COMPRESSION_RATIO_MAX = 2.4
+
+
+def max_tokens(duration_s: float) -> int:
+    """The decoder's length cap for ``duration_s`` of audio (prompt included)."""
+    return int(min(448, 12 + TOKENS_PER_S * duration_s))
+
+
+def tokens_within(ids: list[int], eot: int, timestamp_begin: int, duration_s: float) -> list[int]:
+    """Text tokens of the segments that start before the end of the audio.
+
+    ``ids`` alternate ``<|t0|> text... <|t1|>`` per segment (Whisper's timestamp
+    mode, 20 ms per step); a segment whose opening timestamp is at or past the end
+    of the speech describes the padding, and everything from it on is dropped."""
+    out: list[int] = []
+    seg_start: float | None = None
+    for t in ids:
+        if t == eot:
+            break
+        if t >= timestamp_begin:
+            stamp = (t - timestamp_begin) * 0.02
+            if seg_start is None:  # an opening timestamp
+                if stamp >= duration_s - 0.1 - 1e-6:
+                    break
+                seg_start = stamp
+            else:  # the closing one
+                seg_start = None
+            continue
+        if t < eot:
+            out.append(t)
+    return out
+
+
+_WORD = re.compile(r"[\w']+")
+
+
+def looks_repeated(text: str, min_words: int = 3) -> bool:
+    """True when a run of ``min_words``+ words comes twice in a row ("lock the front
+    door lock the front door") or the text compresses like a loop would.
+
+    People do repeat a word ("no, no"), rarely three words and more back to back."""
+    words = _WORD.findall(text.lower())
+    n = len(words)
+    for size in range(min_words, n // 2 + 1):
+        for i in range(0, n - 2 * size + 1):
+            if words[i : i + size] == words[i + size : i + 2 * size]:
+                return True
+    from faster_whisper.transcribe import get_compression_ratio
+
+    return len(text) > 40 and get_compression_ratio(text) > COMPRESSION_RATIO_MAX

@@ -381,6 +381,19 @@ class SileroTurnDetector:
         self.reset()
         return events
 
+    def end_turn(self, t_ms: float | None = None) -> list[VADEvent]:
+        """End the turn now, at a pause (an end-of-turn model said "complete").
+
+        Only while a confirmed segment is paused (a :class:`ShortPause` was given and
+        no voice came back since) and silence may end turns (hands-free); otherwise
+        nothing happens, so a verdict that arrives after the user spoke again is
+        harmless. The PCM is the short pause's, so its speculative transcript is reused."""
+        if not (self._state == "speech" and self._confirmed and self._paused and self.end_on_silence):
+            return []
+        event = EndOfTurn(now_ms() if t_ms is None else float(t_ms), self._last_voiced_end_ms, self._utterance_pcm())
+        self._end_segment()
+        return [event]
+
     # ------------------------------------------------------------- core
     def _window(self, window: bytes, w_end: float) -> list[VADEvent]:
         p = float(self._vad.probability(window))

@@ -2,8 +2,17 @@
 
 The first chunk is cut at the first clause boundary (``,`` ``;`` ``:`` a dash, or a
 sentence end) once it has ``min_first_words`` words, so speech starts before the
-first sentence is complete; later chunks end at sentence ends or line breaks, with
+first sentence is complete; when no boundary has come by ``first_max_words`` words
+(default 8), it is cut at the space after that word (or the next one, if that word is
+"the", "for", "and"... which no phrase ends on). And the turn loop may cut it sooner,
+at the last word boundary, when a deadline passes after the first token
+(:meth:`SpeechChunker.cut_first_now`): a slow stream never keeps the voice waiting
+for a clause that comes late. Later chunks end at sentence ends or line breaks, with
 a clause fallback for very long sentences.
+
+Why 8 words: about 3 s of speech at Piper's pace, long enough that the next chunk
+(the rest of the sentence, synthesized at 5-10x real time while this one plays) is
+ready before it ends, and at the local LLM's ~38 tokens/s only ~0.3 s of tokens.
 
 Every decision is made at one character position using only the text up to it
 (a boundary is a punctuation mark followed by whitespace), so:
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .speakable import _FENCE_RE, SpeechFormatter
+from .words import DANGLING, last_word
 
 ABBREVIATIONS = frozenset(
     """dr. mr. mrs. ms. prof. st. jr. sr. vs. etc. e.g. i.e. eg. ie. a.m. p.m. no. nos. fig. approx.
@@ -31,6 +41,7 @@ ABBREVIATIONS = frozenset(
 )
 _INITIALS_RE = re.compile(r"(?:[A-Za-z]\.)+")
 _LIST_NUMBER_RE = re.compile(r"\d{1,3}\.")
+_PLAIN_WORD_RE = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 _CLOSERS = "\"')]}»”’*_"
 _OPENERS = "\"'([{«“‘*_"
 
@@ -62,8 +73,16 @@ class SpeechChunker:
     #: past this, cut at the last space even without a clause boundary
     HARD_MAX = 360
 
-    def __init__(self, min_first_words: int = 4, formatter: SpeechFormatter | None = None):
+    #: first chunk without a clause boundary: cut at a space once it has this many words
+    FIRST_MAX_WORDS = 8
+    #: ...but not after a word no phrase ends on, unless it runs this much longer
+    FIRST_MAX_EXTRA_WORDS = 4
+    #: :meth:`cut_first_now` cuts only a first chunk of at least this many words
+    DEADLINE_MIN_WORDS = 3
+
+    def __init__(self, min_first_words: int = 4, formatter: SpeechFormatter | None = None, first_max_words: int | None = FIRST_MAX_WORDS):
         self.min_first_words = max(1, min_first_words)
+        self.first_max_words = None if first_max_words is None else max(self.min_first_words, first_max_words)
         self.formatter = formatter or SpeechFormatter()
         self._text = ""
         self._pos = 0  # next index to examine
@@ -123,6 +142,10 @@ class SpeechChunker:
                         continue
                 if self._brackets == 0:
                     self._last_space = i
+                    chunk = self._first_at_word(i)
+                    if chunk is not None:
+                        out.append(chunk)
+                        continue
             chunk = self._fallback(i)
             if chunk is not None:
                 out.append(chunk)
@@ -134,7 +157,41 @@ class SpeechChunker:
         chunk = self._emit(end, end)
         return [chunk] if chunk is not None else []
 
+    @property
+    def first_pending(self) -> bool:
+        """No chunk yet (the first one is still being written)."""
+        return self._seq == 0
+
+    def cut_first_now(self) -> list[Chunk]:
+        """A deadline passed with no first chunk: cut at the last word boundary now.
+
+        Only when there are ``DEADLINE_MIN_WORDS`` words before it, outside a code
+        block or a link's text; the rest stays pending. (A time-based cut depends on
+        when tokens arrived, so it is outside the split-invariance the property tests
+        check; every other cut is not.)"""
+        if self._seq != 0 or self._in_fence or self._brackets or self._last_space <= self._start:
+            return []
+        head = self._text[self._start : self._last_space]
+        if len(head.split()) < self.DEADLINE_MIN_WORDS:
+            return []
+        chunk = self._emit(self._last_space, len(self._text) - 1)
+        return [chunk] if chunk is not None else []
+
     # ---------------------------------------------------------------- internals
+    def _first_at_word(self, i: int) -> Chunk | None:
+        """First chunk, space at ``i``, no clause boundary so far: cut at a word count."""
+        if self._seq != 0 or self.first_max_words is None:
+            return None
+        pending = self._text[self._start : i]
+        words = [w for w in pending.split() if any(c.isalnum() for c in w)]
+        # only after a plain word: never split markup ("- - -", "**", a bullet) from its text
+        if len(words) < self.first_max_words or not _PLAIN_WORD_RE.fullmatch(pending.split()[-1]):
+            return None
+        n = len(words)
+        if last_word(pending) in DANGLING and n < self.first_max_words + self.FIRST_MAX_EXTRA_WORDS:
+            return None
+        return self._emit(i, i)
+
     def _boundary_at(self, i: int) -> Boundary | None:
         """Classify whitespace at ``i`` by what precedes it (never by what follows)."""
         text = self._text

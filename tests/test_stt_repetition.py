@@ -1,0 +1,84 @@
+"""The embedded STT must stop at the end of the speech: no sentence said twice.
+
+The old short-window decode (no timestamps, a token cap of 8 per second) repeated
+``r_kitchen_slow`` and ``r_kitchen_gb`` three times over; these voices are neither
+Piper's nor the other tests' (``tests/fixtures/unseen``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voiceclaw_app.bench.local import word_error_rate
+from voiceclaw_app.bench.unseen import load_unseen
+from voiceclaw_app.providers import local_stt
+from voiceclaw_app.providers.local_stt import LocalWhisperSTT, looks_repeated, tokens_within
+
+EOT, TS = 50257, 50364  # Whisper base's end token and first timestamp token
+
+
+def test_tokens_within_drops_segments_that_start_past_the_audio():
+    ids = [TS + 0, 1, 2, 3, TS + 150, TS + 150, 4, 5, TS + 240, TS + 240, 1, 2, 3, TS + 400]
+    assert tokens_within(ids, EOT, TS, duration_s=4.9) == [1, 2, 3, 4, 5]
+    assert tokens_within(ids, EOT, TS, duration_s=2.5) == [1, 2, 3]
+    assert tokens_within([TS, 7, 8, TS + 50, EOT, 9], EOT, TS, duration_s=3.0) == [7, 8]
+
+
+def test_looks_repeated():
+    assert looks_repeated("Turn the light off and lock the door. Turn the light off and lock the door.")
+    assert looks_repeated("lock the front door lock the front door")
+    assert not looks_repeated("No, no, I said the blue one.")
+    assert not looks_repeated("Set a timer for twenty minutes and then another timer for ten minutes.")
+
+
+@pytest.fixture(scope="module")
+def stt() -> LocalWhisperSTT:
+    engine = LocalWhisperSTT()
+    engine._warm_sync()
+    return engine
+
+
+def _check(stt: LocalWhisperSTT, utt, max_wer: float) -> str:
+    text = stt.transcribe_array(utt.speech()).text
+    ref_words = len(utt.text.split())
+    assert not looks_repeated(text), f"{utt.name} ({utt.voice}): {text!r}"
+    assert len(text.split()) <= ref_words * 1.25 + 2, f"{utt.name} ran past the speech: {text!r}"
+    assert word_error_rate(utt.text, text) <= max_wer, f"{utt.name} ({utt.voice}): {text!r}"
+    return text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["r_kitchen_slow", "r_kitchen_gb", "c_kitchen", "c_stop", "c_michael", "h_sister"])
+def test_short_utterances_are_not_repeated(stt, name):
+    (utt,) = [u for u in load_unseen() if u.name == name]
+    _check(stt, utt, max_wer=0.35)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["l_trip", "l_email", "l_garden", "l_budget"])
+def test_long_utterances_are_not_repeated(stt, name):
+    (utt,) = [u for u in load_unseen() if u.name == name]
+    assert 10.0 <= utt.duration_s <= 15.0
+    _check(stt, utt, max_wer=0.45)
+
+
+@pytest.mark.slow
+def test_trailing_silence_does_not_make_it_repeat(stt):
+    """A push-to-talk release lands well after the speech: seconds of room noise."""
+    (utt,) = [u for u in load_unseen() if u.name == "r_kitchen_slow"]
+    rng = np.random.default_rng(3)
+    audio = np.concatenate([utt.speech(0), rng.normal(0, 0.002, 16000 * 3).astype(np.float32)])
+    text = stt.transcribe_array(audio).text
+    assert not looks_repeated(text) and word_error_rate(utt.text, text) <= 0.2, text
+
+
+@pytest.mark.slow
+def test_guard_trips_to_the_standard_path(stt, monkeypatch):
+    """A cap too small to finish the sentence must not cut it: the standard path answers."""
+    (utt,) = [u for u in load_unseen() if u.name == "c_kitchen"]
+    monkeypatch.setattr(local_stt, "TOKENS_PER_S", 1)
+    before = stt.fallbacks
+    text = stt.transcribe_array(utt.speech()).text
+    assert stt.fallbacks == before + 1
+    assert word_error_rate(utt.text, text) <= 0.2, text

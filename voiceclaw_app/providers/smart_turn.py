@@ -1,0 +1,171 @@
+"""Semantic end of turn: Pipecat's Smart Turn v3.2 scores whether the speaker is done.
+
+A fixed silence wait either cuts off a person who pauses mid-sentence ("remind me to
+buy ... milk and eggs") or makes a finished question wait. Smart Turn v3.2 (the
+default end-of-turn model of Pipecat, BSD-2) looks at the turn's audio (its last
+8 s: intonation, the words' shape) and says complete / incomplete; the listener
+asks it at each short pause (:mod:`.local_listener`).
+
+What comes from the ``pipecat-ai`` wheel, unchanged: the ONNX model
+(``pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx``) and its
+numpy-only Whisper feature code (``_whisper_features.compute_whisper_log_mel_features``).
+:meth:`SmartTurnV3.score_sync` does what ``LocalSmartTurnAnalyzerV3._predict_endpoint``
+does with them (keep the last 8 s, zero-pad at the front, features, one ONNX run,
+probability > 0.5 = complete). Why not import that class: importing any ``pipecat``
+module runs ``pipecat/__init__.py``, which on Python < 3.12 replaces
+``asyncio.wait_for`` process-wide with the ``wait_for2`` package's and logs a banner
+through loguru; and the package's full dependency set would downgrade protobuf here.
+So ``pipecat-ai`` is installed with ``--no-deps`` (Makefile) and its two files are
+loaded by path, without running the package's ``__init__``; onnxruntime is already
+installed for Piper.
+
+Cost: ~10-30 ms per call on one thread; each call runs on this analyzer's own
+worker thread (never the event loop, never queued behind Whisper in the default
+executor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib.metadata
+import importlib.util
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from ..pipeline.text.words import ends_dangling
+from .base import EngineUnavailable, TurnAnalyzer, TurnVerdict
+
+SAMPLE_RATE = 16000
+#: the model's window: the turn's last 8 s
+WINDOW_S = 8
+PACKAGE = "pipecat-ai"
+MODEL_FILE = "pipecat/audio/turn/smart_turn/data/smart-turn-v3.2-cpu.onnx"
+FEATURES_FILE = "pipecat/audio/turn/smart_turn/_whisper_features.py"
+
+
+def _package_file(relative: str) -> Path:
+    """A file of the installed ``pipecat-ai`` distribution, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise EngineUnavailable(
+            "The end-of-turn model (Smart Turn) is missing: run `make setup` (it installs the Python package 'pipecat-ai' without its dependencies).",
+            detail=str(exc),
+        ) from exc
+    path = Path(str(dist.locate_file(relative)))
+    if not path.is_file():
+        raise EngineUnavailable(f"The end-of-turn model file {relative} is missing: reinstall the Python package '{PACKAGE}'.", detail=str(path))
+    return path
+
+
+def _load_features() -> ModuleType:
+    path = _package_file(FEATURES_FILE)
+    spec = importlib.util.spec_from_file_location("voiceclaw_smart_turn_features", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def last_window(audio: np.ndarray, seconds: int = WINDOW_S) -> np.ndarray:
+    """The last ``seconds`` of ``audio``, zero-padded at the front to exactly that length."""
+    n = seconds * SAMPLE_RATE
+    if audio.size >= n:
+        return audio[-n:]
+    return np.pad(audio, (n - audio.size, 0))
+
+
+class SmartTurnV3(TurnAnalyzer):
+    """Smart Turn v3.2 on onnxruntime, CPU, one thread; load once (the engines registry keeps one)."""
+
+    name = "smart-turn-v3.2"
+
+    def __init__(self, *, model_path: Path | None = None, cpu_threads: int = 1, threshold: float = 0.5) -> None:
+        self.model_path = model_path
+        self.cpu_threads = cpu_threads
+        self.threshold = threshold
+        self._session = None
+        self._features: ModuleType | None = None
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def load(self) -> None:
+        with self._lock:
+            if self._session is not None:
+                return
+            import onnxruntime as ort
+
+            path = self.model_path or _package_file(MODEL_FILE)
+            so = ort.SessionOptions()
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.inter_op_num_threads = 1
+            so.intra_op_num_threads = self.cpu_threads
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            try:
+                features = _load_features()
+                session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+            except EngineUnavailable:
+                raise
+            except Exception as exc:  # a damaged file: onnxruntime's own error type
+                raise EngineUnavailable(f"The end-of-turn model could not load: reinstall the Python package '{PACKAGE}'.", detail=str(exc)) from exc
+            self._features, self._session = features, session
+
+    @property
+    def loaded(self) -> bool:
+        return self._session is not None
+
+    def _warm_sync(self) -> None:
+        self.load()
+        self.score_sync(np.zeros(SAMPLE_RATE, dtype="<i2").tobytes())
+
+    def score_sync(self, pcm16: bytes) -> TurnVerdict:
+        """Blocking: is the turn in ``pcm16`` (16 kHz mono, the whole utterance so far) over?"""
+        self.load()
+        t0 = time.perf_counter()
+        usable = len(pcm16) - len(pcm16) % 2
+        audio = np.frombuffer(pcm16[:usable], dtype="<i2").astype(np.float32) / 32768.0
+        mel = self._features.compute_whisper_log_mel_features(last_window(audio), do_normalize=True)  # type: ignore[union-attr]
+        out = self._session.run(None, {"input_features": mel[None]})  # type: ignore[union-attr]
+        p = float(np.asarray(out[0]).reshape(-1)[0])
+        return TurnVerdict(complete=p > self.threshold, probability=p, ms=(time.perf_counter() - t0) * 1000.0)
+
+    async def score(self, pcm16: bytes) -> TurnVerdict:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="smart-turn")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.score_sync, pcm16)
+
+
+class PauseJudge:
+    """Combines the model's verdict with the words heard up to the pause.
+
+    Why the words too: Smart Turn judges from the sound alone, and speech whose
+    intonation does not carry the usual cues (synthetic voices, a flat speaker, a
+    language it knows less) gets near-random scores; the transcript of the same
+    pause is already being computed for the preemptive turn. So: a transcript that
+    ends on a word no sentence ends on is unfinished; otherwise the model's
+    "complete", or a transcript Whisper closed with ``.`` ``?`` ``!``, ends the turn.
+    With ``use_words=False`` the model decides alone (``bench turns`` measures both).
+    """
+
+    def __init__(self, *, use_words: bool = True) -> None:
+        self.use_words = use_words
+
+    @staticmethod
+    def dangles(text: str) -> bool:
+        return ends_dangling(text)
+
+    @staticmethod
+    def closed(text: str) -> bool:
+        return text.rstrip().endswith((".", "?", "!")) and not text.rstrip().endswith("...")
+
+    def complete(self, verdict: TurnVerdict, text: str) -> bool:
+        if not self.use_words:
+            return verdict.complete
+        if not text.strip() or self.dangles(text):
+            return False
+        return verdict.complete or self.closed(text)
