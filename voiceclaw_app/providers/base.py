@@ -625,3 +625,54 @@ class WarmSockets:
 
 
 _BACKGROUND: set = set()
+
+
+#: a one-chunk reply's first piece (ms of audio), then pieces twice as long as the one before
+REPLY_FIRST_PIECE_MS = 300
+
+
+async def one_flush_reply(tts: TTS, text: str, *, voice: str, speed: float, cancel: CancelToken | None, timeout_s: float, service: str) -> AsyncIterator[AudioClip]:
+    """One chunk through a provider's :class:`ReplyStream` (push, one flush): how
+    text-stream providers implement :meth:`TTS.synthesize_stream` for the fixed
+    phrases, ``doctor`` and the per-chunk fallback. The stream is cleared if the
+    caller stops early, so no audio of it reaches the next reply."""
+    reply = await tts.open_reply(voice=voice, speed=speed, cancel=cancel or CancelToken())
+    done = False
+    buf, piece_ms = bytearray(), REPLY_FIRST_PIECE_MS
+    rate = reply.sample_rate
+    try:
+        await reply.push(text.strip())
+        await reply.flush()
+        events = reply.events().__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    ev = await events.__anext__()
+            except TimeoutError as exc:
+                raise ProviderTimeout(f"The {service} sent no audio for {timeout_s:.0f} s.", retryable=True) from exc
+            if cancel is not None and cancel.cancelled:
+                return
+            if isinstance(ev, ReplyFlushed):
+                done = True
+                if buf:
+                    yield AudioClip.from_pcm16(bytes(buf), rate)
+                return
+            buf += ev.pcm16
+            if len(buf) >= 2 * rate * piece_ms // 1000:
+                cut = len(buf) & ~1
+                piece, buf = bytes(buf[:cut]), buf[cut:]
+                piece_ms *= 2
+                yield AudioClip.from_pcm16(piece, rate)
+    finally:
+        if not done:
+            await reply.clear()
+        await reply.aclose()
+
+
+async def whole_clip(tts: TTS, text: str, *, voice: str, speed: float, cancel: CancelToken | None, service: str) -> AudioClip:
+    """:meth:`TTS.synthesize` from :meth:`TTS.synthesize_stream`: the pieces joined."""
+    clips = [c async for c in tts.synthesize_stream(text, voice=voice, speed=speed, cancel=cancel)]
+    if not clips and not (cancel is not None and cancel.cancelled):
+        raise ProtocolError(f"The {service} sent no audio for the text.")
+    rate = clips[0].sample_rate if clips else tts.capabilities.sample_rate
+    return AudioClip.from_pcm16(b"".join(c.pcm16() for c in clips), rate)

@@ -49,6 +49,8 @@ from .base import (
     WarmSocket,
     WarmSockets,
     error_for_status,
+    one_flush_reply,
+    whole_clip,
 )
 from .deepgram_stt import _as_dict, _client, _status_of, deepgram_url_from_env
 
@@ -59,8 +61,6 @@ SAMPLE_RATE = 24000
 DEFAULT_MODEL = "aura-2-thalia-en"
 FLUSH_LIMIT = 20  # per FLUSH_WINDOW_S, per connection
 FLUSH_WINDOW_S = 60.0
-#: the per-chunk path's first piece (ms of audio), then pieces twice as long
-FIRST_PIECE_MS = 300
 
 
 def map_error(exc: BaseException) -> ProviderError:
@@ -281,40 +281,11 @@ class DeepgramTTS(TTS):
 
     async def synthesize_stream(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AsyncIterator[AudioClip]:
         """One chunk as a one-flush reply (phrases, ``doctor``, the per-chunk fallback)."""
-        reply = await self.open_reply(voice=voice, speed=speed, cancel=cancel or CancelToken())
-        done = False
-        buf, piece_ms = bytearray(), FIRST_PIECE_MS
-        try:
-            await reply.push(text.strip())
-            await reply.flush()
-            events = reply.events().__aiter__()
-            while True:
-                async with asyncio.timeout(self.first_audio_timeout_s):
-                    ev = await events.__anext__()
-                if cancel is not None and cancel.cancelled:
-                    return
-                if isinstance(ev, ReplyFlushed):
-                    done = True
-                    if buf:
-                        yield AudioClip.from_pcm16(bytes(buf), SAMPLE_RATE)
-                    return
-                buf += ev.pcm16
-                if len(buf) >= 2 * SAMPLE_RATE * piece_ms // 1000:
-                    piece, buf = bytes(buf[: len(buf) & ~1]), buf[len(buf) & ~1 :]
-                    piece_ms *= 2
-                    yield AudioClip.from_pcm16(piece, SAMPLE_RATE)
-        except TimeoutError as exc:
-            raise ProviderTimeout(f"The {SERVICE} sent no audio for {self.first_audio_timeout_s:.0f} s.", retryable=True) from exc
-        finally:
-            if not done:
-                await reply.clear()
-            await reply.aclose()
+        async for clip in one_flush_reply(self, text, voice=voice, speed=speed, cancel=cancel, timeout_s=self.first_audio_timeout_s, service=SERVICE):
+            yield clip
 
     async def synthesize(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AudioClip:
-        pcm = b"".join([c.pcm16() async for c in self.synthesize_stream(text, voice=voice, speed=speed, cancel=cancel)])
-        if not pcm and not (cancel is not None and cancel.cancelled):
-            raise ProtocolError(f"The {SERVICE} sent no audio for the text.")
-        return AudioClip.from_pcm16(pcm, SAMPLE_RATE)
+        return await whole_clip(self, text, voice=voice, speed=speed, cancel=cancel, service=SERVICE)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
