@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import reflex as rx
 
-from ..config import PRESETS, SettingsError, VoiceSettings
+from ..config import PRESETS, SettingsError, VoiceSettings, retiring_tts_warning
 from ..db import repo
 from ..secrets import KEY_ENV
 from . import services
@@ -44,6 +44,11 @@ class SettingsState(rx.State):
     form_version: int = 0
     preview_url: str = ""
     preview_error: str = ""
+
+    @rx.var
+    def tts_warning(self) -> str:
+        """The retiring-model warning for the TTS provider and model the form shows."""
+        return retiring_tts_warning(self.values.get("tts_provider", ""), self.values.get("tts_model", "")) or ""
 
     async def _reload(self) -> None:
         settings = await asyncio.to_thread(repo.load_settings)
