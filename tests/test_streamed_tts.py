@@ -125,10 +125,29 @@ async def test_a_reply_streams_in_order_on_one_warm_socket(service, chat, tmp_pa
         assert isinstance(events[-1], TurnDone)
         assert heard(runner, events).replace(" ", "") == REPLY.replace(" ", "")
         assert service.sockets == 1
-        assert service.requests() == len([e for e in events if isinstance(e, ChunkText)])  # few chunks: one flush each
+        if service.kind == "openai-realtime":  # no flush limit: one response per chunk, side by side
+            assert service.requests() == len([e for e in events if isinstance(e, ChunkText)])
         # each AudioReady's text is the chunk whose audio it starts
         firsts = [e for e in events if isinstance(e, AudioReady) and e.part == 0]
         assert "".join(e.text for e in firsts).replace(" ", "") == REPLY.replace(" ", "")
+    finally:
+        await tts.aclose()
+
+
+async def test_aura_short_reply_costs_two_flushes(dg, chat, tmp_path):
+    tts = DeepgramTTS(api_key="dg", url=dg.url)
+    runner = runner_for(chat, tmp_path, tts)
+    try:
+        events = await run_turn(runner)
+        chunks = [e for e in events if isinstance(e, ChunkText)]
+        assert len(chunks) == 4
+        # chunk 1 at once; the rest while its audio (seconds of it) plays, grouped: one more flush
+        assert dg.speak.sessions[0].flushed == [chunks[0].speech, " " + " ".join(c.speech for c in chunks[1:])]
+        assert heard(runner, events) == REPLY
+        # grouped chunks play as one: the first's seq, the group's text
+        parts0 = [e for e in events if isinstance(e, AudioReady) and e.part == 0]
+        assert [e.seq for e in parts0] == [chunks[0].seq, chunks[1].seq]
+        assert parts0[1].text == "".join(c.text for c in chunks[1:])
     finally:
         await tts.aclose()
 
@@ -156,7 +175,8 @@ async def test_a_long_reply_groups_chunks_to_stay_under_the_flush_limit(dg, tmp_
             sess = dg.speak.sessions[0]
             assert len(chunks) >= 25
             assert sess.refused_flushes == 0
-            assert sess.flushes <= FlushPolicy().eager + 1 + len(long_reply) // FlushPolicy().group_chars + 1
+            # the first chunk, then one flush per group_chars of text or when the player runs low, and the end
+            assert 2 <= sess.flushes <= 2 + len(long_reply) // FlushPolicy().group_chars + 2
             assert heard(runner, events) == long_reply
         finally:
             await tts.aclose()
@@ -214,7 +234,11 @@ async def test_repeated_reply_comes_from_the_cache(service, chat, tmp_path):
         asked = service.requests()
         events = await run_turn(runner, conv="b")
         assert heard(runner, events).replace(" ", "") == REPLY.replace(" ", "")
-        assert service.requests() == asked  # every chunk was a cache hit
+        if service.kind == "deepgram":
+            # chunks are cached one by one; the grouped rest of the reply (one flush) is not
+            assert service.requests() == asked + 1 and asked == 2
+        else:
+            assert service.requests() == asked  # every chunk was a cache hit
     finally:
         await tts.aclose()
 
@@ -324,3 +348,19 @@ async def test_realtime_bad_key_is_an_error_event_then_close_3000():
         assert "rejected the API key" in err.value.user_message
         assert rt.sessions[0].closed_code == 3000
         await tts.aclose()
+
+
+async def test_fallback_voice_takes_over_when_the_stream_cannot_open(service, chat, tmp_path):
+    from tests.fakes import ToneTTS
+    from voiceclaw_app.providers.fallback import FallbackTTS
+
+    tts = FallbackTTS(service.tts(key="wrong"), lambda: ToneTTS(0.0))
+    assert tts.capabilities.text_stream  # the wrapper keeps the streamed path for the cloud voice
+    runner = runner_for(chat, tmp_path, tts)
+    events = await run_turn(runner)
+    notices = [e.message for e in events if isinstance(e, TurnNotice)]
+    assert any("rejected the API key" in n and "built-in voice" in n for n in notices)
+    audio = [e for e in events if isinstance(e, AudioReady)]
+    assert len(audio) == len([e for e in events if isinstance(e, ChunkText)])  # every chunk spoken by the embedded voice
+    assert isinstance(events[-1], TurnDone)
+    await tts.aclose()

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 import wave
 from collections import deque
 from dataclasses import dataclass, field
@@ -177,9 +178,10 @@ class ChunkAudio:
 
 
 _DONE = object()
-#: a streamed chunk's first piece is handed to the player once this much audio is here;
-#: pieces after it are twice as long as the one before (each stays ahead of playback)
-FIRST_PIECE_MS = 300
+#: a streamed reply's first piece is handed to the player once this much audio is here
+#: (audio arrives faster than real time, so a short first piece costs no gap); pieces
+#: after it are twice as long as the one before (each stays ahead of playback)
+FIRST_PIECE_MS = 200
 #: how long :meth:`TTSScheduler.aclose` lets running syntheses stop on their own
 THREAD_GRACE_S = 2.0  # engines in threads stop at their next chunk boundary
 STREAMING_GRACE_S = 0.2  # network streams see the token at their next read
@@ -314,26 +316,29 @@ class TTSScheduler:
 # ---------------------------------------------------------------- streamed text in
 @dataclass
 class FlushPolicy:
-    """Where to flush a reply's text when the service limits flushes.
+    """When to flush a reply's pending text, for a service that limits flushes
+    (Aura: 20 per 60 s per socket; without a limit every chunk is flushed at once).
 
-    The first chunk of a reply is flushed at once (first audio is the latency that
-    matters); the next ``eager`` chunks too while more than ``reserve`` flushes are
-    left in the window (the reserve keeps the next replies' first chunks fast); after
-    that, chunks are grouped until ``group_chars`` of text wait, and the rest of the
-    reply is flushed at its end. Without a limit every chunk is flushed."""
+    A reply's first chunk is flushed at once (first audio is the latency that
+    matters). After that a flush is spent only when it is needed: when the audio
+    already delivered is about to run out (less than ``low_water_s`` left to play),
+    when ``group_chars`` of text wait and more than ``reserve`` flushes are left (the
+    reserve keeps the next replies' first chunks fast), and at the reply's end. So a
+    short reply costs two flushes and a long one a few, not one per sentence."""
 
-    eager: int = 3
+    low_water_s: float = 1.0
     reserve: int = 5
-    group_chars: int = 250
+    group_chars: int = 300
 
-    def flush_now(self, flushes_done: int, pending_chars: int, left: int) -> bool:
+    def flush_now(self, *, first: bool, pending_chars: int, left: int, limited: bool, ahead_s: float) -> bool:
+        """``first``: nothing of the reply is playing or on its way yet."""
         if left <= 0:
             return False
-        if flushes_done == 0:
+        if not limited or first:
             return True
-        if left <= self.reserve:
-            return False
-        return flushes_done <= self.eager or pending_chars >= self.group_chars
+        if ahead_s < self.low_water_s:
+            return True
+        return left > self.reserve and pending_chars >= self.group_chars
 
 
 @dataclass
@@ -381,7 +386,8 @@ class StreamedReply:
         self._groups: deque[_Group] = deque()  # flushed, audio not complete
         self._flushes = 0
         self._failed = False
-        self._delivered = False  # some audio of this reply reached the player
+        self._first_audio_at: float | None = None  # monotonic s of the reply's first piece
+        self._audio_s = 0.0  # audio delivered so far
         self._reply: ReplyStream | None = None
         self._task: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None
@@ -412,13 +418,11 @@ class StreamedReply:
             self._reader = asyncio.create_task(self._read(self._reply), name="tts-reply-reader")
             closing = False
             while not s.cancel.cancelled and not self._failed:
-                timeout = None
-                if closing or (self._pending and self._reply.flushes.left() <= 0):
-                    timeout = max(0.05, self._reply.flushes.wait_s())
                 item = None
                 if not closing:
+                    timeout = self._recheck_s() if self._pending else None
                     try:
-                        item = await asyncio.wait_for(self._in.get(), timeout) if timeout else await self._in.get()
+                        item = await asyncio.wait_for(self._in.get(), timeout) if timeout is not None else await self._in.get()
                     except asyncio.TimeoutError:
                         item = None
                 if item is _CLOSE:
@@ -427,11 +431,11 @@ class StreamedReply:
                     await self._chunk(*item)
                 if self._failed:
                     return
-                if self._pending and (closing or self.policy.flush_now(self._flushes, self._pending_chars(), self._reply.flushes.left())):
+                if self._pending and (closing or self._flush_due()):
                     if self._reply.flushes.left() > 0:
                         await self._flush()
-                    elif closing:
-                        await asyncio.sleep(max(0.05, self._reply.flushes.wait_s()))
+                    else:  # the reply is complete but the window is spent: wait for a slot
+                        await self._wait_or_cancel(max(0.05, self._reply.flushes.wait_s()))
                         continue
                 if closing and not self._pending:
                     break
@@ -452,6 +456,35 @@ class StreamedReply:
     def _pending_chars(self) -> int:
         return sum(len(c.speech) for c, _ in self._pending)
 
+    def _ahead_s(self) -> float:
+        """Audio delivered and not yet played (as if playback started on delivery); while
+        a flush's audio has not begun to arrive, more flushing would not help: infinite."""
+        if self._groups and self._groups[0].parts == 0:
+            return float("inf")
+        if self._first_audio_at is None:
+            return 0.0
+        return self._audio_s - (time.monotonic() - self._first_audio_at)
+
+    def _flush_due(self) -> bool:
+        assert self._reply is not None
+        w = self._reply.flushes
+        first = self._first_audio_at is None and not self._groups
+        return self.policy.flush_now(first=first, pending_chars=self._pending_chars(), left=w.left(), limited=w.limit is not None, ahead_s=self._ahead_s())
+
+    def _recheck_s(self) -> float:
+        """How long the writer may wait for the next chunk before the pending text must go."""
+        assert self._reply is not None
+        if self._reply.flushes.left() <= 0:
+            return max(0.05, self._reply.flushes.wait_s())
+        ahead = self._ahead_s()
+        if ahead == float("inf"):
+            return 0.05  # re-check once the outstanding flush's audio starts
+        return max(0.02, ahead - self.policy.low_water_s)
+
+    async def _wait_or_cancel(self, delay_s: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.sched.cancel.wait(), delay_s)
+
     async def _chunk(self, chunk: Chunk, pieces: asyncio.Queue) -> None:
         s = self.sched
         assert self._reply is not None
@@ -460,10 +493,11 @@ class StreamedReply:
         if hit is not None:
             if self._pending:  # the group before it must not play after it
                 while self._reply.flushes.left() <= 0 and not s.cancel.cancelled:
-                    await asyncio.sleep(max(0.05, self._reply.flushes.wait_s()))
+                    await self._wait_or_cancel(max(0.05, self._reply.flushes.wait_s()))
                 await self._flush()
             pieces.put_nowait(ChunkAudio(chunk, hit))
             pieces.put_nowait(_DONE)
+            self._delivered_audio(hit.duration_ms)
             return
         text = chunk.speech.strip()
         # pieces are joined exactly as sent: one space between chunks, none at the reply's start
@@ -533,7 +567,12 @@ class StreamedReply:
         group.out.put_nowait(ChunkAudio(group.chunk, s.store.save(clip), part=group.parts))
         group.parts += 1
         group.clips.append(clip)
-        self._delivered = True
+        self._delivered_audio(clip.duration_ms)
+
+    def _delivered_audio(self, ms: float) -> None:
+        if self._first_audio_at is None:
+            self._first_audio_at = time.monotonic()
+        self._audio_s += ms / 1000.0
 
     # ------------------------------------------------------------ failure, end
     def _fail_over(self, exc: ProviderError) -> None:
