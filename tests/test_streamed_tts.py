@@ -182,21 +182,42 @@ async def test_a_long_reply_groups_chunks_to_stay_under_the_flush_limit(dg, tmp_
             await tts.aclose()
 
 
-async def test_flushes_wait_when_the_window_is_spent(dg, chat, tmp_path):
-    dg.speak.profile.flush_limit = 2
-    dg.speak.profile.flush_window_s = 0.6
+async def test_flushes_wait_when_the_window_is_spent(dg, chat, tmp_path, monkeypatch):
+    import voiceclaw_app.providers.deepgram_tts as aura
+
+    # a tiny window on both sides: 2 flushes per 0.6 s, and one socket only
+    dg.speak.profile.flush_limit, dg.speak.profile.flush_window_s = 2, 0.6
+    monkeypatch.setattr(aura, "FLUSH_LIMIT", 2)
+    monkeypatch.setattr(aura, "FLUSH_WINDOW_S", 0.6)
+    monkeypatch.setattr(aura, "REPLY_FLUSHES", 0)
     tts = DeepgramTTS(api_key="dg", url=dg.url)
     runner = runner_for(chat, tmp_path, tts)
     try:
-        # the provider's window must match the service's (tests shrink both)
-        await tts.warm()
-        sock = tts.pool._idle[0]
-        sock.flushes.limit, sock.flushes.window_s = 2, 0.6
-        events = await run_turn(runner)
-        assert heard(runner, events) == REPLY
-        assert dg.speak.sessions[0].refused_flushes == 0
+        for conv in ("a", "b", "c"):
+            events = await run_turn(runner, conv=conv, text=f"hello {conv}")
+            assert heard(runner, events).replace(" ", "") == REPLY.replace(" ", "")
+        assert len(dg.speak.sessions) == 1
+        assert dg.speak.sessions[0].refused_flushes == 0  # the client waited for the window instead
     finally:
         await tts.aclose()
+
+
+async def test_quick_replies_move_to_a_second_socket_before_the_window_is_spent(dg, tmp_path):
+    replies = iter(f"Yes {k}. Sure thing, item {k} is done now." for k in range(100))  # new text: no cache hits
+    async with FakeChatServer(ChatBehavior(ttft_s=0.01, tokens_per_s=2000), reply_fn=lambda messages: next(replies)) as chat:
+        dg.speak.profile.rtf = 0.01
+        tts = DeepgramTTS(api_key="dg", url=dg.url)
+        runner = runner_for(chat, tmp_path, tts)
+        try:
+            for k in range(14):  # ~2 flushes each: more than 20 in well under a minute
+                await tts.warm()
+                events = await run_turn(runner, conv=f"c{k}", text=f"question {k}")
+                assert isinstance(events[-1], TurnDone)
+            assert sum(s.refused_flushes for s in dg.speak.sessions) == 0
+            assert len(dg.speak.sessions) == 2
+            assert all(s.flushes <= 20 for s in dg.speak.sessions)
+        finally:
+            await tts.aclose()
 
 
 async def test_barge_in_clears_and_nothing_of_the_cancelled_turn_is_delivered(service, chat, tmp_path):

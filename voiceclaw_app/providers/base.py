@@ -555,7 +555,9 @@ class WarmSockets:
     gives it back when done. A socket the service closed is dropped and the next
     :meth:`warm`/:meth:`take` opens a fresh one (the reconnect). One socket per voice
     session in practice: replies of one session do not overlap (a new one starts
-    after the last was cancelled or finished)."""
+    after the last was cancelled or finished). A provider whose service limits a
+    socket (Aura's flush window) passes ``usable`` and a ``max_idle`` of 2: a socket
+    whose window is spent rests while the other serves."""
 
     def __init__(self, open_socket, *, max_idle: int = 1):
         self._open = open_socket
@@ -565,10 +567,12 @@ class WarmSockets:
         self.opened = 0  # sockets opened so far (tests, doctor)
         self._closed = False
 
-    def _live_idle(self) -> WarmSocket | None:
-        while self._idle:
-            sock = self._idle.pop()
-            if sock.alive:
+    def _live_idle(self, usable=None) -> WarmSocket | None:
+        """An idle open socket (that ``usable`` accepts), taken out of the pool."""
+        self._idle = [s for s in self._idle if s.alive]
+        for sock in reversed(self._idle):
+            if usable is None or usable(sock):
+                self._idle.remove(sock)
                 return sock
         return None
 
@@ -577,12 +581,13 @@ class WarmSockets:
         self.opened += 1
         return sock
 
-    async def warm(self) -> None:
-        """Have one socket open and idle (raises the open's :class:`ProviderError`)."""
+    async def warm(self, usable=None) -> None:
+        """Have one socket open and idle (that ``usable`` accepts; raises the open's
+        :class:`ProviderError`)."""
         if self._closed:
             return
         self._idle = [s for s in self._idle if s.alive]
-        if self._idle:
+        if any(usable is None or usable(s) for s in self._idle):
             return
         if self._opening is None or self._opening.done():
             self._opening = asyncio.create_task(self._open_one(), name="tts-socket-open")
@@ -592,8 +597,11 @@ class WarmSockets:
             self._opening = None
             self.give_back(sock)
 
-    async def take(self) -> WarmSocket:
-        sock = self._live_idle()
+    async def take(self, usable=None) -> WarmSocket:
+        """An idle socket, the one being opened, or a new one. ``usable`` (optional)
+        skips idle sockets that cannot serve now (e.g. their flush window is spent):
+        they stay in the pool and recover."""
+        sock = self._live_idle(usable)
         if sock is not None:
             return sock
         task = self._opening
@@ -609,6 +617,10 @@ class WarmSockets:
         if sock.alive and not self._closed and len(self._idle) < self.max_idle:
             self._idle.append(sock)
             return
+        if sock.alive and not self._closed and self._idle:
+            # the pool is full: keep the newest, close the oldest
+            self._idle.append(sock)
+            sock = self._idle.pop(0)
         task = asyncio.get_running_loop().create_task(sock.close())
         _BACKGROUND.add(task)
         task.add_done_callback(_BACKGROUND.discard)

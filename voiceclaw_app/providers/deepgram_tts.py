@@ -8,8 +8,10 @@ this module relies on (Deepgram's docs and the SDK's code):
 * ``Speak`` texts are joined exactly as sent (the scheduler keeps the spaces); no
   audio comes before a ``Flush``; each flush ends with ``Flushed``.
 * At most 20 flushes per 60 s per connection (a Warning after that): the socket's
-  :class:`FlushWindow` counts them and the scheduler's ``FlushPolicy`` groups the
-  later chunks of a long reply.
+  :class:`FlushWindow` counts them, the scheduler's ``FlushPolicy`` spends about two
+  per reply (the first chunk at once, the rest grouped), and a socket with fewer
+  than :data:`REPLY_FLUSHES` left rests while a second one serves (quick
+  back-and-forth can ask for more than 20 a minute).
 * After ``Clear`` audio may still arrive until ``Cleared``; the SDK parses
   ``Cleared`` as its ``Flushed`` class, so messages are told apart by ``type``.
 * ``Close`` drops pending audio; the service closes an idle socket after a while,
@@ -61,6 +63,8 @@ SAMPLE_RATE = 24000
 DEFAULT_MODEL = "aura-2-thalia-en"
 FLUSH_LIMIT = 20  # per FLUSH_WINDOW_S, per connection
 FLUSH_WINDOW_S = 60.0
+#: flushes a socket must have left to take a reply (the scheduler spends ~2 per reply)
+REPLY_FLUSHES = 4
 
 
 def map_error(exc: BaseException) -> ProviderError:
@@ -236,7 +240,8 @@ class DeepgramTTS(TTS):
         self.url = url or deepgram_url_from_env()
         self.connect_timeout_s = connect_timeout_s
         self.first_audio_timeout_s = first_audio_timeout_s
-        self.pool = WarmSockets(self._open_socket)
+        # a second socket serves while one whose flush window is spent rests (the limit is per connection)
+        self.pool = WarmSockets(self._open_socket, max_idle=2)
 
     @classmethod
     def from_settings(cls, settings, keys, **kw) -> "DeepgramTTS":
@@ -272,11 +277,16 @@ class DeepgramTTS(TTS):
             raise map_error(exc) from exc
         return _AuraSocket(stack, sock)
 
+    @staticmethod
+    def _has_flushes(sock: _AuraSocket) -> bool:
+        """Enough of the flush window left for a reply (its first chunk, the rest, a margin)."""
+        return sock.flushes.left() >= REPLY_FLUSHES
+
     async def warm(self) -> None:
-        await self.pool.warm()
+        await self.pool.warm(self._has_flushes)
 
     async def open_reply(self, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> ReplyStream:
-        sock = await self.pool.take()
+        sock = await self.pool.take(self._has_flushes)
         return _AuraReply(self, sock)  # type: ignore[arg-type]
 
     async def synthesize_stream(self, text: str, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> AsyncIterator[AudioClip]:
