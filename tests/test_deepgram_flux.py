@@ -158,3 +158,61 @@ def test_settings_validate_flux_thresholds():
     with pytest.raises(SettingsError) as err:
         VoiceSettings.from_dict({"eot_threshold": "1.5", "eot_timeout_ms": "50"})
     assert set(err.value.errors) >= {"eot_threshold", "eot_timeout_ms"}
+
+
+async def _starter_turns(srv, lst, pcm_plan, tmp_path):
+    """Feed Flux's events to the app's TurnStarter, as the mic session does; returns
+    (committed turns, discarded guesses, LLM requests)."""
+    from tests.fakes import ToneTTS
+    from tests.servers.openai_chat import ChatBehavior, FakeChatServer
+    from voiceclaw_app.pipeline.audio_store import AudioStore
+    from voiceclaw_app.pipeline.preemptive import TurnStarter
+    from voiceclaw_app.pipeline.turn import TurnRunner
+    from voiceclaw_app.providers.openai_llm import OpenAICompatLLM
+
+    async with FakeChatServer(ChatBehavior(ttft_s=0.05, tokens_per_s=200)) as chat:
+        runner = TurnRunner(llm=OpenAICompatLLM(chat.base_url), tts=ToneTTS(0.01), audio_store=AudioStore(tmp_path), settings=VoiceSettings(llm_base_url=chat.base_url, llm_model_voice="m"))
+
+        async def prepare():
+            return runner, runner.prepare([], "conv")
+
+        starter = TurnStarter(prepare)
+        committed = []
+
+        async def consume():
+            async for ev in lst.events():
+                turn = await starter.handle(ev)
+                if turn is not None:
+                    committed.append(turn)
+                    [e async for e in turn.turn.events()]
+                    return
+
+        task = asyncio.create_task(consume())
+        t = 0.0
+        for kind, seconds in pcm_plan:
+            t = await push_audio(lst, tone(seconds) if kind == "voice" else silence(seconds), t)
+        await asyncio.wait_for(task, 5.0)
+        await starter.aclose()
+        return committed, starter.discarded, len(chat.bodies)
+
+
+async def test_flux_eager_start_is_committed_at_the_end_of_turn(tmp_path):
+    async with FakeDeepgramServer(api_key=KEY, script=["What time is it?"]) as srv:
+        lst = flux(srv)
+        await lst.start()
+        committed, discarded, requests = await _starter_turns(srv, lst, [("voice", 0.8), ("silence", 0.6)], tmp_path)
+        assert len(committed) == 1 and committed[0].reused  # the reply started at EagerEndOfTurn was kept
+        assert discarded == 0 and requests == 1
+        await lst.aclose()
+
+
+async def test_flux_turn_resumed_cancels_the_early_reply(tmp_path):
+    async with FakeDeepgramServer(api_key=KEY, script=["Good morning, how are you doing?"]) as srv:
+        lst = flux(srv)
+        await lst.start()
+        plan = [("voice", 0.5), ("silence", 0.2), ("voice", 0.5), ("silence", 0.6)]
+        committed, discarded, requests = await _starter_turns(srv, lst, plan, tmp_path)
+        assert len(committed) == 1 and committed[0].text == "Good morning, how are you doing?"
+        assert discarded == 1  # the guess at the pause was dropped on TurnResumed
+        assert requests == 2
+        await lst.aclose()
