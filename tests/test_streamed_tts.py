@@ -16,7 +16,7 @@ from tests.servers.speech_audio import decode_speech
 from voiceclaw_app.config import VoiceSettings
 from voiceclaw_app.pipeline.audio_store import AudioStore
 from voiceclaw_app.pipeline.events import AudioReady, ChunkText, TurnDone, TurnNotice
-from voiceclaw_app.pipeline.tts_scheduler import FlushPolicy, TTSCache
+from voiceclaw_app.pipeline.tts_scheduler import FlushPolicy
 from voiceclaw_app.pipeline.turn import TurnRunner
 from voiceclaw_app.providers.base import AuthError, AudioClip, CancelToken
 from voiceclaw_app.providers.deepgram_tts import DeepgramTTS

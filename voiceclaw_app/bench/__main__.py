@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
     parser.add_argument("--runs", type=int, default=None, help="number of turns (scenario default otherwise)")
     parser.add_argument("--via-ws", action="store_true", help="cloud: drive the running app's /ws/voice instead of the pipeline directly")
-    parser.add_argument("--tts", choices=["openai", "deepgram", "openai-realtime"], default=None, help="cloud: the TTS protocol (default openai: /v1/audio/speech)")
-    parser.add_argument("--stt", choices=["deepgram", "flux"], default=None, help="cloud: Deepgram v1 listen (default) or Flux (listen v2)")
+    parser.add_argument("--tts", choices=["openai", "deepgram", "openai-realtime"], default=None, help="cloud, browser: the TTS protocol (cloud's default: openai, /v1/audio/speech; browser: the embedded engines unless --tts/--stt)")
+    parser.add_argument("--stt", choices=["deepgram", "flux"], default=None, help="cloud, browser: Deepgram v1 listen (default) or Flux (listen v2)")
     local = parser.add_argument_group("local scenario")
     local.add_argument("--silence-ms", type=int, default=None, help="local: vad_silence_ms (end-of-turn silence wait)")
     local.add_argument("--no-speculative", action="store_true", help="local: no work before the end of turn is decided")
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     local_flags = args.silence_ms is not None or args.no_speculative or args.no_prefill or args.verbose
     if local_flags and args.scenario != "local":
         parser.error("--silence-ms, --no-speculative, --no-prefill and -v apply to the local scenario only")
-    if (args.tts or args.stt) and args.scenario != "cloud":
-        parser.error("--tts and --stt apply to the cloud scenario only")
+    if (args.tts or args.stt) and args.scenario not in ("cloud", "browser"):
+        parser.error("--tts and --stt apply to the cloud and browser scenarios only")
     # The protocol test servers live in tests/; make the repo root importable.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if root not in sys.path:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         fn = _scenario(args.scenario)
     kwargs = {"runs": args.runs} if args.runs is not None else {}
-    if args.scenario == "cloud":
+    if args.scenario in ("cloud", "browser"):
         kwargs.update({k: v for k, v in (("tts", args.tts), ("stt", args.stt)) if v})
     if args.scenario == "local":
         kwargs.update(silence_ms=args.silence_ms, speculative=False if args.no_speculative else None, prefill=not args.no_prefill, verbose=args.verbose)

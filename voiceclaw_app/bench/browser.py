@@ -12,6 +12,11 @@ converted to the server clock with the offset measured on ``/ws/voice`` (ping/po
 fastest round trip); ``speech_end`` is the arrival time of the last frame the VAD
 marked as speech (for these fixtures within one 32 ms VAD window of the fixture's
 known last voiced sample). Both are stored per turn; this reads them back.
+
+``--tts deepgram|openai-realtime|openai --stt flux|deepgram`` (the cloud profile):
+the app talks to the cloud protocol servers of ``bench cloud`` (guide's profile,
+:class:`.cloud.CloudVoices`, on their own event-loop thread) instead of the embedded
+engines; the app's TTS cache is emptied before each run.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import wave
 from pathlib import Path
 from typing import Iterator
 
+from .drive import load_fixtures
 from .stats import p50_p95, stages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,26 +162,61 @@ def _one_run(pw, base: str, wav: Path, timeout_s: float = 60) -> bool:
         browser.close()
 
 
-def run_browser(runs: int = 10) -> dict:
+@contextlib.contextmanager
+def cloud_servers(tts: str, stt: str) -> Iterator:
+    """:class:`.cloud.CloudVoices` served from a background event loop (this run is synchronous)."""
+    import asyncio
+    import threading
+
+    from .cloud import CloudVoices
+    from .pipeline import replies
+
+    answers = iter(replies(400, seed=17))
+    voices = CloudVoices(tts, stt, lambda messages: next(answers))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bench-cloud-servers", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(voices.__aenter__(), loop).result(30)
+    try:
+        yield voices, loop
+    finally:
+        asyncio.run_coroutine_threadsafe(voices.__aexit__(None, None, None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def run_browser(runs: int = 10, *, tts: str | None = None, stt: str | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     external = os.environ.get("VOICECLAW_BENCH_URL")
+    cloud = tts is not None or stt is not None
+    if cloud and external:
+        raise SystemExit("the cloud profile starts its own app: unset VOICECLAW_BENCH_URL")
     data = Path(os.environ["VOICECLAW_DATA_DIR"]) if external else Path(tempfile.mkdtemp(prefix="voiceclaw-bench-"))
     errors = 0
     with contextlib.ExitStack() as stack:
+        voices = loop = None
+        if cloud:
+            voices, loop = stack.enter_context(cloud_servers(tts or "openai", stt or "deepgram"))
         if external:
             base = external.rstrip("/")
         else:
-            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data))
+            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data, voices.env() if voices else None))
             os.environ["VOICECLAW_DATA_DIR"] = str(data)
             os.environ["VOICECLAW_DATABASE_URL"] = f"sqlite:///{data / 'voiceclaw.db'}"
         from ..db import repo
 
         before = {r["id"] for c in repo.list_conversations() for r in repo.timings_for(c["id"])}
         with sync_playwright() as pw:
+            from .cloud_ws import empty_tts_cache
+
+            fixtures = {fx.name: fx for fx in load_fixtures()} if voices else {}
             for i in range(runs):
                 wav = data / f"bench-mic-{i}.wav"
                 build_mic_wav([(QUESTIONS[i % len(QUESTIONS)], 12.0)], wav, lead_silence_s=1.0)
+                if voices is not None:  # what the STT server will hear, and no cached first chunk
+                    loop.call_soon_threadsafe(voices.say, fixtures[QUESTIONS[i % len(QUESTIONS)]])
+                    empty_tts_cache(data)
                 try:
                     if not _one_run(pw, base, wav):
                         errors += 1
@@ -201,6 +242,7 @@ def run_browser(runs: int = 10) -> dict:
     return {
         "scenario": "browser",
         "runs": runs,
+        **({"tts": tts or "openai", "stt": stt or "deepgram", "profile": voices.profile()} if voices else {}),
         "voice_to_voice_ms": p50_p95(v2v),
         "time_to_first_audio_ms": p50_p95([r["first_audio_ready"] for r in rows if r.get("first_audio_ready") is not None]),
         "stages_ms": stages(samples),

@@ -84,7 +84,7 @@ async def run_cloud_ws(runs: int = 8, *, tts: str = "openai", stt: str = "deepgr
                     for i in range(runs):
                         fx = fixtures[i % len(fixtures)]
                         voices.say(fx)
-                        await asyncio.to_thread(_empty_tts_cache, data)
+                        await asyncio.to_thread(empty_tts_cache, data)
                         before = len(await asyncio.to_thread(_timings, db))
                         pcm = dither(int(LEAD_S * RATE), rng) + fx.pcm + dither(int(TAIL_S * RATE), rng)
                         async for _, frame, _due in paced(pcm, FRAME_MS, now_ms()):
@@ -118,7 +118,7 @@ async def run_cloud_ws(runs: int = 8, *, tts: str = "openai", stt: str = "deepgr
     }
 
 
-def _empty_tts_cache(data: Path) -> None:
+def empty_tts_cache(data: Path) -> None:
     """A benchmark measures synthesis, not cache hits (replies repeat); the fixed
     phrases' pinned entries stay."""
     for path in (data / "audio" / "cache").glob("r-*.wav"):

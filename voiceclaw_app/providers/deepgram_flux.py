@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .base import EndOfTurn, InterimTranscript, PreliminaryTranscript, SpeechStarted
+from .base import InterimTranscript, PreliminaryTranscript, SpeechStarted
 from .deepgram_stt import SAMPLE_RATE, DeepgramListener, DeepgramOptions, _client, now_ms
 
 log = logging.getLogger("voiceclaw.stt.flux")

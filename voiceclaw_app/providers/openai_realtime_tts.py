@@ -92,7 +92,8 @@ def error_from_event(err: dict) -> ProviderError:
     etype = str(err.get("type") or "")
     message = str(err.get("message") or "")[:200]
     if code in ("invalid_api_key", "invalid_authentication") or etype == "authentication_error":
-        return AuthError(f"The {SERVICE} rejected the API key.", detail=message)
+        # the service's message quotes part of the key: not kept, not logged
+        return AuthError(f"The {SERVICE} rejected the API key.", detail=code)
     if code == "model_not_found":
         return NotFoundError(f"The {SERVICE} does not know that model: check the TTS model setting.", detail=message)
     if code == "rate_limit_exceeded" or etype == "rate_limit_error":
