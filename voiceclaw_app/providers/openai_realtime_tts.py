@@ -315,12 +315,13 @@ class OpenAIRealtimeTTS(TTS):
     name = "openai-realtime"
     capabilities = TTSCapabilities(streaming=True, sample_rate=SAMPLE_RATE, text_stream=True)
 
-    def __init__(self, *, api_key: str, base_url: str | None = None, model: str = DEFAULT_MODEL, connect_timeout_s: float = 5.0, first_audio_timeout_s: float = 15.0):
+    def __init__(self, *, api_key: str, base_url: str | None = None, model: str = DEFAULT_MODEL, voice: str = "", connect_timeout_s: float = 5.0, first_audio_timeout_s: float = 15.0):
         from .openai_tts import tts_base_url_from_env
 
         self._api_key = str(api_key or "")
         self.base_url = (base_url or tts_base_url_from_env()).rstrip("/")
         self.model = model or DEFAULT_MODEL
+        self.voice = voice or DEFAULT_VOICE  # the session's voice (set before any audio: it cannot change after)
         self.connect_timeout_s = connect_timeout_s
         self.first_audio_timeout_s = first_audio_timeout_s
         self.pool = WarmSockets(self._open_socket)
@@ -330,13 +331,14 @@ class OpenAIRealtimeTTS(TTS):
         model = (settings.tts_model or "").strip()
         if not model.startswith("gpt-realtime"):
             model = DEFAULT_MODEL  # e.g. a retired /v1/audio/speech model left in the settings
+        kw.setdefault("voice", settings.tts_voice)
         return cls(api_key=keys.openai_api_key, model=model, **kw)
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIRealtimeTTS(base_url={self.base_url!r}, model={self.model!r})"
 
     def cache_identity(self, voice: str, speed: float) -> tuple[str, str, float]:
-        return (f"{self.name}:{self.model}", voice or DEFAULT_VOICE, round(speed, 3))
+        return (f"{self.name}:{self.model}", voice or self.voice, round(speed, 3))
 
     def response_params(self, text: str, voice: str, metadata: dict[str, str]) -> dict:
         return {
@@ -344,7 +346,7 @@ class OpenAIRealtimeTTS(TTS):
             "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}],
             "instructions": READ_EXACTLY,
             "output_modalities": ["audio"],
-            "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": voice or DEFAULT_VOICE}},
+            "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": voice or self.voice}},
             "metadata": metadata,
         }
 
@@ -368,7 +370,7 @@ class OpenAIRealtimeTTS(TTS):
                     "type": "realtime",
                     "output_modalities": ["audio"],
                     "instructions": READ_EXACTLY,
-                    "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}}},
+                    "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE}, "voice": self.voice}},
                 })
         except BaseException as exc:
             if conn is not None:
