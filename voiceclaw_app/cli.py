@@ -7,7 +7,8 @@ plain words what is wrong.
 
 ``transcribe FILE.wav`` prints the transcript and ``speak "text" -o FILE.wav`` writes
 spoken audio, with the configured engines: the embedded ones unless
-``VOICECLAW_STT=deepgram`` / ``VOICECLAW_TTS=openai`` (with their API keys) say
+``VOICECLAW_STT=deepgram|deepgram-flux`` / ``VOICECLAW_TTS=openai|deepgram|openai-realtime``
+(with their API keys) say
 otherwise. They exist to check an install without the web app ("does Whisper load,
 does Piper speak?").
 
@@ -212,6 +213,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         problems = {**problems, "llm_headers": headers_problem}
     for field_name, message in problems.items():
         print(f"settings: {field_name}: {message}")
+    retiring = settings.tts_retirement_warning()
+    if retiring:
+        print(f"TTS: WARNING - {retiring}")
     keys = KeyStore().load()
 
     async def run() -> bool:
@@ -222,6 +226,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             ("TTS", lambda: check_tts(_configured(build_tts(settings, keys)), settings.tts_voice, settings.tts_speed)),
             ("STT", lambda: check_stt(build_stt(settings, keys), settings.stt_language)),
         ]
+        if settings.stt_provider == "deepgram-flux":
+            from .pipeline.diagnostics import check_listener
+            from .providers.deepgram_flux import FluxListener
+
+            checks.append(("STT live (Flux)", lambda: check_listener(FluxListener.from_settings(settings, keys))))
         for label, make in checks:
             try:
                 result = await make()

@@ -30,6 +30,32 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+STT_PROVIDERS = ("local", "deepgram", "deepgram-flux")
+TTS_PROVIDERS = ("local", "openai", "deepgram", "openai-realtime")
+#: the model a provider gets when ``VOICECLAW_TTS_MODEL`` is not set
+DEFAULT_TTS_MODELS = {"openai": "gpt-4o-mini-tts", "deepgram": "aura-2-thalia-en", "openai-realtime": "gpt-realtime-2.1-mini"}
+#: OpenAI's /v1/audio/speech models and the day they stop answering
+RETIRING_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+RETIREMENT_DATE = "2027-01-06"
+
+
+def retiring_tts_warning(tts_provider: str, tts_model: str, base_url: str | None = None) -> str | None:
+    """The one sentence ``doctor``, the settings page and the startup log show when the
+    configured voice is an OpenAI speech model that shuts down on 2027-01-06; None otherwise.
+
+    Only for OpenAI's own service: a compatible server (Kokoro, openedai-speech) that
+    reuses the names keeps working. ``base_url`` defaults to ``VOICECLAW_TTS_BASE_URL``."""
+    if tts_provider != "openai" or tts_model.strip() not in RETIRING_TTS_MODELS:
+        return None
+    base = base_url if base_url is not None else os.environ.get("VOICECLAW_TTS_BASE_URL", "")
+    if base.strip() and "api.openai.com" not in base:
+        return None
+    return (f"The TTS model {tts_model.strip()!r} is retired by OpenAI on {RETIREMENT_DATE}: speech stops working then. "
+            "Switch to VOICECLAW_TTS=openai-realtime (model gpt-realtime-2.1-mini, same OpenAI key) or "
+            "VOICECLAW_TTS=deepgram (Aura, e.g. aura-2-thalia-en, with the Deepgram key), or point "
+            "VOICECLAW_TTS_BASE_URL at a compatible speech server.")
+
+
 class SettingsError(ValueError):
     """Raised with a per-field dict of messages a person can act on."""
 
@@ -103,9 +129,15 @@ class VoiceSettings:
     llm_history_mode: HistoryMode = "auto"
     llm_history_turns: int = 8
     llm_read_timeout_s: float = 30.0
-    stt_provider: str = "local"  # local | deepgram
+    stt_provider: str = "local"  # local | deepgram | deepgram-flux
     stt_language: str = "en"
-    tts_provider: str = "local"  # local | openai
+    #: Deepgram Flux's end of turn: confidence to end it (0.5-0.9), to start the reply
+    #: early (``EagerEndOfTurn``; 0 = off, else 0.3-0.9 and <= eot_threshold), and the
+    #: longest silence before it ends anyway
+    eot_threshold: float = 0.7
+    eager_eot_threshold: float = 0.5
+    eot_timeout_ms: int = 5000
+    tts_provider: str = "local"  # local | openai | deepgram | openai-realtime
     tts_model: str = "gpt-4o-mini-tts"
     tts_voice: str = ""
     tts_speed: float = 1.0
@@ -136,7 +168,7 @@ class VoiceSettings:
             llm_headers=_env_headers(),
             stt_provider=_env("VOICECLAW_STT", "local"),
             tts_provider=_env("VOICECLAW_TTS", "local"),
-            tts_model=_env("VOICECLAW_TTS_MODEL", "gpt-4o-mini-tts"),
+            tts_model=_env("VOICECLAW_TTS_MODEL", DEFAULT_TTS_MODELS.get(_env("VOICECLAW_TTS", "local"), "gpt-4o-mini-tts")),
             tts_voice=_env("VOICECLAW_TTS_VOICE", ""),
         )
         return s
@@ -192,10 +224,18 @@ class VoiceSettings:
             p["llm_history_turns"] = "History turns must be between 0 and 100."
         if not 1 <= self.llm_read_timeout_s <= 600:
             p["llm_read_timeout_s"] = "The read timeout must be between 1 and 600 seconds."
-        if self.stt_provider not in ("local", "deepgram"):
-            p["stt_provider"] = "Speech-to-text is 'local' or 'deepgram'."
-        if self.tts_provider not in ("local", "openai"):
-            p["tts_provider"] = "Text-to-speech is 'local' or 'openai'."
+        if self.stt_provider not in STT_PROVIDERS:
+            p["stt_provider"] = "Speech-to-text is 'local', 'deepgram' or 'deepgram-flux'."
+        if not 0.5 <= self.eot_threshold <= 0.9:
+            p["eot_threshold"] = "The end-of-turn confidence must be between 0.5 and 0.9."
+        if self.eager_eot_threshold != 0 and not 0.3 <= self.eager_eot_threshold <= 0.9:
+            p["eager_eot_threshold"] = "The early-start confidence is 0 (off) or between 0.3 and 0.9."
+        elif self.eager_eot_threshold > self.eot_threshold:
+            p["eager_eot_threshold"] = "The early-start confidence cannot be above the end-of-turn confidence."
+        if not 500 <= self.eot_timeout_ms <= 10_000:
+            p["eot_timeout_ms"] = "The end-of-turn timeout must be between 500 and 10,000 ms."
+        if self.tts_provider not in TTS_PROVIDERS:
+            p["tts_provider"] = "Text-to-speech is 'local', 'openai', 'deepgram' or 'openai-realtime'."
         if not 0.25 <= self.tts_speed <= 4.0:
             p["tts_speed"] = "Speech speed must be between 0.25 and 4.0."
         if not 1 <= self.first_chunk_min_words <= 30:
@@ -243,6 +283,10 @@ class VoiceSettings:
         what = "the built-in local model" if self.uses_local_llm else f"model {bad[0]!r}"
         return (f"History mode 'server' needs an OpenClaw gateway model (openclaw:<agentId>); {what} keeps no "
                 "session, so the app sends the history itself (client). Choose 'auto' or 'client'.")
+
+    def tts_retirement_warning(self) -> str | None:
+        """See :func:`retiring_tts_warning` (this record's TTS provider and model)."""
+        return retiring_tts_warning(self.tts_provider, self.tts_model)
 
     def model_for(self, spoken: bool) -> str:
         """Voice turns use the (faster) voice model; muted typed turns the text model."""

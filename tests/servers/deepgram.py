@@ -268,6 +268,8 @@ class FakeDeepgramServer:
     port: int = 0
     _server: asyncio.AbstractServer | None = None
     _tasks: set = field(default_factory=set)
+    _speak: object = None
+    _flux: object = None
 
     def __post_init__(self) -> None:
         self.script = deque(self.script)
@@ -396,7 +398,37 @@ class FakeDeepgramServer:
         return True
 
     # ------------------------------------------------------------------ WebSocket
+    @property
+    def speak(self):
+        """The ``/v1/speak`` (Aura TTS) side of this host (:mod:`tests.servers.deepgram_speak`)."""
+        if self._speak is None:
+            from .deepgram_speak import SpeakService
+
+            self._speak = SpeakService(self)
+        return self._speak
+
+    @property
+    def flux(self):
+        """The ``/v2/listen`` (Flux) side of this host (:mod:`tests.servers.deepgram_flux`)."""
+        if self._flux is None:
+            from .deepgram_flux import FluxService
+
+            self._flux = FluxService(self)
+        return self._flux
+
     async def _live(self, reader, writer, path: str, query: dict, headers: dict) -> None:
+        route = path.rstrip("/")
+        if route in ("/v1/speak", "/v2/listen"):
+            service = self.speak if route == "/v1/speak" else self.flux
+            fault = service.faults.popleft() if service.faults else service.fault_type()
+            if getattr(fault, "handshake_delay_s", 0.0):
+                await asyncio.sleep(fault.handshake_delay_s)
+            if fault.reject_status is not None or not self._authorized(headers):
+                status = fault.reject_status or 401
+                await self._send_http(writer, status, self._error_body(status), {"dg-error": self._error_body(status)["err_msg"]})
+                return
+            await service.serve(reader, writer, query, headers, fault)
+            return
         fault = self.faults.popleft() if self.faults else ConnFault()
         if fault.handshake_delay_s:
             await asyncio.sleep(fault.handshake_delay_s)
@@ -410,8 +442,7 @@ class FakeDeepgramServer:
         if query.get("encoding") not in (None, "linear16") or (query.get("encoding") and not query.get("sample_rate")):
             await self._send_http(writer, 400, {"err_code": "Bad Request", "err_msg": "encoding linear16 needs sample_rate"})
             return
-        accept = base64.b64encode(hashlib.sha1((headers.get("sec-websocket-key", "") + WS_GUID).encode()).digest()).decode()
-        writer.write(("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" f"Sec-WebSocket-Accept: {accept}\r\ndg-request-id: {self.request_id}\r\n\r\n").encode())
+        writer.write(ws_accept(headers, self.request_id))
         await writer.drain()
         sess = LiveSession(query=query, headers={k: v for k, v in headers.items() if k != "authorization"})
         self.sessions.append(sess)
@@ -509,6 +540,12 @@ async def _flush_and_close(outq: asyncio.Queue, send_task: asyncio.Task, writer,
         await writer.drain()
     except ConnectionError:
         pass
+
+
+def ws_accept(headers: dict[str, str], request_id: str) -> bytes:
+    """The server's ``101 Switching Protocols`` answer to a WebSocket handshake."""
+    accept = base64.b64encode(hashlib.sha1((headers.get("sec-websocket-key", "") + WS_GUID).encode()).digest()).decode()
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" f"Sec-WebSocket-Accept: {accept}\r\ndg-request-id: {request_id}\r\n\r\n").encode()
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:

@@ -23,6 +23,11 @@ one per extra person) made with the CLI, and each browser starts logged in with 
 session cookie (a real ``POST /auth/login``). Against ``VOICECLAW_BENCH_URL`` set
 ``VOICECLAW_BENCH_USER`` and ``VOICECLAW_BENCH_PASSWORD`` to an existing account
 (one person only).
+
+``--tts deepgram|openai-realtime|openai --stt flux|deepgram`` (the cloud profile, one
+person): the app talks to the cloud protocol servers of ``bench cloud`` (guide's
+profile, :class:`.cloud.CloudVoices`, on their own event-loop thread) instead of the
+embedded engines; the app's TTS cache is emptied before each run.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .drive import load_fixtures
 from .stats import p50_p95, stages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,20 +261,51 @@ def _one_round(pw, base: str, people: list[tuple[str, Path]], timeout_s: float =
             b.close()
 
 
-def run_browser(runs: int = 10, people: int = 1) -> dict:
+@contextlib.contextmanager
+def cloud_servers(tts: str, stt: str) -> Iterator:
+    """:class:`.cloud.CloudVoices` served from a background event loop (this run is synchronous)."""
+    import asyncio
+    import threading
+
+    from .cloud import CloudVoices
+    from .pipeline import replies
+
+    answers = iter(replies(400, seed=17))
+    voices = CloudVoices(tts, stt, lambda messages: next(answers))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="bench-cloud-servers", daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(voices.__aenter__(), loop).result(30)
+    try:
+        yield voices, loop
+    finally:
+        asyncio.run_coroutine_threadsafe(voices.__aexit__(None, None, None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def run_browser(runs: int = 10, people: int = 1, *, tts: str | None = None, stt: str | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     external = os.environ.get("VOICECLAW_BENCH_URL")
+    cloud = tts is not None or stt is not None
     if external and people != 1:
         raise ValueError("--people needs the app the benchmark starts (one account per person)")
+    if cloud and external:
+        raise SystemExit("the cloud profile starts its own app: unset VOICECLAW_BENCH_URL")
+    if cloud and people != 1:
+        raise SystemExit("the cloud profile's speech server hears one fixture at a time: --people 1")
     data = Path(os.environ["VOICECLAW_DATA_DIR"]) if external else Path(tempfile.mkdtemp(prefix="voiceclaw-bench-"))
     users = people_accounts(people)
     errors = 0
     with contextlib.ExitStack() as stack:
+        voices = loop = None
+        if cloud:
+            voices, loop = stack.enter_context(cloud_servers(tts or "openai", stt or "deepgram"))
         if external:
             base = external.rstrip("/")
         else:
-            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data, users=users[1:]))
+            base, _ = stack.enter_context(prod_app(int(os.environ.get("VOICECLAW_BENCH_PORT", "3127")), data, voices.env() if voices else None, users=users[1:]))
             os.environ["VOICECLAW_DATA_DIR"] = str(data)
             os.environ["VOICECLAW_DATABASE_URL"] = f"sqlite:///{data / 'voiceclaw.db'}"
         from .. import accounts
@@ -289,12 +326,18 @@ def run_browser(runs: int = 10, people: int = 1) -> dict:
 
         before = {r["id"] for r in timing_rows()}
         with sync_playwright() as pw:
+            from .cloud_ws import empty_tts_cache
+
+            fixtures = {fx.name: fx for fx in load_fixtures()} if voices else {}
             for i in range(runs):
                 round_ = []
                 for p in range(people):
                     wav = data / f"bench-mic-{i}-{p}.wav"
                     build_mic_wav([(QUESTIONS[(i * people + p) % len(QUESTIONS)], 12.0)], wav, lead_silence_s=1.0)
                     round_.append((tokens[p], wav))
+                if voices is not None:  # what the STT server will hear, and no cached first chunk
+                    loop.call_soon_threadsafe(voices.say, fixtures[QUESTIONS[i % len(QUESTIONS)]])
+                    empty_tts_cache(data)
                 try:
                     errors += people - _one_round(pw, base, round_)
                 except Exception:
@@ -320,6 +363,7 @@ def run_browser(runs: int = 10, people: int = 1) -> dict:
         "scenario": "browser",
         "runs": runs * people,
         "people": people,
+        **({"tts": tts or "openai", "stt": stt or "deepgram", "profile": voices.profile()} if voices else {}),
         "voice_to_voice_ms": p50_p95(v2v),
         "time_to_first_audio_ms": p50_p95([r["first_audio_ready"] for r in rows if r.get("first_audio_ready") is not None]),
         "stages_ms": stages(samples),

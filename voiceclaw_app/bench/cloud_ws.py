@@ -1,7 +1,8 @@
 """``bench cloud --via-ws``: the cloud scenario through the running app's ``/ws/voice``.
 
-The app is started in prod mode with Deepgram, the LLM and OpenAI TTS all pointed
-at the local protocol servers (guide's latency profile, as in :mod:`.cloud`). The
+The app is started in prod mode with Deepgram (v1 or Flux: ``--stt``), the LLM and
+the TTS (``--tts openai|deepgram|openai-realtime``) all pointed at the local protocol
+servers (guide's latency profile, :class:`.cloud.CloudVoices`). The
 benchmark is the browser's microphone: it opens ``/ws/voice`` (hello -> ready),
 streams the spoken fixtures as 20 ms PCM frames paced at real time over one voice
 session, and reads each turn's stored timing marks back from the database, so the
@@ -29,12 +30,15 @@ import numpy as np
 from ..pipeline.text import chunk_text
 from ..pipeline.timing import now_ms
 from .browser import BENCH_USER, http_login, prod_app
-from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE, TAIL_S, _segments
+from .cloud import FRAME_MS, LEAD_S, RATE, TAIL_S, CloudVoices
 from .drive import dither, load_fixtures, paced
-from .pipeline import TOKENS_PER_S, TTFT_S, TTS_REALTIME, TTS_TTFB_S, first_chunk_tokens, replies, transfer_s
+from .pipeline import replies
 from .stats import p50_p95
 
-PORT = 3127
+import os
+
+#: the app's port (``VOICECLAW_BENCH_PORT``: parallel runs on one machine must not collide)
+PORT = int(os.environ.get("VOICECLAW_BENCH_PORT", "3127"))
 
 
 def _timings(db: Path) -> list[tuple[float | None, str]]:
@@ -49,22 +53,17 @@ def _timings(db: Path) -> list[tuple[float | None, str]]:
         con.close()
 
 
-async def run_cloud_ws(runs: int = 8) -> dict[str, Any]:
+async def run_cloud_ws(runs: int = 8, *, tts: str = "openai", stt: str = "deepgram", preemptive: bool = True) -> dict[str, Any]:
     import websockets
 
-    from tests.servers.deepgram import DeepgramProfile, FakeDeepgramServer
-    from tests.servers.openai_chat import ChatBehavior, FakeChatServer
-    from tests.servers.openai_speech import FakeSpeechServer, SpeechBehavior
-
-    from .cloud import INTERIM_S, SPEECH_FINAL_S
-
     fixtures = load_fixtures()
-    # a reply whose first clause is new each time: the app's TTS cache must not serve it
-    answers = iter(f"Answer {k}: {text}" for k, text in enumerate(replies(runs * 4, seed=13)))
+    # the direct run's replies; the app's TTS cache is emptied before each turn (below), so
+    # every first chunk is really synthesized, with no marker making it longer
+    answers = iter(replies(runs * 4, seed=13))
     rng = np.random.default_rng(9)
-    profile = DeepgramProfile(interim_every_s=INTERIM_S, is_final_after_s=IS_FINAL_S, speech_final_after_s=SPEECH_FINAL_S, energy_threshold=100.0)
     ttfa: list[float] = []
     overhead: list[float] = []
+    floors: list[float] = []
     errors = 0
 
     def reply_fn(messages: list[dict]) -> str:
@@ -72,13 +71,8 @@ async def run_cloud_ws(runs: int = 8) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
-        async with FakeDeepgramServer(api_key="bench", profile=profile) as dg, FakeChatServer(ChatBehavior(ttft_s=TTFT_S, tokens_per_s=TOKENS_PER_S), reply_fn=reply_fn, api_key="bench") as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=TTS_TTFB_S, realtime_factor=TTS_REALTIME), api_key="bench") as speech:
-            env = {
-                "VOICECLAW_STT": "deepgram", "DEEPGRAM_API_KEY": "bench", "VOICECLAW_DEEPGRAM_URL": dg.url,
-                "VOICECLAW_TTS": "openai", "OPENAI_API_KEY": "bench", "VOICECLAW_TTS_BASE_URL": speech.base_url, "VOICECLAW_TTS_VOICE": "alloy",
-                "VOICECLAW_LLM_BASE_URL": chat.base_url, "VOICECLAW_LLM_API_KEY": "bench", "VOICECLAW_LLM_MODEL": "bench-model",
-            }
-            app = prod_app(PORT, data, env)
+        async with CloudVoices(tts, stt, reply_fn) as voices:
+            app = prod_app(PORT, data, voices.env())
             await asyncio.to_thread(app.__enter__)  # the fake servers keep answering meanwhile
             try:
                 from ..server.auth import SESSION_COOKIE
@@ -92,7 +86,8 @@ async def run_cloud_ws(runs: int = 8) -> dict[str, Any]:
                     db = data / "voiceclaw.db"
                     for i in range(runs):
                         fx = fixtures[i % len(fixtures)]
-                        dg.say(*_segments(fx.text, fx.pcm))
+                        voices.say(fx)
+                        await asyncio.to_thread(empty_tts_cache, data)
                         before = len(await asyncio.to_thread(_timings, db))
                         pcm = dither(int(LEAD_S * RATE), rng) + fx.pcm + dither(int(TAIL_S * RATE), rng)
                         async for _, frame, _due in paced(pcm, FRAME_MS, now_ms()):
@@ -102,23 +97,35 @@ async def run_cloud_ws(runs: int = 8) -> dict[str, Any]:
                             errors += 1
                             continue
                         measured, reply = rows[-1]
-                        first = chunk_text(reply)[0]
-                        ideal = 1000.0 * (IS_FINAL_S + TTFT_S + first_chunk_tokens(reply, first.text) / TOKENS_PER_S + TTS_TTFB_S + transfer_s(first.speech))
+                        ideal = voices.floor_ms(reply, chunk_text(reply)[0], preemptive)
+                        floors.append(ideal)
                         ttfa.append(measured)
                         overhead.append(measured - ideal)
                     drain.cancel()
             finally:
                 await asyncio.to_thread(app.__exit__, None, None, None)
+            profile = voices.profile()
     return {
         "scenario": "cloud",
         "via": "/ws/voice of the running app",
+        "tts": tts,
+        "stt": stt,
         "runs": runs,
         "time_to_first_audio_ms": p50_p95(ttfa),
         "overhead_ms": p50_p95(overhead),
+        "floor_ms": p50_p95(floors),
         "stages_ms": {},
         "errors": errors,
+        "profile": profile,
         "measured": "first_audio_ready - speech_end as stored by the app (speech end: the listener's estimate)",
     }
+
+
+def empty_tts_cache(data: Path) -> None:
+    """A benchmark measures synthesis, not cache hits (replies repeat); the fixed
+    phrases' pinned entries stay."""
+    for path in (data / "audio" / "cache").glob("r-*.wav"):
+        path.unlink(missing_ok=True)
 
 
 async def _drain(ws) -> None:

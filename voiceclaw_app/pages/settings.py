@@ -7,13 +7,13 @@ addresses, keys, presets, connection tests) only an admin sees and can save.
 import reflex as rx
 
 from ..components.layout import page
-from ..config import USER_PREF_FIELDS
+from ..config import STT_PROVIDERS, TTS_PROVIDERS, USER_PREF_FIELDS
 from ..states.settings import KEY_NAMES, SettingsState
 
 CHOICES = {
     "llm_history_mode": ["auto", "server", "client"],
-    "stt_provider": ["local", "deepgram"],
-    "tts_provider": ["local", "openai"],
+    "stt_provider": list(STT_PROVIDERS),
+    "tts_provider": list(TTS_PROVIDERS),
     "input_mode": ["hands_free", "push_to_talk"],
     "turn_detection": ["smart_turn", "silence"],
     "speculative": ["on", "off"],
@@ -38,7 +38,7 @@ FIELDS = [
         ("stt_provider", "Speech-to-text", "select", ""),
         ("stt_language", "Language", "text", ""),
         ("tts_provider", "Text-to-speech", "select", ""),
-        ("tts_model", "TTS model", "text", ""),
+        ("tts_model", "TTS model", "text", "openai: tts-1 / gpt-4o-mini-tts (retiring 2027-01-06); deepgram: aura-2-thalia-en; openai-realtime: gpt-realtime-2.1-mini"),
         ("tts_voice", "Voice", "text", "Empty: the provider's default"),
         ("tts_speed", "Speed", "number", "0.25-4.0"),
         ("first_chunk_min_words", "Words before the first spoken chunk", "number", ""),
@@ -51,6 +51,9 @@ FIELDS = [
         ("turn_max_wait_ms", "Longest wait at an unfinished sentence (ms)", "number", "smart_turn only"),
         ("vad_silence_ms", "Silence that ends a turn (ms)", "number", "silence mode"),
         ("vad_min_speech_ms", "Minimum speech (ms)", "number", ""),
+        ("eot_threshold", "Flux end-of-turn confidence", "number", "deepgram-flux: 0.5-0.9"),
+        ("eager_eot_threshold", "Flux early-start confidence", "number", "0: off; else 0.3-0.9, not above the end-of-turn confidence"),
+        ("eot_timeout_ms", "Flux end-of-turn timeout (ms)", "number", "500-10000"),
         ("max_utterance_s", "Longest utterance (s)", "number", ""),
         ("speculative", "Start work at a short pause", "select", ""),
         ("fallback_to_local", "Fall back to the embedded engines", "select", ""),
@@ -135,6 +138,7 @@ def settings_page() -> rx.Component:
             margin_top="1em",
         )),
         rx.cond(SettingsState.message != "", rx.callout(SettingsState.message, id="settings-message", margin_top="0.8em")),
+        rx.cond(SettingsState.tts_warning != "", rx.callout(SettingsState.tts_warning, id="tts-retiring-warning", color_scheme="orange", margin_top="0.8em")),
         rx.form(
             *sections,
             _admin_only(rx.box(

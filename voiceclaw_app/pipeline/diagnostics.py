@@ -53,14 +53,41 @@ async def check_tts(tts: TTS, voice: str, speed: float = 1.0) -> CheckResult:
     await tts.warm()
     connect = now_ms() - t0
     t1 = now_ms()
+    first: float | None = None
+    audio_ms = 0.0
     try:
-        clip = await tts.synthesize("Voice check.", voice=voice, speed=speed, cancel=CancelToken())
+        if tts.capabilities.streaming:
+            # streaming voices: when the first audio arrives is the figure that matters
+            async for piece in tts.synthesize_stream("Voice check.", voice=voice, speed=speed, cancel=CancelToken()):
+                first = now_ms() - t1 if first is None else first
+                audio_ms += piece.duration_ms
+        else:
+            audio_ms = (await tts.synthesize("Voice check.", voice=voice, speed=speed, cancel=CancelToken())).duration_ms
     except ProviderError as exc:
         return CheckResult(tts.name, False, exc.user_message, round(connect, 1))
     took = now_ms() - t1
-    if clip.duration_ms <= 0:
+    if audio_ms <= 0:
         return CheckResult(tts.name, False, "The speech service returned no audio.", round(connect, 1))
-    return CheckResult(tts.name, True, f"Speaks: {clip.duration_ms:.0f} ms of audio in {took:.0f} ms.", round(connect, 1), round(took, 1))
+    socket = "; key accepted, socket open and kept warm" if tts.capabilities.text_stream else ""
+    first_txt = f"; first audio after {first:.0f} ms" if first is not None else ""
+    return CheckResult(tts.name, True, f"Speaks: {audio_ms:.0f} ms of audio in {took:.0f} ms{first_txt}{socket}.", round(connect, 1), round(first if first is not None else took, 1))
+
+
+async def check_listener(listener) -> CheckResult:
+    """A live listener (e.g. Deepgram Flux) opens its socket: the key is accepted."""
+    name = getattr(listener, "name", "listener")
+    t0 = now_ms()
+    try:
+        await listener.start()
+    except ProviderError as exc:
+        return CheckResult(name, False, exc.user_message)
+    finally:
+        took = now_ms() - t0
+        try:
+            await listener.aclose()
+        except Exception:  # closing a socket that never opened
+            pass
+    return CheckResult(name, True, f"Live socket opens ({took:.0f} ms); key accepted.", round(took, 1))
 
 
 async def check_stt(stt: STT, language: str = "en") -> CheckResult:

@@ -260,6 +260,102 @@ class AudioClip:
 class TTSCapabilities:
     streaming: bool = False  # returns audio progressively
     sample_rate: int = 24000
+    #: takes text over a long-lived socket (:meth:`TTS.open_reply`): the scheduler pushes
+    #: a reply's chunks into one stream instead of one request per chunk
+    text_stream: bool = False
+
+
+class FlushWindow:
+    """A service's limit on flushes per sliding window (Aura: 20 per 60 s), per socket.
+
+    Why here: the provider knows the limit, the scheduler decides where to flush, and
+    both must count the same flushes."""
+
+    def __init__(self, limit: int | None = None, window_s: float = 60.0, clock=None):
+        import time as _time
+
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock or _time.monotonic
+        self._times: list[float] = []
+
+    def _trim(self) -> None:
+        cutoff = self._clock() - self.window_s
+        while self._times and self._times[0] <= cutoff:
+            self._times.pop(0)
+
+    def left(self) -> int:
+        """Flushes still allowed now (a large number when there is no limit)."""
+        if self.limit is None:
+            return 1 << 30
+        self._trim()
+        return max(0, self.limit - len(self._times))
+
+    def wait_s(self) -> float:
+        """Seconds until one more flush is allowed (0 when one is allowed now)."""
+        if self.left() > 0:
+            return 0.0
+        return max(0.0, self._times[0] + self.window_s - self._clock())
+
+    def used(self) -> None:
+        if self.limit is not None:
+            self._times.append(self._clock())
+
+
+@dataclass(frozen=True)
+class ReplyAudio:
+    """Audio (PCM16 mono at the stream's ``sample_rate``) of flush ``flush_id``; in order."""
+
+    flush_id: int
+    pcm16: bytes
+
+
+@dataclass(frozen=True)
+class ReplyFlushed:
+    """All audio of flush ``flush_id`` was delivered (Aura ``Flushed``, Realtime
+    ``response.done``). ``transcript``: what the service says it read, when it says."""
+
+    flush_id: int
+    transcript: str | None = None
+
+
+ReplyEvent = ReplyAudio | ReplyFlushed
+
+
+class ReplyStream(abc.ABC):
+    """One reply's text in, its audio out, over a provider's long-lived socket.
+
+    Text is pushed as the chunker cuts it (spaces kept: services join the pieces as
+    sent); :meth:`flush` asks for the audio of everything pushed since the last flush
+    and returns that flush's id; :meth:`events` yields the audio in flush order and a
+    :class:`ReplyFlushed` marker per flush; :meth:`clear` (barge-in) drops pending text
+    and audio. Failures are raised from :meth:`events` as :class:`ProviderError`.
+    """
+
+    sample_rate: int = 24000
+    #: the socket's flush limit (shared by the replies it carries); unlimited by default
+    flushes: FlushWindow = FlushWindow()
+
+    @abc.abstractmethod
+    async def push(self, text: str) -> None:
+        """Send text to synthesize (no audio comes before a flush)."""
+
+    @abc.abstractmethod
+    async def flush(self) -> int:
+        """Synthesize what was pushed since the last flush; returns the flush's id.
+        Ids count 0, 1, 2... per reply, so a caller knows the id before audio arrives."""
+
+    @abc.abstractmethod
+    async def clear(self) -> None:
+        """Drop everything not yet delivered (the reply is cancelled)."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[ReplyEvent]:
+        """Audio and flush markers in order, until :meth:`aclose`."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """The reply is over: give the socket back (warm) for the next one."""
 
 
 class TTS(abc.ABC):
@@ -280,6 +376,13 @@ class TTS(abc.ABC):
         it; pieces play back to back. The default is one piece: :meth:`synthesize`.
         """
         yield await self.synthesize(text, voice=voice, speed=speed, cancel=cancel)
+
+    async def open_reply(self, *, voice: str, speed: float, cancel: CancelToken) -> ReplyStream:
+        """A :class:`ReplyStream` for one reply (providers with ``capabilities.text_stream``).
+
+        Raises :class:`ProviderError` when the socket cannot be opened; the scheduler
+        then uses the per-chunk path (:meth:`synthesize_stream`) for that reply."""
+        raise NotImplementedError(f"{self.name} takes text per request, not as a stream")
 
     def drain_notices(self) -> list[str]:
         """Sentences for the user since the last call (e.g. "switched to the built-in voice")."""
@@ -450,3 +553,160 @@ class Listener(abc.ABC):
 
     async def aclose(self) -> None:
         """Stop listening and release resources."""
+
+
+# ---------------------------------------------------------------- warm sockets (TTS with streamed text)
+class WarmSocket(abc.ABC):
+    """A provider's long-lived connection, as :class:`WarmSockets` sees it."""
+
+    @property
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """Still open and usable (the service may close it at any time)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close it (best effort, never raises)."""
+
+
+class WarmSockets:
+    """One opened socket kept ready so a reply never waits for a handshake.
+
+    :meth:`warm` (the user started speaking) opens one if none is idle; :meth:`take`
+    hands the idle one out, waits for one being opened, or opens a new one; a reply
+    gives it back when done. A socket the service closed is dropped and the next
+    :meth:`warm`/:meth:`take` opens a fresh one (the reconnect). One socket per voice
+    session in practice: replies of one session do not overlap (a new one starts
+    after the last was cancelled or finished). A provider whose service limits a
+    socket (Aura's flush window) passes ``usable`` and a ``max_idle`` of 2: a socket
+    whose window is spent rests while the other serves."""
+
+    def __init__(self, open_socket, *, max_idle: int = 1):
+        self._open = open_socket
+        self.max_idle = max_idle
+        self._idle: list[WarmSocket] = []
+        self._opening: asyncio.Task | None = None
+        self.opened = 0  # sockets opened so far (tests, doctor)
+        self._closed = False
+
+    def _live_idle(self, usable=None) -> WarmSocket | None:
+        """An idle open socket (that ``usable`` accepts), taken out of the pool."""
+        self._idle = [s for s in self._idle if s.alive]
+        for sock in reversed(self._idle):
+            if usable is None or usable(sock):
+                self._idle.remove(sock)
+                return sock
+        return None
+
+    async def _open_one(self) -> WarmSocket:
+        sock = await self._open()
+        self.opened += 1
+        return sock
+
+    async def warm(self, usable=None) -> None:
+        """Have one socket open and idle (that ``usable`` accepts; raises the open's
+        :class:`ProviderError`)."""
+        if self._closed:
+            return
+        self._idle = [s for s in self._idle if s.alive]
+        if any(usable is None or usable(s) for s in self._idle):
+            return
+        if self._opening is None or self._opening.done():
+            self._opening = asyncio.create_task(self._open_one(), name="tts-socket-open")
+        task = self._opening
+        sock = await asyncio.shield(task)
+        if self._opening is task:
+            self._opening = None
+            self.give_back(sock)
+
+    async def take(self, usable=None) -> WarmSocket:
+        """An idle socket, the one being opened, or a new one. ``usable`` (optional)
+        skips idle sockets that cannot serve now (e.g. their flush window is spent):
+        they stay in the pool and recover."""
+        sock = self._live_idle(usable)
+        if sock is not None:
+            return sock
+        task = self._opening
+        if task is not None:
+            self._opening = None
+            with contextlib.suppress(ProviderError):
+                sock = await asyncio.shield(task)
+                if sock.alive:
+                    return sock
+        return await self._open_one()
+
+    def give_back(self, sock: WarmSocket) -> None:
+        if sock.alive and not self._closed and len(self._idle) < self.max_idle:
+            self._idle.append(sock)
+            return
+        if sock.alive and not self._closed and self._idle:
+            # the pool is full: keep the newest, close the oldest
+            self._idle.append(sock)
+            sock = self._idle.pop(0)
+        task = asyncio.get_running_loop().create_task(sock.close())
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        socks, self._idle = self._idle, []
+        if self._opening is not None:
+            with contextlib.suppress(BaseException):
+                socks.append(await self._opening)
+            self._opening = None
+        for sock in socks:
+            await sock.close()
+
+
+_BACKGROUND: set = set()
+
+
+#: a one-chunk reply's first piece (ms of audio), then pieces twice as long as the one before
+REPLY_FIRST_PIECE_MS = 300
+
+
+async def one_flush_reply(tts: TTS, text: str, *, voice: str, speed: float, cancel: CancelToken | None, timeout_s: float, service: str) -> AsyncIterator[AudioClip]:
+    """One chunk through a provider's :class:`ReplyStream` (push, one flush): how
+    text-stream providers implement :meth:`TTS.synthesize_stream` for the fixed
+    phrases, ``doctor`` and the per-chunk fallback. The stream is cleared if the
+    caller stops early, so no audio of it reaches the next reply."""
+    reply = await tts.open_reply(voice=voice, speed=speed, cancel=cancel or CancelToken())
+    done = False
+    buf, piece_ms = bytearray(), REPLY_FIRST_PIECE_MS
+    rate = reply.sample_rate
+    try:
+        await reply.push(text.strip())
+        await reply.flush()
+        events = reply.events().__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    ev = await events.__anext__()
+            except TimeoutError as exc:
+                raise ProviderTimeout(f"The {service} sent no audio for {timeout_s:.0f} s.", retryable=True) from exc
+            if cancel is not None and cancel.cancelled:
+                return
+            if isinstance(ev, ReplyFlushed):
+                done = True
+                if buf:
+                    yield AudioClip.from_pcm16(bytes(buf), rate)
+                return
+            buf += ev.pcm16
+            if len(buf) >= 2 * rate * piece_ms // 1000:
+                cut = len(buf) & ~1
+                piece, buf = bytes(buf[:cut]), buf[cut:]
+                piece_ms *= 2
+                yield AudioClip.from_pcm16(piece, rate)
+    finally:
+        if not done:
+            await reply.clear()
+        await reply.aclose()
+
+
+async def whole_clip(tts: TTS, text: str, *, voice: str, speed: float, cancel: CancelToken | None, service: str) -> AudioClip:
+    """:meth:`TTS.synthesize` from :meth:`TTS.synthesize_stream`: the pieces joined."""
+    clips = [c async for c in tts.synthesize_stream(text, voice=voice, speed=speed, cancel=cancel)]
+    if not clips and not (cancel is not None and cancel.cancelled):
+        raise ProtocolError(f"The {service} sent no audio for the text.")
+    rate = clips[0].sample_rate if clips else tts.capabilities.sample_rate
+    return AudioClip.from_pcm16(b"".join(c.pcm16() for c in clips), rate)

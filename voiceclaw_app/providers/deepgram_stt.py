@@ -383,11 +383,22 @@ class DeepgramListener(Listener):
                 attempt += 1
                 await asyncio.sleep(delay)
 
+    def _socket_cm(self):
+        """The SDK's connect context manager for this listener's endpoint (``/v1/listen``)."""
+        return _client(self._api_key, self.url).listen.v1.connect(**self.options.query())
+
+    async def _send_finalize(self) -> None:
+        """Ask the service to finish the utterance now (v1: ``Finalize``)."""
+        await self._sock.send_finalize()
+
+    async def _send_keepalive(self) -> None:
+        await self._sock.send_keep_alive()
+
     async def _connect(self) -> None:
         stack = contextlib.AsyncExitStack()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                sock = await stack.enter_async_context(_client(self._api_key, self.url).listen.v1.connect(**self.options.query()))
+                sock = await stack.enter_async_context(self._socket_cm())
         except BaseException as exc:
             await stack.aclose()
             if isinstance(exc, asyncio.CancelledError):
@@ -435,7 +446,7 @@ class DeepgramListener(Listener):
             if self._finalizing and self._finalize_sent:
                 # the Finalize sent on the old socket was lost with it: ask again (one
                 # still queued goes out after the frames queued before it)
-                await self._sock.send_finalize()
+                await self._send_finalize()
             elif self._finals:
                 # the new socket never heard the words already final: it will not end
                 # that turn. End it locally after the endpointing silence.
@@ -485,13 +496,13 @@ class DeepgramListener(Listener):
                         await self._sock.send_close_stream()
                         return
                     if item is _FINALIZE:
-                        await self._sock.send_finalize()
+                        await self._send_finalize()
                         self._finalize_sent = True
                         self._last_send = time.monotonic()
                     elif isinstance(item, _Frame):
                         await self._send_frame(item)
                     elif time.monotonic() - self._last_send >= self.keepalive_s:
-                        await self._sock.send_keep_alive()
+                        await self._send_keepalive()
                         self._last_send = time.monotonic()
                         self.stats["keepalives"] += 1
                 except ProviderError:
@@ -502,7 +513,7 @@ class DeepgramListener(Listener):
                     log.info("Deepgram send failed (%s); reconnecting", type(exc).__name__)
                     await self._reconnect()
                     if item is _FINALIZE and not self._finalize_sent:
-                        await self._sock.send_finalize()
+                        await self._send_finalize()
                         self._finalize_sent = True
         except ProviderError as exc:
             self._fail(exc)

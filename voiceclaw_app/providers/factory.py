@@ -7,10 +7,15 @@ embedded engines, which :mod:`.engines` loads once per process).
 
 * LLM: ``llm_base_url`` set -> :class:`OpenAICompatLLM` (gateway, OpenAI, Ollama...);
   empty -> the embedded local LLM.
-* TTS: ``tts_provider`` ``openai`` -> :class:`OpenAITTS` (``VOICECLAW_TTS_BASE_URL``),
+* TTS: ``tts_provider`` ``openai`` -> :class:`OpenAITTS` (``/v1/audio/speech``,
+  ``VOICECLAW_TTS_BASE_URL``); ``deepgram`` -> :class:`DeepgramTTS` (Aura, speak
+  WebSocket, ``VOICECLAW_DEEPGRAM_URL``); ``openai-realtime`` ->
+  :class:`OpenAIRealtimeTTS` (Realtime WebSocket, ``VOICECLAW_TTS_BASE_URL``); each
   wrapped in :class:`FallbackTTS` when ``fallback_to_local``; ``local`` -> Piper.
-* STT (whole clip): ``stt_provider`` ``deepgram`` -> pre-recorded ``/v1/listen``; else Whisper.
-* Listener (live session): ``deepgram`` -> :class:`DeepgramListener` (socket opened
+* STT (whole clip): ``stt_provider`` ``deepgram``/``deepgram-flux`` -> pre-recorded
+  ``/v1/listen`` (Flux has no pre-recorded endpoint); else Whisper.
+* Listener (live session): ``deepgram-flux`` -> :class:`FluxListener` (``listen.v2``),
+  otherwise as ``deepgram``; ``deepgram`` -> :class:`DeepgramListener` (socket opened
   here, at session start, with the server's Silero VAD as its barge-in gate),
   wrapped in :class:`FallbackListener` when ``fallback_to_local`` (which re-opens a
   fresh Deepgram listener between turns after a fallback); ``local`` -> the
@@ -31,12 +36,19 @@ the Deepgram socket).
 from __future__ import annotations
 
 import contextlib
-
+import logging
 from typing import Any
 
 from ..config import VoiceSettings
 from ..secrets import ProviderKeys, env_key_url
 from .base import LLM, STT, TTS, Listener
+
+log = logging.getLogger("voiceclaw.providers")
+
+#: ``tts_provider`` values served by a cloud client (the rest: the embedded voice)
+CLOUD_TTS = ("openai", "deepgram", "openai-realtime")
+#: ``stt_provider`` values served by Deepgram (v1 listen, or Flux on listen.v2)
+DEEPGRAM_STT = ("deepgram", "deepgram-flux")
 
 
 # ------------------------------------------------------------------ embedded engines (lazy)
@@ -92,13 +104,37 @@ def build_llm(settings: VoiceSettings, keys: ProviderKeys) -> LLM:
     return OpenAICompatLLM(settings.llm_base_url, str(keys.llm_api_key or ""), dict(settings.llm_headers))
 
 
-def build_tts(settings: VoiceSettings, keys: ProviderKeys) -> TTS:
-    keys = _keys_for(settings, keys)
-    if settings.tts_provider != "openai":
-        return _local_tts(settings)
+def _cloud_tts(settings: VoiceSettings, keys: ProviderKeys) -> TTS:
+    if settings.tts_provider == "deepgram":
+        from .deepgram_tts import DeepgramTTS
+
+        return DeepgramTTS.from_settings(settings, keys)
+    if settings.tts_provider == "openai-realtime":
+        from .openai_realtime_tts import OpenAIRealtimeTTS
+
+        return OpenAIRealtimeTTS.from_settings(settings, keys)
     from .openai_tts import OpenAITTS
 
-    cloud = OpenAITTS.from_settings(settings, keys)
+    return OpenAITTS.from_settings(settings, keys)
+
+
+_warned: set[str] = set()
+
+
+def _warn_retiring(settings: VoiceSettings) -> None:
+    """The startup log's line for a retiring OpenAI speech model (once per process and message)."""
+    warning = settings.tts_retirement_warning()
+    if warning and warning not in _warned:
+        _warned.add(warning)
+        log.warning("%s", warning)
+
+
+def build_tts(settings: VoiceSettings, keys: ProviderKeys) -> TTS:
+    keys = _keys_for(settings, keys)
+    _warn_retiring(settings)
+    if settings.tts_provider not in CLOUD_TTS:
+        return _local_tts(settings)
+    cloud = _cloud_tts(settings, keys)
     if not settings.fallback_to_local:
         return cloud
     from .fallback import FallbackTTS
@@ -108,7 +144,7 @@ def build_tts(settings: VoiceSettings, keys: ProviderKeys) -> TTS:
 
 def build_stt(settings: VoiceSettings, keys: ProviderKeys) -> STT:
     keys = _keys_for(settings, keys)
-    if settings.stt_provider != "deepgram":
+    if settings.stt_provider not in DEEPGRAM_STT:
         return _local_stt(settings)
     from .deepgram_stt import DeepgramSTT
 
@@ -134,10 +170,15 @@ async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener
     allowed) the embedded listener can start.
     """
     keys = _keys_for(settings, keys)
-    if settings.stt_provider != "deepgram":
+    if settings.stt_provider not in DEEPGRAM_STT:
         return await _local_listener(settings)
     from .deepgram_stt import DeepgramListener
 
+    kind: Any = DeepgramListener
+    if settings.stt_provider == "deepgram-flux":
+        from .deepgram_flux import FluxListener
+
+        kind = FluxListener
     with_vad = "vad" not in listener_options
 
     def make_cloud() -> Listener:
@@ -146,7 +187,7 @@ async def build_listener(settings: VoiceSettings, keys: ProviderKeys, **listener
             # barge-in from whichever is first: our own VAD (tentative at its onset,
             # confirmed after vad_min_speech_ms) or Deepgram's SpeechStarted
             opts["vad"] = _server_vad()
-        return DeepgramListener.from_settings(settings, keys, **opts)
+        return kind.from_settings(settings, keys, **opts)
 
     cloud = make_cloud()
     if not settings.fallback_to_local:

@@ -41,6 +41,7 @@ from .base import (
     ListenEvent,
     ListenNotice,
     ProviderError,
+    ReplyStream,
     TTS,
     TTSCapabilities,
     queued_events,
@@ -76,7 +77,7 @@ class FallbackTTS(TTS):
         self.fallback_voice = fallback_voice
         self.notices: list[str] = []
         self.name = f"{primary.name}+fallback"
-        self.capabilities = TTSCapabilities(streaming=primary.capabilities.streaming, sample_rate=primary.capabilities.sample_rate)
+        self.capabilities = TTSCapabilities(streaming=primary.capabilities.streaming, sample_rate=primary.capabilities.sample_rate, text_stream=primary.capabilities.text_stream)
         self._fallback: TTS | None = None
         self._fallback_lock = asyncio.Lock()
         self._using_fallback = False
@@ -151,6 +152,18 @@ class FallbackTTS(TTS):
                     return
         fallback = await self._get_fallback()
         yield await fallback.synthesize(text, voice=self.fallback_voice, speed=speed, cancel=cancel)
+
+    async def open_reply(self, *, voice: str = "", speed: float = 1.0, cancel: CancelToken | None = None) -> ReplyStream:
+        """The cloud's reply stream. When it cannot open (or the embedded voice already
+        took over this turn) this raises, and the scheduler sends the reply's chunks
+        one by one through :meth:`synthesize_stream`, which falls back chunk by chunk."""
+        if self._using_fallback:
+            raise ProviderError("The built-in voice is speaking this reply.", retryable=False)
+        try:
+            return await self.primary.open_reply(voice=voice, speed=speed, cancel=cancel or CancelToken())
+        except ProviderError as exc:
+            self._take_over(exc, cancel)
+            raise
 
     async def warm(self) -> None:
         """Speech started: a new turn tries the cloud first; warm its connection."""

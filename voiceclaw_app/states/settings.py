@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import reflex as rx
 
-from ..config import PRESETS, USER_PREF_FIELDS, SettingsError, VoiceSettings
+from ..config import PRESETS, USER_PREF_FIELDS, SettingsError, VoiceSettings, retiring_tts_warning
 from ..db import repo
 from ..providers.factory import key_targets
 from ..secrets import KEY_ENV, ProviderKeys
@@ -54,6 +54,11 @@ class SettingsState(rx.State):
     preview_error: str = ""
     #: the page shows provider fields, keys, presets and tests only to admins
     is_admin: bool = False
+
+    @rx.var
+    def tts_warning(self) -> str:
+        """The retiring-model warning for the TTS provider and model the form shows."""
+        return retiring_tts_warning(self.values.get("tts_provider", ""), self.values.get("tts_model", "")) or ""
 
     async def _reload(self, user) -> None:
         settings = await asyncio.to_thread(repo.load_settings, user.id)
