@@ -96,6 +96,14 @@ class FakeRunner:
         yield TurnDone("".join(self.tokens), marks, len(self.chunks))
 
 
+def make_people() -> None:
+    """Accounts 1 and 2 (conversations belong to a user: the session tests speak as them)."""
+    from voiceclaw_app import accounts
+
+    for name in ("person-one", "person-two"):
+        accounts.add_user(name, f"{name}-password")
+
+
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("VOICECLAW_DATA_DIR", str(tmp_path))
@@ -104,6 +112,7 @@ def env(tmp_path, monkeypatch):
     from voiceclaw_app.states import services
 
     repo.create_all()
+    make_people()
     sink = FakeSink()
     holder = {}
 
@@ -125,13 +134,17 @@ async def test_typed_turn_streams_in_segments_and_is_stored(env):
     assert len(sink.stream.updates) < len(tokens) / 3
     assert max(sink.stream.updates) < 8 * 2000
     assert "".join(projection.segments) == "".join(tokens)
-    assert sink.stream.audio_urls == ["/audio/aaaaaaaaaa.wav", "/audio/bbbbbbbbbb.wav"]
+    from voiceclaw_app.server.auth import sign_audio_url
+
+    # signed for their owner (user 1): only they can fetch them
+    assert sink.stream.audio_urls == [sign_audio_url("aaaaaaaaaa", 1), sign_audio_url("bbbbbbbbbb", 1)]
+    assert sink.stream.audio_urls[0].startswith("/audio/aaaaaaaaaa.wav?u=1&s=")
     assert [m["role"] for m in sink.chat.messages] == ["user", "assistant"]
-    msgs = repo.list_messages(sink.chat.conversation_id)
+    msgs = repo.list_messages(1, sink.chat.conversation_id)
     assert msgs[1]["content"] == "".join(tokens).strip()
     assert msgs[1]["finished"] and not msgs[1]["interrupted"]
     assert msgs[1]["audio_ids"] == ["aaaaaaaaaa", "bbbbbbbbbb"]
-    assert repo.timings_for(sink.chat.conversation_id)[0]["turn_done"] is not None
+    assert repo.timings_for(1, sink.chat.conversation_id)[0]["turn_done"] is not None
     assert session.conversation_id == sink.chat.conversation_id
 
 
@@ -147,7 +160,7 @@ async def test_barge_in_keeps_only_played_chunks(env):
     await session.on_control({"type": "barge_in"})
     with contextlib.suppress(asyncio.CancelledError):
         await reply.task
-    msgs = repo.list_messages(sink.chat.conversation_id)
+    msgs = repo.list_messages(1, sink.chat.conversation_id)
     assert msgs[-1]["content"] == "One."
     assert msgs[-1]["interrupted"]
     assert sink.chat.messages[-1]["interrupted"] == "1"
@@ -180,7 +193,7 @@ async def test_a_muted_reply_is_stored_while_it_streams(env):
     for _ in range(300):
         await asyncio.sleep(0.05)
         if reply.message_id is not None:
-            msg = [m for m in repo.list_messages(reply.conversation_id) if m["role"] == "assistant"][-1]
+            msg = [m for m in repo.list_messages(1, reply.conversation_id) if m["role"] == "assistant"][-1]
             stored.append(len(msg["content"]))
             if not msg["finished"] and len(set(stored)) >= 3:
                 break
@@ -201,8 +214,8 @@ async def test_connection_test_sends_the_stored_llm_key_only_to_the_saved_addres
     from voiceclaw_app.states.settings import _test_provider
 
     sink, holder, repo = env
-    services.key_store().set("llm_api_key", "sk-stored-gateway-token")
     async with FakeChatServer(api_key="sk-stored-gateway-token") as saved_srv, FakeChatServer() as other_srv:
+        services.key_store().set("llm_api_key", "sk-stored-gateway-token", saved_srv.base_url)
         repo.save_settings(VoiceSettings(llm_base_url=saved_srv.base_url, llm_model_voice="openclaw:voice"))
         # the form shows another address, not saved: no request carries the key there
         result = await _test_provider("llm", VoiceSettings(llm_base_url=other_srv.base_url, llm_model_voice="openclaw:voice"))

@@ -159,7 +159,7 @@ async def test_page_left_mid_reply_ends_the_running_turn_cut_at_what_was_heard(e
         await reply.task
     assert reply.interrupted
     assert sink.chat.session_status == "idle"
-    msgs = repo.list_messages(sink.chat.conversation_id)
+    msgs = repo.list_messages(1, sink.chat.conversation_id)
     assert msgs[-1]["content"] == "One."
     assert msgs[-1]["interrupted"]
     await _reload(session, wire, sink)  # back on the page: nothing is stuck
@@ -218,7 +218,7 @@ async def test_playback_stopped_on_the_voice_socket_cuts_the_reply(env):
         await reply.task
     assert reply.interrupted
     for _ in range(100):
-        msgs = repo.list_messages(sink.chat.conversation_id)
+        msgs = repo.list_messages(1, sink.chat.conversation_id)
         if msgs[-1]["interrupted"]:
             break
         await asyncio.sleep(0.02)

@@ -335,7 +335,18 @@ def _endpoint():
     from voiceclaw_app.states import services
 
     hub = SessionHub(services=services, store_for=DbConversationStore)
-    return hub, make_ws_voice(hub)
+    return hub, make_ws_voice(hub, authenticate=_person_one, origin_allowed=_any_origin)
+
+
+async def _person_one(headers, client_host):
+    """The logged-in user of these sockets (the login itself: test_auth.py, e2e/test_access.py)."""
+    from voiceclaw_app.server.auth import AuthUser
+
+    return AuthUser(id=1, name="person-one", is_admin=False)
+
+
+def _any_origin(headers) -> bool:
+    return True
 
 
 @pytest.mark.parametrize("rate", ["abc", {"x": 1}, [16000], 44100, "nan", True])
@@ -358,21 +369,6 @@ async def test_good_sample_rates_are_accepted(voice, rate):
     assert ws.types()[0] == "ready" and ws.closed_with is None
 
 
-async def test_access_token_is_required_when_configured(voice, monkeypatch):
-    _, ws_voice = _endpoint()
-    monkeypatch.setenv("VOICECLAW_ACCESS_TOKEN", "s3cret-token")
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000})}])
-    await ws_voice(ws)
-    assert ws.closed_with == 4003
-    assert "access_token" in ws.sent[0]["message"]
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "wrong"})}])
-    await ws_voice(ws)
-    assert ws.closed_with == 4003
-    ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN, "sample_rate": 16000, "access_token": "s3cret-token"})}])
-    await ws_voice(ws)
-    assert ws.types()[0] == "ready"
-
-
 async def test_the_injected_authenticate_and_origin_check_refuse_the_socket(voice):
     from voiceclaw_app.server.ws_voice import make_ws_voice
 
@@ -382,10 +378,10 @@ async def test_the_injected_authenticate_and_origin_check_refuse_the_socket(voic
         return None
 
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN})}])
-    await make_ws_voice(hub, authenticate=nobody)(ws)
+    await make_ws_voice(hub, authenticate=nobody, origin_allowed=_any_origin)(ws)
     assert ws.closed_with == 4003 and ws.sent[0]["code"] == "login"
     ws = FakeWS([{"text": json.dumps({"type": "hello", "client_token": TOKEN})}], headers={"origin": "https://evil.example"})
-    await make_ws_voice(hub, origin_allowed=lambda h: h.get("origin") != "https://evil.example")(ws)
+    await make_ws_voice(hub, authenticate=_person_one, origin_allowed=lambda h: h.get("origin") != "https://evil.example")(ws)
     assert ws.closed_with == 4003 and ws.sent[0]["code"] == "origin"
     assert hub.sessions() == []
 
@@ -462,7 +458,7 @@ async def test_two_people_at_once_each_get_only_their_own_reply(env):  # noqa: F
     assert [m["content"] for m in c1.messages if m["role"] == "user"] == ["first person asks"]
     assert [m["content"] for m in c2.messages if m["role"] == "user"] == ["second person asks"]
     assert sinks["tok-person-one"].stream.audio_turn == r1.turn_id and sinks["tok-person-two"].stream.audio_turn == r2.turn_id
-    assert [m["role"] for m in repo.list_messages(c1.conversation_id)] == ["user", "assistant"]
+    assert [m["role"] for m in repo.list_messages(1, c1.conversation_id)] == ["user", "assistant"]
     await hub.aclose()
 
 
@@ -486,7 +482,7 @@ async def test_only_the_first_first_playing_report_counts(env):  # noqa: F811
     origin = turn.marks.origin()
     await _report(session, "first_playing", turn.turn_id, index=0, server_ms=origin + 900.0)
     for _ in range(250):  # the write runs in an executor thread
-        first = repo.timings_for(turn.conversation_id)[0]["first_audio_playing"]
+        first = repo.timings_for(1, turn.conversation_id)[0]["first_audio_playing"]
         if first is not None:
             break
         await asyncio.sleep(0.02)
@@ -496,7 +492,7 @@ async def test_only_the_first_first_playing_report_counts(env):  # noqa: F811
     session.reply = None
     await _report(session, "first_playing", turn.turn_id, index=0, server_ms=origin + 90000.0)
     await asyncio.sleep(0.5)  # (a write, had one been scheduled, would land by now)
-    assert repo.timings_for(turn.conversation_id)[0]["first_audio_playing"] == first
+    assert repo.timings_for(1, turn.conversation_id)[0]["first_audio_playing"] == first
     assert turn.marks.first_audio_playing == origin + 900.0
 
 
@@ -511,7 +507,7 @@ async def test_a_stop_after_the_reply_was_heard_does_not_cut_it(env):  # noqa: F
     await _report(session, "first_playing", turn.turn_id, index=0, server_ms=now_ms())
     await _report(session, "stopped", turn.turn_id, played=1)
     await asyncio.sleep(0.1)
-    msg = repo.list_messages(turn.conversation_id)[-1]
+    msg = repo.list_messages(1, turn.conversation_id)[-1]
     assert msg["content"] == "One. Two." and not msg["interrupted"]
     assert not session.replying()
 
@@ -523,7 +519,7 @@ async def test_a_stop_during_playback_after_synthesis_cuts_to_played_chunks(env)
     assert session.replying()
     await _report(session, "stopped", turn.turn_id, played=1)
     for _ in range(50):
-        msg = repo.list_messages(turn.conversation_id)[-1]
+        msg = repo.list_messages(1, turn.conversation_id)[-1]
         if msg["interrupted"]:
             break
         await asyncio.sleep(0.02)
@@ -572,7 +568,7 @@ async def _interrupted_after_the_first_chunk(env, ids: tuple[str, str, str]):  #
 async def test_an_interrupted_reply_keeps_only_the_audio_that_played(env):  # noqa: F811
     sink, holder, repo = env
     session, turn = await _interrupted_after_the_first_chunk(env, ("i1i1i1i1i1", "i2i2i2i2i2", "i3i3i3i3i3"))
-    msg = repo.list_messages(turn.conversation_id)[-1]
+    msg = repo.list_messages(1, turn.conversation_id)[-1]
     assert msg["content"] == "One." and msg["interrupted"]
     assert msg["audio_ids"] == ["i1i1i1i1i1"]
     assert sink.chat.last_audio_ids == ["i1i1i1i1i1"]
@@ -599,7 +595,7 @@ async def test_a_cancelled_turn_does_not_append_to_another_conversation(env):  #
         await turn.task
     assert sink.chat.messages == []
     assert sink.chat.conversation_id == "" and session.conversation_id == ""
-    stored = repo.list_messages(old_conv)
+    stored = repo.list_messages(1, old_conv)
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[-1]["interrupted"]
 
 
@@ -641,11 +637,11 @@ def test_preview_and_tests_use_the_forms_current_values(env):  # noqa: F811
 async def test_a_stopped_report_after_the_cut_keeps_the_chunk_that_had_started(env):  # noqa: F811
     sink, holder, repo = env
     session, turn = await _interrupted_after_the_first_chunk(env, ("s1s1s1s1s1", "s2s2s2s2s2", "s3s3s3s3s3"))
-    assert repo.list_messages(turn.conversation_id)[-1]["content"] == "One."
+    assert repo.list_messages(1, turn.conversation_id)[-1]["content"] == "One."
     # the page's queue had started chunk 2 before the barge-in reached it
     await _report(session, "stopped", turn.turn_id, played=2)
     for _ in range(50):
-        msg = repo.list_messages(turn.conversation_id)[-1]
+        msg = repo.list_messages(1, turn.conversation_id)[-1]
         if msg["content"] != "One.":
             break
         await asyncio.sleep(0.02)

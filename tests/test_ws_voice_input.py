@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
 
-from .test_states import FakeRunner
+from .test_states import FakeRunner, make_people
 from .test_ui_voice import FakeListener
 
 TOKEN = "tok-badinput-01"
@@ -36,6 +36,7 @@ def rig(tmp_path, monkeypatch):
     from voiceclaw_app.states import services
 
     repo.create_all()
+    make_people()
     built: list[FakeListener] = []
 
     async def build_listener(settings):
@@ -48,9 +49,16 @@ def rig(tmp_path, monkeypatch):
     monkeypatch.setattr(services, "build_listener", build_listener)
     monkeypatch.setattr(services, "get_runner", get_runner)
     hub = SessionHub(services=services, store_for=DbConversationStore)
-    app = Starlette(routes=[WebSocketRoute("/ws/voice", make_ws_voice(hub))])
+    app = Starlette(routes=[WebSocketRoute("/ws/voice", make_ws_voice(hub, authenticate=person_one, origin_allowed=lambda headers: True))])
     with TestClient(app) as client:
         yield client, hub, built, repo
+
+
+async def person_one(headers, client_host):
+    """The logged-in user of every socket here (the login itself is tested in test_auth.py)."""
+    from voiceclaw_app.server.auth import AuthUser
+
+    return AuthUser(id=1, name="person-one", is_admin=False)
 
 
 def _hello(ws, **kw) -> dict:
@@ -89,7 +97,7 @@ def _typed_turn_works(ws, repo, hub, text: str = "how are you") -> None:
             break
         time.sleep(0.02)
     assert reply is not None and reply.finished
-    msgs = repo.list_messages(reply.conversation_id)
+    msgs = repo.list_messages(1, reply.conversation_id)
     assert [m["content"] for m in msgs][-2:] == [text, "Fine thanks."]
 
 
