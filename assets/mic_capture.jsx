@@ -10,9 +10,8 @@
 // on every change), typed text ("text", when saySeq changes), the audio queue's
 // playback reports ("playback").
 // Playback control from the server (pause / resume / barge_in) is re-dispatched as
-// window events for the audio queue. With VOICECLAW_ACCESS_TOKEN set on the server,
-// open the page once as /?access_token=...: the token is kept in localStorage and
-// sent in the hello; a refusal (close code 4003) stops the reconnect loop.
+// window events for the audio queue. The socket carries the login cookie; a refusal
+// (close code 4003: not logged in, or a foreign origin) stops the reconnect loop.
 // While mounted, window.__voiceclawMicSend(obj) sends JSON.stringify(obj) on the
 // socket when it is open (true) or does nothing (false), and
 // window.__voiceclawVoiceSend(obj) sends it in order, opening the socket if needed:
@@ -41,23 +40,7 @@ function cue(kind) {
 }
 if (typeof window !== "undefined") window.__voiceclawCue = cue;
 
-const ACCESS_KEY = "voiceclaw:access_token";
 const ACCESS_MESSAGE = "Not logged in (or the session ended): reload the page and log in.";
-
-// ?access_token=... is taken from the URL once, kept in localStorage and removed from the address bar
-function accessToken() {
-  if (typeof window === "undefined") return "";
-  try {
-    const url = new URL(window.location.href);
-    const given = url.searchParams.get("access_token");
-    if (given !== null) {
-      if (given) window.localStorage.setItem(ACCESS_KEY, given); else window.localStorage.removeItem(ACCESS_KEY);
-      url.searchParams.delete("access_token");
-      window.history.replaceState(window.history.state, "", url.pathname + url.search + url.hash);
-    }
-    return window.localStorage.getItem(ACCESS_KEY) || "";
-  } catch (e) { return ""; }
-}
 
 function wsURL() {
   const u = getBackendURL(env.EVENT);
@@ -110,8 +93,6 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversatio
     let pings = [];
     ws.onopen = () => {
       const hello = { type: "hello", client_token: getToken(), sample_rate: 16000, mode: modeRef.current, ...contextRef.current };
-      const access = accessToken();
-      if (access) hello.access_token = access;
       ws.send(JSON.stringify(hello));
     };
     ws.onmessage = (ev) => {
