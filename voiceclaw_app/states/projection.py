@@ -111,8 +111,9 @@ class Projection:
 
             def mic(stream, chat) -> None:
                 chat.mic_on = e.on
-                if e.on:
+                if e.on and chat.taken_over:  # this tab took the mic back: the notice is stale
                     chat.taken_over = False
+                    chat.notice = ""
 
             await self.apply(mic)
         elif isinstance(e, ev.UserInterim):
