@@ -82,18 +82,42 @@ def _route_client(store: AudioStore) -> TestClient:
     return TestClient(app)
 
 
-def test_a_clip_saved_on_one_box_is_served_by_another(two_boxes):
+def _logged_in_user(db_url: str, monkeypatch) -> tuple[int, dict[str, str]]:
+    """A real account in the same database and its login cookie (the route serves a
+    clip only to the user its URL was signed for, logged in)."""
+    import uuid
+
+    from voiceclaw_app import accounts
+    from voiceclaw_app.db import repo
+    from voiceclaw_app.server.auth import SESSION_COOKIE, create_login_session
+
+    monkeypatch.setenv("VOICECLAW_DATABASE_URL", db_url)
+    repo.create_all()
+    user = accounts.add_user(f"box-{uuid.uuid4().hex[:8]}", "correct horse battery")
+    return user.id, {"Cookie": f"{SESSION_COOKIE}={create_login_session(user.id)}"}
+
+
+def test_a_clip_saved_on_one_box_is_served_by_another(two_boxes, db_url, monkeypatch):
+    from voiceclaw_app.server.auth import sign_stored_url
+
     a, b = two_boxes
+    user_id, cookie = _logged_in_user(db_url, monkeypatch)
     clip = _clip()
     stored = a.save(clip)
     assert a.flush(10)
     assert not (b.root / f"{stored.audio_id}.wav").exists()
+    url = sign_stored_url(stored.url, user_id)
     try:
-        response = _route_client(b).get(stored.url)
+        client = _route_client(b)
+        response = client.get(url, headers=cookie)
+        anonymous = client.get(url)
+        unsigned = client.get(stored.url, headers=cookie)
     finally:
         from voiceclaw_app.states import services
 
         services._audio_store = None
+    assert anonymous.status_code == 401  # no login: the shared store changes nothing there
+    assert unsigned.status_code == 404
     assert response.status_code == 200
     assert response.content == clip.wav
     assert response.headers["content-type"] == "audio/wav"

@@ -21,16 +21,21 @@ reply (is_final delay + first token + the first chunk's remaining tokens + TTS f
 byte + the transfer of the first playable piece). ``rss_mb_start`` / ``rss_mb_end``:
 resident memory of all worker processes together, after warm-up and at the end.
 
-Logging in: each user's sockets carry the headers of :func:`login_headers` (none
-until the accounts work is merged; then a session cookie from
-``create_login_session``).
+Logging in: each simulated user is an account of its own (``load-<index>``, created
+once in the cluster's PostgreSQL); both sockets and every audio fetch carry its
+session cookie (:func:`login_headers`), as a logged-in tab does. Playback reports and
+typed text go on the tab's ``/ws/voice`` as the page's audio queue and mic component
+send them (assets/audio_queue.jsx, assets/mic_capture.jsx).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import secrets
+import threading
 import ssl
 import tempfile
 import time
@@ -56,13 +61,37 @@ EVENT_NAMESPACE = "/_event"  # Reflex's socket.io path and namespace (both "/_ev
 CHAT_STATE = "reflex___state____state.voiceclaw_app___states___chat____chat_state"  # ChatState.get_full_name()
 
 
-def login_headers(user_index: int) -> dict[str, str]:
-    """Headers that log simulated user ``user_index`` in, for both sockets.
+_logins: dict[tuple[str, int], str] = {}
+_logins_lock = threading.Lock()
 
-    The one place the accounts work plugs in: after the merge, create (once) a user
-    per index and return ``{"Cookie": f"{SESSION_COOKIE}={create_login_session(user_id)}"}``
-    (``voiceclaw_app.server.auth``). Until then the app has no login."""
-    return {}
+
+def login_headers(user_index: int) -> dict[str, str]:
+    """The ``Cookie`` header that logs simulated user ``user_index`` in (both sockets, audio).
+
+    The account ``load-<index>`` is created once in the configured database (set
+    ``VOICECLAW_DATABASE_URL`` to the cluster's PostgreSQL first: the workers look the
+    session up there) and logged in once; later calls (a reconnecting page) reuse the
+    session. Blocking (database): call it from a thread inside an event loop."""
+    from .. import accounts
+    from ..db.engine import database_url
+    from ..server.auth import SESSION_COOKIE, create_login_session
+
+    key = (database_url(), user_index)
+    with _logins_lock:
+        token = _logins.get(key)
+        if token is None:
+            name = f"load-{user_index}"
+            account = accounts.find_user(name) or accounts.add_user(name, secrets.token_urlsafe(18))
+            token = _logins[key] = create_login_session(account.id)
+    return {"Cookie": f"{SESSION_COOKIE}={token}"}
+
+
+def _origin(url: str) -> str:
+    """scheme://host:port of ``url`` (what a browser sends as Origin for a page there)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 @dataclass
@@ -96,7 +125,7 @@ class PageState:
             for key, value in values.items():
                 name = key.removesuffix("_rx_state_")
                 if sub.endswith("chat_state"):
-                    if name == "status":
+                    if name == "session_status":  # ``status`` is a computed var over it
                         self.status = str(value)
                     elif name == "error" and value:
                         self.error = str(value)
@@ -146,6 +175,7 @@ class SimulatedUser:
         self._speech: bytearray = bytearray()
         self._sio = None
         self._ws = None
+        self._headers: dict[str, str] = {}
         self._tasks: list[asyncio.Task] = []
         self.server_messages: list[dict] = []
         self.audio_fetched = 0
@@ -158,19 +188,29 @@ class SimulatedUser:
         import socketio
         import websockets
 
-        headers = login_headers(self.index)
+        headers = self._headers = await asyncio.to_thread(login_headers, self.index)
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl if self.ssl is not None else False))
         self._sio = socketio.AsyncClient(http_session=self._http, reconnection=True, reconnection_delay=0.5)
         self._sio.on("event", self.page.apply, namespace=EVENT_NAMESPACE)
-        await self._sio.connect(f"{self.event_url}?token={self.token}", socketio_path=EVENT_NAMESPACE, namespaces=[EVENT_NAMESPACE], transports=["websocket"], headers=headers, wait_timeout=20)
+        await self._sio.connect(f"{self.event_url}?token={self.token}", socketio_path=EVENT_NAMESPACE, namespaces=[EVENT_NAMESPACE], transports=["websocket"], headers={**headers, "Origin": _origin(self.event_url)}, wait_timeout=20)
         ws_base = self.voice_url.replace("https://", "wss://").replace("http://", "ws://")
-        self._ws = await websockets.connect(f"{ws_base}/ws/voice?token={self.token}", ssl=self.ssl, max_size=None, additional_headers={**headers, "Origin": self.base_url}, open_timeout=20)
+        self._ws = await websockets.connect(f"{ws_base}/ws/voice?token={self.token}", ssl=self.ssl, max_size=None, additional_headers={**headers, "Origin": _origin(self.voice_url)}, open_timeout=20)
         await self._ws.send(json.dumps({"type": "hello", "client_token": self.token, "sample_rate": RATE, "mode": "hands_free"}))
         ready = json.loads(await asyncio.wait_for(self._ws.recv(), 20))
         if ready.get("type") != "ready":
             raise RuntimeError(f"mic socket refused: {ready}")
+        await self.control({"type": "playback", "event": "mounted"})  # the page's audio queue mounts
         self._tasks = [asyncio.create_task(self._stream_mic()), asyncio.create_task(self._read_mic()), asyncio.create_task(self._play())]
+        await self.control({"type": "mic", "on": True})  # capture started: claims the account's mic
         await self.event("on_mic_event", "listening")  # what the page's mic component reports once capturing
+
+    async def control(self, msg: dict) -> None:
+        """A JSON control message on the tab's ``/ws/voice`` (as the mic component sends it)."""
+        await self._ws.send(json.dumps(msg))
+
+    async def type_text(self, text: str) -> None:
+        """A typed message: the page hands it to the voice socket (``{"type": "text"}``)."""
+        await self.control({"type": "text", "text": text})
 
     async def event(self, handler: str, payload: str | None = None) -> None:
         """Send a ChatState event as the page does (a button, a component report)."""
@@ -207,7 +247,7 @@ class SimulatedUser:
         self.played_urls.append(url)
         full = url if url.startswith("http") else self.base_url + url
         try:
-            async with self._http.get(full, headers=login_headers(self.index)) as resp:
+            async with self._http.get(full, headers=self._headers) as resp:
                 body = await resp.read()
                 if resp.status != 200:
                     self.audio_errors.append(f"{resp.status} for {url}")
@@ -219,10 +259,8 @@ class SimulatedUser:
             return 0.0
 
     async def _report(self, data: dict) -> None:
-        """A playback report, the way the page's audio queue sends it today (a Reflex
-        event on ChatState). If the session work moves these reports to /ws/voice,
-        this is the one method to change."""
-        await self.event("on_audio_event", json.dumps(data))
+        """A playback report, as the page's audio queue sends it: on the voice socket."""
+        await self.control({"type": "playback", **data})
 
     async def _stream_mic(self) -> None:
         """20 ms frames at real time, forever: speech when queued, room noise otherwise."""
@@ -258,8 +296,7 @@ class SimulatedUser:
             pass
         code = self._ws.close_code
         if code not in (None, 1000, 1001):
-            # e.g. 4001: the server gave this tab's mic to another tab (today's ws_voice
-            # keeps one mic session per process; the session work makes it per user)
+            # e.g. 4003 (no login / foreign origin), or the account's mic taken by another tab
             self.mic_closed = f"mic socket closed by the server ({code} {self._ws.close_reason or ''})".strip()
 
     async def speak(self, fx: Fixture, timeout_s: float = TURN_TIMEOUT_S) -> bool:
@@ -344,7 +381,6 @@ async def _user_loop(user: SimulatedUser, fixtures: list[Fixture], stop_at: floa
 
 
 async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -> dict[str, Any]:
-    import os
     import sys
 
     root = Path(__file__).resolve().parents[2]
@@ -358,6 +394,8 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
         os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user
         cluster = Cluster(root=Path(tmp), workers=workers, first_port=FIRST_WORKER_PORT, https_port=HTTPS_PORT, redis_port=REDIS_PORT, pg_port=PG_PORT, extra_env=provider_env)
         await asyncio.to_thread(cluster.start, False)
+        previous_db = os.environ.get("VOICECLAW_DATABASE_URL")
+        os.environ["VOICECLAW_DATABASE_URL"] = cluster.postgres.url  # login_headers: the cluster's accounts
         try:
             ctx = cluster.ssl_context()
             pids = lambda: [p for i in range(workers) for p in cluster.worker_pids(i)]  # noqa: E731
@@ -383,6 +421,10 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
             rows = await asyncio.to_thread(stored_turns, cluster.postgres.url, since)
         finally:
             await asyncio.to_thread(cluster.stop)
+            if previous_db is None:
+                os.environ.pop("VOICECLAW_DATABASE_URL", None)
+            else:
+                os.environ["VOICECLAW_DATABASE_URL"] = previous_db
     ttfa = [r[0] for r in rows if r[0] is not None]
     overhead = [r[0] - ideal_ms(r[1]) for r in rows if r[0] is not None and r[1]]
     turns = sum(u.stats.turns for u in users)
