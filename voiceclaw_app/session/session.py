@@ -579,7 +579,7 @@ class VoiceSession:
             reply.interrupted = True
         except Exception as exc:  # the runner reports provider failures as TurnError; this is a bug or setup issue
             log.exception("turn failed")
-            error = f"The turn failed: {type(exc).__name__}: {exc}"[:300]
+            error = getattr(exc, "user_message", None) or f"The turn failed: {type(exc).__name__}: {exc}"[:300]
         finally:
             reply.done = True
             await asyncio.shield(self._finish(reply, error))

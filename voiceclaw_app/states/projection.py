@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..db import repo
 from ..session import events as ev
-from .chat import BOOT_ID, ChatState, StreamState, _conv_row, _msg_row, audio_url
+from .chat import BOOT_ID, RESTART_NOTICE, ChatState, StreamState, _conv_row, _msg_row, audio_url
 
 log = logging.getLogger("voiceclaw.projection")
 
@@ -103,6 +103,10 @@ class Projection:
         elif isinstance(e, ev.StatusChanged):
 
             def status(stream, chat) -> None:
+                if chat.session_boot and chat.session_boot != BOOT_ID and chat.session_status in ("thinking", "speaking"):
+                    # the tab's previous status came from a process that is gone (a restart,
+                    # a worker that died mid-reply): say what happened to that reply
+                    chat.notice = RESTART_NOTICE
                 chat.session_status = e.status
                 chat.session_boot = BOOT_ID
 
