@@ -31,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy import Column, Float, LargeBinary, MetaData, String, Table, create_engine, delete, insert, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -84,8 +85,15 @@ class DbAudioStore(AudioStore):
         return stored
 
     def _ensure_schema(self) -> None:
+        """Create the table once. ``checkfirst`` is check-then-create: workers starting
+        together can both see no table, and the loser's CREATE fails; the table then
+        exists, which is all this needs (checked again before giving up)."""
         if not self._schema_ready:
-            _metadata.create_all(self.engine, checkfirst=True)
+            try:
+                _metadata.create_all(self.engine, checkfirst=True)
+            except Exception:
+                if not all(sa.inspect(self.engine).has_table(t.name) for t in _metadata.sorted_tables):
+                    raise
             self._schema_ready = True
 
     def _upload_forever(self) -> None:
