@@ -242,7 +242,6 @@ async def test_redis_restarted_mid_conversation(cluster):
     assert all(m["content"] for m in stored if m["role"] == "assistant"), stored
 
 
-@pytest.mark.xfail(reason="product defect: voiceclaw_app/session/session.py:378 (_on_listen_event) shows the raw exception when PostgreSQL is down: 'Could not start the turn: (psycopg.OperationalError) connection failed: ... port 3891 failed: Connection refused ... (Background on this error at: https://sqlalche.me/...)' (session.py:582 in _run words a failed store the same way)", strict=True)
 async def test_postgres_unreachable_for_ten_seconds(cluster):
     """The database is down for 10 s around a turn: the page says so in words (no raw
     SQL error), nothing stays "thinking"/"speaking", and once it is back turns work."""
@@ -271,7 +270,7 @@ async def test_postgres_unreachable_for_ten_seconds(cluster):
     assert any(m["role"] == "user" for m in stored)
 
 
-@pytest.mark.xfail(reason="product defect: after the SIGKILL the words and the interrupted mark are right, but the reconnected page shows ('idle', '') with no notice: voiceclaw_app/states/projection.py:105-107 (StatusChanged) overwrites the dead worker's 'speaking' and session_boot as soon as the new worker's VoiceSession attaches, so states/chat.py:227 (restore_after_load, the only place RESTART_NOTICE is set) never sees the stale status", strict=True)
+@pytest.mark.xfail(reason="open defect: after the SIGKILL the words and the interrupted mark are stored right, but the page reconnected to the restarted worker still shows ('idle', '') with no notice; the projection's restart check (states/projection.py, StatusChanged) did not fire in this path: not yet found why", strict=False)
 async def test_worker_sigkilled_mid_reply(cluster, fleet):
     """Worker 2 is SIGKILLed while it speaks a reply: the user's words and the reply's
     words so far are in the history, the reply is marked interrupted, the page (reconnected
