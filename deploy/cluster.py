@@ -186,6 +186,15 @@ class Redis:
 
 
 @dataclasses.dataclass
+def clear_disk_states() -> None:
+    """Empty the checkout's ``.states/`` (single-process runs leave pickled states there)
+    before several workers start: each ``reflex run`` deletes those files at start-up,
+    and workers starting together race on the same files (one gets FileNotFoundError and
+    dies). The cluster's state lives in Redis; nothing there is needed."""
+    for path in (ROOT / ".states").glob("*.pkl"):
+        path.unlink(missing_ok=True)
+
+
 class Cluster:
     """What ``make cluster`` runs; ``start()`` / ``stop()``; pids and logs under ``root``."""
 
@@ -248,6 +257,7 @@ class Cluster:
                 self.build_frontend()
             else:  # sockets only (the load benchmark), or a frontend built before
                 (self.root / "www").mkdir(exist_ok=True)
+            clear_disk_states()
             for i in range(self.workers):
                 self.start_worker(i)
             self.start_caddy()
