@@ -185,7 +185,6 @@ class Redis:
         self.start()
 
 
-@dataclasses.dataclass
 def clear_disk_states() -> None:
     """Empty the checkout's ``.states/`` (single-process runs leave pickled states there)
     before several workers start: each ``reflex run`` deletes those files at start-up,
@@ -195,6 +194,7 @@ def clear_disk_states() -> None:
         path.unlink(missing_ok=True)
 
 
+@dataclasses.dataclass
 class Cluster:
     """What ``make cluster`` runs; ``start()`` / ``stop()``; pids and logs under ``root``."""
 
