@@ -358,6 +358,23 @@ class ReplyStream(abc.ABC):
         """The reply is over: give the socket back (warm) for the next one."""
 
 
+class QueuedReplyStream(ReplyStream):
+    """A reply stream whose socket reader puts audio, flush markers and failures on
+    ``self._queue`` (``None`` ends it): :meth:`events` is the same for every provider."""
+
+    _queue: "asyncio.Queue"
+    _closed: bool = False
+
+    async def events(self) -> AsyncIterator[ReplyEvent]:
+        while not self._closed:
+            item = await self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, ProviderError):
+                raise item
+            yield item
+
+
 class TTS(abc.ABC):
     """Turns one chunk of speakable text into audio."""
 

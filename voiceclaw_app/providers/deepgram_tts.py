@@ -45,6 +45,7 @@ from .base import (
     ReplyAudio,
     ReplyEvent,
     ReplyFlushed,
+    QueuedReplyStream,
     ReplyStream,
     StreamDropped,
     TTSCapabilities,
@@ -143,7 +144,7 @@ class _AuraSocket(WarmSocket):
                 await self._stack.aclose()
 
 
-class _AuraReply(ReplyStream):
+class _AuraReply(QueuedReplyStream):
     """A reply on an :class:`_AuraSocket` (see :class:`ReplyStream`)."""
 
     sample_rate = SAMPLE_RATE
@@ -206,15 +207,6 @@ class _AuraReply(ReplyStream):
         self._socket.clearing += 1
         with contextlib.suppress(Exception):
             await self._socket.sock.send_clear()
-
-    async def events(self) -> AsyncIterator[ReplyEvent]:
-        while not self._closed:
-            item = await self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, ProviderError):
-                raise item
-            yield item
 
     async def aclose(self) -> None:
         if self._closed:

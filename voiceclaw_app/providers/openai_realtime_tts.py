@@ -49,6 +49,7 @@ from .base import (
     ReplyAudio,
     ReplyEvent,
     ReplyFlushed,
+    QueuedReplyStream,
     ReplyStream,
     ServerError,
     StreamDropped,
@@ -192,7 +193,7 @@ class _RealtimeSocket(WarmSocket):
                 await self.conn.close()
 
 
-class _RealtimeReply(ReplyStream):
+class _RealtimeReply(QueuedReplyStream):
     """A reply on a :class:`_RealtimeSocket`: each flush is one out-of-band response."""
 
     sample_rate = SAMPLE_RATE
@@ -287,15 +288,6 @@ class _RealtimeReply(ReplyStream):
         for rid in list(self._flush_of):
             await self._socket.cancel(rid)
         self._flush_of.clear()
-
-    async def events(self) -> AsyncIterator[ReplyEvent]:
-        while not self._closed:
-            item = await self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, ProviderError):
-                raise item
-            yield item
 
     async def aclose(self) -> None:
         if self._closed:
