@@ -10,7 +10,8 @@
 // a new page, whose queue has nothing of the previous page's playback). Leaving the
 // page mid-reply is also sent on the mic socket (window.__voiceclawMicSend,
 // {type: "playback_stopped", turn, played}): on a reload or a closed tab Reflex's
-// own socket is already closed. Window events: "voiceclaw:barge-in" stops at once,
+// own socket is already closed. Window events: "voiceclaw:barge-in" stops at once
+// (detail.turn, when given, is the cut turn: it stays silent if it arrives later),
 // "voiceclaw:pause" suspends playback (a tentative voice onset) and
 // "voiceclaw:resume" continues it gaplessly from where it stopped. stopSeq changes
 // stop it too. A turn that an earlier queue of this tab already played (the page was
@@ -322,7 +323,10 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, voiceRe
       }
     };
     stateListeners.add(onCtxState);
-    const onBarge = () => {
+    const onBarge = (ev) => {
+      // a cut turn never plays, even when its URLs arrive after this command
+      const cut = ev && ev.detail && ev.detail.turn;
+      if (cut && (!st.current || st.current.turn !== cut)) markPlayed(cut);
       stopAll(true);
       if (unpause()) syncPlayCtx();
     };

@@ -112,7 +112,8 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversatio
         pings.sort((a, b) => a.rtt - b.rtt);
         window.__voiceclawClockOffset = pings[0].offset; // the fastest round trip is the most accurate
       } else if (msg.type === "barge_in") {
-        window.dispatchEvent(new CustomEvent("voiceclaw:barge-in"));
+        // detail.turn: the reply cut; its URLs may still be on their way (Reflex socket)
+        window.dispatchEvent(new CustomEvent("voiceclaw:barge-in", { detail: { turn: msg.turn || "" } }));
       } else if (msg.type === "pause") {
         window.dispatchEvent(new CustomEvent("voiceclaw:pause"));
       } else if (msg.type === "resume") {

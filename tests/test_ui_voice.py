@@ -126,6 +126,9 @@ async def test_confirmed_speech_after_a_pause_barges_in(voice):
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=True))
     await session._on_listen_event(SpeechStarted(t_ms=now_ms(), tentative=False))
     assert ws.types() == ["pause", "barge_in"]
+    # the command names the cut turn: the page must not start its audio if the
+    # chunk URLs (Reflex socket) arrive after the command (this socket)
+    assert ws.sent[-1]["turn"] == turn.turn_id and turn.turn_id
     assert turn.cancel.cancelled and turn.interrupted
     assert not session.barge.paused
     await session.close()

@@ -35,6 +35,25 @@ from .states.settings import SettingsState
 
 log = logging.getLogger("voiceclaw.app")
 
+
+def _configure_logging() -> None:
+    """The app's own loggers (``voiceclaw.*``) to stderr at ``VOICECLAW_LOG_LEVEL``
+    (default INFO): without a handler Python prints only warnings, and the turn log
+    ("turn ... done interrupted=... played=...") is what an operator reads first.
+    No secret is ever logged (keys are redacted where they are handled)."""
+    root = logging.getLogger("voiceclaw")
+    if root.handlers:
+        return
+    level = os.environ.get("VOICECLAW_LOG_LEVEL", "INFO").upper()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level, logging.INFO))
+    root.propagate = False
+
+
+_configure_logging()
+
 def _projection(token: str, user_id: int) -> Projection:
     return Projection(ReflexSink(app, user_id), token, user_id)
 

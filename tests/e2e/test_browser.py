@@ -295,13 +295,14 @@ def test_spoken_turn_hands_free(app_server, launch_browser, tmp_path):
 def test_barge_in_stops_playback_and_cuts_the_reply(app_server, launch_browser, tmp_path):
     base, _, _ = app_server
     wav = tmp_path / "mic.wav"
-    # a question that invites a long answer, a pause long enough for the reply to start, then an interruption
-    # the second question's first voiced sample comes ~2.5 s after the first one's last
-    # (gap 1.5 s + the fixture's lead-in): the reply (first audio ~0.8-1.3 s after speech
-    # end) is playing then, past the 300 ms self-echo guard. The embedded model's reply
-    # may be two words ("You're welcome.": 1.4 s at speed 0.5, over before the second
-    # question), hence the slowest voice, which makes it ~2.9 s.
-    build_mic_wav([("q_music", 1.5), ("q_time", 20.0)], wav, lead_silence_s=1.5)
+    # a question, then a second one that must land while the first reply plays.
+    # q_time's first voiced sample comes 4.5 s after q_music's last (gap 3.5 s + the
+    # fixtures' 0.6 s tail and 0.4 s lead-in). Measured on the 2-core machine at the
+    # slowest voice (speed 0.25, which makes even a three-word reply ~7 s long): the
+    # first audio starts 1.6-4.8 s after speech end, so the onset lands in the reply.
+    # (With 2.5 s it often came while the reply was still being synthesized: that
+    # cancels the reply before any audio, a different path, and CI failed on it.)
+    build_mic_wav([("q_music", 3.5), ("q_time", 20.0)], wav, lead_silence_s=1.5)
     page = launch_browser(wav).new_page()
     started = time.time()
     # a slow voice makes even a one-sentence reply long enough to interrupt

@@ -32,13 +32,18 @@ class MicChanged(SessionEvent):
 
 @dataclass(frozen=True)
 class PlaybackCommand(SessionEvent):
-    """pause (a tentative voice onset), resume (it was a cough), barge_in (cancelled)."""
+    """pause (a tentative voice onset), resume (it was a cough), barge_in (cancelled).
+
+    ``turn`` names the reply a barge-in cuts: its chunk URLs travel on the Reflex
+    socket and may reach the page *after* this command (which travels on
+    ``/ws/voice``), so the page must know never to start that turn's audio."""
 
     action: str
     server_time_ms: float
+    turn: str = ""
 
     def wire(self) -> dict:
-        return {"type": self.action, "server_time_ms": self.server_time_ms}
+        return {"type": self.action, "server_time_ms": self.server_time_ms, "turn": self.turn}
 
 
 @dataclass(frozen=True)

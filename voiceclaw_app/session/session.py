@@ -350,6 +350,7 @@ class VoiceSession:
         await self._emit(ev_.Heard(ev))
         if isinstance(ev, SpeechStarted):
             action = self.barge.on_onset(tentative=ev.tentative, replying=self.replying(), echo=self._in_echo_guard())
+            log.debug("voice onset tentative=%s replying=%s playing=%s -> %s", ev.tentative, self.replying(), self.reply is not None and self.reply.ledger.playing, action)
             if action == "pause":
                 # a voice onset that may still be a cough: pause playback at once, keep the
                 # turn (the turn starter still sees it: it starts preparing the request now)
@@ -415,8 +416,8 @@ class VoiceSession:
             log.debug("warm-up failed", exc_info=True)
 
     # ---- barge-in ----------------------------------------------------------
-    async def _command(self, action: str) -> None:
-        await self._emit(ev_.PlaybackCommand(action, now_ms()))
+    async def _command(self, action: str, turn: str = "") -> None:
+        await self._emit(ev_.PlaybackCommand(action, now_ms(), turn))
 
     async def _pause(self) -> None:
         await self._command("pause")
@@ -442,7 +443,7 @@ class VoiceSession:
     async def _barge_in(self) -> None:
         self._cancel_pause_timer()
         self.barge.paused = False
-        await self._command("barge_in")
+        await self._command("barge_in", self.reply.turn_id if self.reply is not None else "")
         if self.reply is not None:
             self.reply.ledger.playing = False  # the page stops at once (its "stopped" report says what was heard)
         if self.reply is not None and self.reply.interrupt("barge_in") and self.starter is not None:
