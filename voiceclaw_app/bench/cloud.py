@@ -67,6 +67,8 @@ IS_FINAL_S = 0.15
 SPEECH_FINAL_S = 0.3
 INTERIM_S = 0.2
 FRAME_MS = 20
+#: the mean wait for the frame that carries the end of the service's silence wait
+FRAME_WAIT_S = FRAME_MS / 2 / 1000.0
 RATE = 16000
 LEAD_S = 0.3  # noise before each utterance
 TAIL_S = 1.6  # noise after it (the turn runs meanwhile; the listener stops streaming it)
@@ -162,10 +164,16 @@ class CloudVoices:
         return []
 
     def stt_wait_s(self, preemptive: bool) -> float:
-        """When the reply can start after the speech end (the STT's share of the floor)."""
-        if self.stt_kind == "flux":
-            return FLUX_EAGER_S if preemptive else FLUX_EOT_S
-        return IS_FINAL_S if preemptive else SPEECH_FINAL_S
+        """When the reply can start after the speech end (the STT's share of the floor).
+
+        Plus half a mic frame: the audio that completes the service's silence wait
+        reaches it only with the end of its 20 ms frame (the browser's frame size),
+        10 ms later on average, whatever the client does. ``overhead_ms`` is measured
+        above this; ``frame_wait_ms`` in the output says how much of the floor it is."""
+        wait = FLUX_EAGER_S if preemptive else FLUX_EOT_S
+        if self.stt_kind != "flux":
+            wait = IS_FINAL_S if preemptive else SPEECH_FINAL_S
+        return wait + FRAME_WAIT_S
 
     def tts_first_audio_s(self, speech: str) -> float:
         """Request/flush -> the first playable piece of this chunk (the TTS share of the floor)."""
@@ -180,7 +188,7 @@ class CloudVoices:
         return 1000.0 * (self.stt_wait_s(preemptive) + TTFT_S + k_tok / TOKENS_PER_S + self.tts_first_audio_s(first_chunk.speech))
 
     def profile(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"tts": self.tts_kind, "stt": self.stt_kind, "llm_ttft_ms": TTFT_S * 1000, "llm_tokens_per_s": TOKENS_PER_S}
+        out: dict[str, Any] = {"tts": self.tts_kind, "stt": self.stt_kind, "llm_ttft_ms": TTFT_S * 1000, "llm_tokens_per_s": TOKENS_PER_S, "frame_wait_ms": FRAME_WAIT_S * 1000}
         if self.stt_kind == "flux":
             out.update(flux_eager_eot_ms=FLUX_EAGER_S * 1000, flux_eot_ms=FLUX_EOT_S * 1000)
         else:
@@ -292,7 +300,6 @@ async def run_cloud(runs: int = 20, *, preemptive: bool = True, tts: str = "open
                 profile_info = voices.profile()
                 await session.aclose()
                 await listener.aclose()
-                await prepare.settle()
                 await tts_client.aclose()
     return {
         "scenario": "cloud",

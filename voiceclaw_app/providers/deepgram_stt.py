@@ -731,6 +731,14 @@ class DeepgramListener(Listener):
         if self._closing:
             return
         self.stats["frames_pushed"] += 1
+        # A frame inside a stretch that streams anyway (push-to-talk, speech, its
+        # silence tail, a Finalize) goes to the sender *before* the gate's verdict:
+        # the gate (a round trip to the VAD helper, ~1.5 ms) then only decides
+        # barge-in and the end of the stretch, never delays the audio Deepgram hears.
+        sent_early = self.failed is None and ((not self.hands_free) or self._finalizing or (t_ms - self._last_voiced_t <= self.silence_stream_ms))
+        early = _Frame(pcm16, t_ms) if sent_early else None
+        if early is not None:
+            self._q.put_nowait(early)
         # the Silero gate is a round trip to the VAD helper process: off the event loop
         voiced = await run_per_frame(self._voiced, pcm16) if self.vad is not None else self._voiced(pcm16)
         frame_ms = len(pcm16) / 2 / self.options.sample_rate * 1000.0
@@ -757,7 +765,9 @@ class DeepgramListener(Listener):
                 self.stats["local_endpoints"] += 1
                 self._start_finalize()
         streaming = (not self.hands_free) or voiced or (t_ms - self._last_voiced_t <= self.silence_stream_ms) or self._finalizing
-        if streaming:
+        if early is not None:
+            early.voiced = voiced  # for the watchdog, if the writer has not sent it yet
+        elif streaming:
             self._q.put_nowait(_Frame(pcm16, t_ms, voiced))
         else:
             self._preroll.append((pcm16, t_ms))
