@@ -205,3 +205,28 @@ def test_flush_ends_a_push_to_talk_turn(det):
     assert len(out) == 1 and isinstance(out[0], EndOfTurn) and out[0].t_ms == 99_999.0
     assert det.flush() == []  # nothing left
 
+
+
+def test_silero_gate_answers_silence_without_the_model_and_still_hears_speech():
+    """The Deepgram listener's per-frame gate: quiet windows (a room through noise
+    suppression) never reach the VAD helper, speech does, and the verdicts agree with
+    the model's own (the fixture's voice is heard, the silence around it is not)."""
+    from voiceclaw_app.providers.silero_vad import SileroGate
+
+    gate = SileroGate()
+    try:
+        pcm = silence(1000) + speech_only("q_time") + silence(1000)
+        verdicts: list[bool] = []
+        for i in range(0, len(pcm) - 639, 640):  # 20 ms frames, as the page sends them
+            frame = pcm[i : i + 640]
+            v = gate.quick(frame)
+            verdicts.append(gate(frame) if v is None else v)
+        first_second = verdicts[:50]
+        assert not any(first_second), "silence was taken for voice"
+        assert sum(verdicts[50:-50]) > 0.6 * len(verdicts[50:-50]), "the speech was not heard"
+        assert not any(verdicts[-30:]), "the trailing silence was taken for voice"
+        # the two seconds of silence never went to the helper; the speech did
+        assert gate.skipped_windows >= 55 and gate.model_windows > 0
+        assert gate.model_windows < gate.skipped_windows + len(speech_only("q_time")) // 1024 + 2
+    finally:
+        gate.close()

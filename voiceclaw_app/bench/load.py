@@ -31,6 +31,7 @@ send them (assets/audio_queue.jsx, assets/mic_capture.jsx).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -193,6 +194,9 @@ class SimulatedUser:
         self._sio = socketio.AsyncClient(http_session=self._http, reconnection=True, reconnection_delay=0.5)
         self._sio.on("event", self.page.apply, namespace=EVENT_NAMESPACE)
         await self._sio.connect(f"{self.event_url}?token={self.token}", socketio_path=EVENT_NAMESPACE, namespaces=[EVENT_NAMESPACE], transports=["websocket"], headers={**headers, "Origin": _origin(self.event_url)}, wait_timeout=20)
+        # the dashboard's on_load, as a page sends it on every (re)load: it restores the
+        # tab's state (and clears a status a dead worker left behind, with a notice)
+        await self.event("on_load")
         ws_base = self.voice_url.replace("https://", "wss://").replace("http://", "ws://")
         self._ws = await websockets.connect(f"{ws_base}/ws/voice?token={self.token}", ssl=self.ssl, max_size=None, additional_headers={**headers, "Origin": _origin(self.voice_url)}, open_timeout=20)
         await self._ws.send(json.dumps({"type": "hello", "client_token": self.token, "sample_rate": RATE, "mode": "hands_free"}))
@@ -390,7 +394,11 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
     from tests.servers.fleet import fleet_process
 
     fixtures = [f for f in load_fixtures() if f.name.startswith("q_")]
-    with tempfile.TemporaryDirectory(prefix="voiceclaw-load-") as tmp, fleet_process(default_text=SPOKEN_TEXT) as provider_env:
+    keep = os.environ.get("VOICECLAW_LOAD_DIR")  # keep the cluster's logs there (debugging)
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+    dir_cm = contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="voiceclaw-load-")
+    with dir_cm as tmp, fleet_process(default_text=SPOKEN_TEXT) as provider_env:
         os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user
         cluster = Cluster(root=Path(tmp), workers=workers, first_port=FIRST_WORKER_PORT, https_port=HTTPS_PORT, redis_port=REDIS_PORT, pg_port=PG_PORT, extra_env=provider_env)
         await asyncio.to_thread(cluster.start, False)

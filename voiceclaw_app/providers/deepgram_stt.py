@@ -739,8 +739,12 @@ class DeepgramListener(Listener):
         early = _Frame(pcm16, t_ms) if sent_early else None
         if early is not None:
             self._q.put_nowait(early)
-        # the Silero gate is a round trip to the VAD helper process: off the event loop
-        voiced = await run_per_frame(self._voiced, pcm16) if self.vad is not None else self._voiced(pcm16)
+        # the Silero gate is a round trip to the VAD helper process: off the event loop,
+        # unless the gate can answer without the model (no full window, or silence)
+        quick = getattr(self.vad, "quick", None)
+        voiced = quick(pcm16) if quick is not None else None
+        if voiced is None:
+            voiced = await run_per_frame(self._voiced, pcm16) if self.vad is not None else self._voiced(pcm16)
         frame_ms = len(pcm16) / 2 / self.options.sample_rate * 1000.0
         if self.failed is not None:
             if voiced or self._held:

@@ -15,9 +15,12 @@ standard ``transcribe()`` when a repetition, a low log-probability or an unfinis
 decode still shows (see :meth:`LocalWhisperSTT._decode_short`). ``bench stt``
 measures both paths on the unseen set (``tests/fixtures/unseen``).
 
-Threads: CTranslate2 defaults to every core; ``cpu_threads`` caps it (default 1,
-``VOICECLAW_STT_THREADS``; measured faster than 2 here) and one worker runs one call at a time, so a
-speculative transcription can delay a real one by at most one short call.
+Threads: ``cpu_threads`` (``VOICECLAW_STT_THREADS``, default 2, at most the core
+count). Measured on the quiet 2-core machine on 2026-12-02, ``bench local``: p50
+1,219 ms with 2 threads against 1,385 ms with 1 (Whisper 464 vs 578 ms per
+utterance): at the pause where the transcription runs, nothing else needs the
+cores. One worker runs one call at a time, so a speculative transcription can delay
+a real one by at most one short call.
 Every model call runs in a worker thread (``asyncio.to_thread``), never on the
 event loop.
 """
@@ -95,7 +98,7 @@ class LocalWhisperSTT(STT):
     capabilities = STTCapabilities(streaming=False, interim_results=False)
 
     def __init__(self, *, cpu_threads: int | None = None, model_dir: Path | None = None, data_base: Path | None = None) -> None:
-        self.cpu_threads = cpu_threads or env_threads("VOICECLAW_STT_THREADS", 1)
+        self.cpu_threads = cpu_threads or env_threads("VOICECLAW_STT_THREADS", min(2, os.cpu_count() or 1))
         self._model_dir = model_dir
         self._data_base = data_base
         self._model = None
