@@ -194,9 +194,6 @@ class SimulatedUser:
         self._sio = socketio.AsyncClient(http_session=self._http, reconnection=True, reconnection_delay=0.5)
         self._sio.on("event", self.page.apply, namespace=EVENT_NAMESPACE)
         await self._sio.connect(f"{self.event_url}?token={self.token}", socketio_path=EVENT_NAMESPACE, namespaces=[EVENT_NAMESPACE], transports=["websocket"], headers={**headers, "Origin": _origin(self.event_url)}, wait_timeout=20)
-        # the dashboard's on_load, as a page sends it on every (re)load: it restores the
-        # tab's state (and clears a status a dead worker left behind, with a notice)
-        await self.event("on_load")
         ws_base = self.voice_url.replace("https://", "wss://").replace("http://", "ws://")
         self._ws = await websockets.connect(f"{ws_base}/ws/voice?token={self.token}", ssl=self.ssl, max_size=None, additional_headers={**headers, "Origin": _origin(self.voice_url)}, open_timeout=20)
         await self._ws.send(json.dumps({"type": "hello", "client_token": self.token, "sample_rate": RATE, "mode": "hands_free"}))
