@@ -43,7 +43,7 @@ from voiceclaw_app.pipeline.timing import now_ms
 from voiceclaw_app.session import events as ev
 
 from .session_rig import make_session
-from .test_states import FakeSink, make_people
+from .test_states import FakeSink
 
 LLM_KEY = "sk-llm-fault-secret-1111"
 TTS_KEY = "sk-tts-fault-secret-2222"
@@ -56,7 +56,7 @@ FRAME = 320  # samples per 20 ms
 #: the Deepgram listener, with test-sized waits (production: watchdog 6 s, backoffs up to 30 s)
 FAST_LISTENER = {"watchdog_s": 1.2, "start_backoff_s": (0.05, 0.1), "recover_backoff_s": (0.5, 1.0)}
 #: the speech client, with test-sized deadlines (production: 10 s per read, 4 s + 80 ms/char per chunk)
-FAST_SPEECH = {"read_timeout_s": 0.6, "connect_timeout_s": 1.0, "total_timeout_s": 2.0, "chunk_base_s": 1.0, "chunk_s_per_char": 0.02, "backoff_s": (0.05, 0.1)}
+FAST_SPEECH = {"read_timeout_s": 0.6, "connect_timeout_s": 1.0, "total_timeout_s": 2.0, "chunk_base_s": 0.6, "chunk_s_per_char": 0.02, "backoff_s": (0.05, 0.1)}
 #: the Aura client, with test-sized waits (production: 5 s to connect, 10 s for first audio)
 FAST_AURA = {"connect_timeout_s": 1.0, "first_audio_timeout_s": 1.0}
 #: Aura's speed here: first audio 50 ms after a flush, audio made 20x faster than it plays
@@ -113,7 +113,7 @@ class Mic:
             if not self._frames:
                 self._idle.set()
 
-    async def say(self, seconds: float = 0.9) -> None:
+    async def say(self, seconds: float = 0.7) -> None:
         """Speak (a tone) for ``seconds``; returns once the last voiced frame went in."""
         pcm = tone(seconds)
         self._idle.clear()
@@ -247,7 +247,7 @@ class Rig:
         finished = await self.page.wait_for(ev.TurnFinished, mark, timeout, lambda e: e.turn_id == reply.turn_id)
         return self.collect(mark, finished)
 
-    async def spoken(self, words: str, *, repeat: int = 1, seconds: float = 0.9, timeout: float = 15.0) -> Turn:
+    async def spoken(self, words: str, *, repeat: int = 1, seconds: float = 0.7, timeout: float = 15.0) -> Turn:
         """Say ``words`` (the recognizer's script entry, ``repeat`` times: a connection
         that dies after finalizing the segment consumed one) and wait for the reply."""
         assert self.mic is not None
@@ -289,6 +289,7 @@ def numbered_reply(replies: list[str]):
 
 @contextlib.asynccontextmanager
 async def fault_rig(tmp_path, monkeypatch, *, base_chat: ChatBehavior, base_speech: SpeechBehavior, tts: str = "openai", stt: str = "deepgram"):
+    from voiceclaw_app import accounts
     from voiceclaw_app.config import VoiceSettings
     from voiceclaw_app.db import repo
     from voiceclaw_app.providers import factory
@@ -323,7 +324,7 @@ async def fault_rig(tmp_path, monkeypatch, *, base_chat: ChatBehavior, base_spee
         _fast(monkeypatch, OpenAITTS, FAST_SPEECH)
         _fast(monkeypatch, DeepgramTTS, FAST_AURA)
         repo.create_all()
-        make_people()
+        accounts.add_user("person-one", "person-one-password")  # user 1, whose session this is
         repo.save_settings(VoiceSettings.from_env().replace(llm_read_timeout_s=1.0, fallback_to_local=False, vad_silence_ms=300))
         # the runner (and its fixed phrases' audio) before any fault: the prefetch's
         # requests must not meet a fault meant for a turn
