@@ -32,7 +32,8 @@ How a voice session uses Deepgram, and why:
   words pending, a local endpoint timer (``endpointing`` ms of silence on our own gate)
   sends ``Finalize`` and the ``from_finalize`` result ends the turn. A watchdog
   reconnects when voiced audio was sent and the server said nothing for
-  ``watchdog_s`` (a socket that is open but dead).
+  ``watchdog_s`` (a socket that is open but dead); when the fresh socket is as
+  silent (``max_silent_reconnects``), the service is down: a failure, as below.
 * **Push-to-talk** (:meth:`set_hands_free` ``False``, may change mid-session):
   ``speech_final`` / ``UtteranceEnd`` do not end the turn (a pause while the button
   is held is not the end of the question); only the ``from_finalize`` result after
