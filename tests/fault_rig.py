@@ -202,8 +202,10 @@ class Rig:
     base_chat: ChatBehavior = field(default_factory=ChatBehavior)
     base_speech: SpeechBehavior = field(default_factory=SpeechBehavior)
 
-    def clear_faults(self) -> None:
+    async def clear_faults(self) -> None:
         """The servers answer normally again (queued faults and profiles too)."""
+        await self.chat.resume()
+        await self.speech.resume()
         self.chat.behavior = replace(self.base_chat)
         self.chat.queue.clear()
         self.speech.behavior = replace(self.base_speech)

@@ -4,16 +4,18 @@ turn of the real voice session against the real protocol servers (``fault_rig.py
 Stages: STT (a spoken turn into Deepgram's live socket, v1; ``stt-flux``: Flux, v2),
 LLM and TTS (a typed turn answered aloud through the OpenAI-compatible chat and
 speech servers; ``tts-aura``: Deepgram Aura's speak socket, the streamed-text path).
-Faults: the server does not answer (``timeout``), answers 5xx (``5xx``; for STT also
-a socket refused at session start, ``refused``), drops the connection mid-stream
+Faults: the server does not answer (``timeout``; for STT also on every socket,
+``silent``), answers 5xx (``5xx``), is down (``refused``: connections refused; for
+STT the session's socket is refused with 503), drops the connection mid-stream
 (``drop``), goes silent mid-stream (``stall``), or trickles (``trickle``). After each
 fault turn:
 
 1. the user message is stored (or, when nothing was heard, nothing is stored);
 2. every word streamed to the page, and every chunk whose audio was sent, is in the
    stored assistant message (never stored empty after text was produced);
-3. a reply that lost something carries an error or an interrupted mark, and what
-   the page is told (errors, notices) is plain words: no exception, no stack, no key;
+3. a reply cut short carries an error (stored, and shown); a reply whose speech
+   stopped is said to be text only from there (a notice); what the page is told is
+   plain words: no exception, no stack, no key;
 4. the status leaves "thinking"/"speaking" ("error" is the status of a turn that
    failed before saying anything: it clears with the next action);
 5. once the fault is cleared, the next turn on the same session works.
@@ -40,6 +42,7 @@ BASE_SPEECH = SpeechBehavior(ttfb_s=0.05, realtime_factor=20.0)
 LLM_FAULTS = {
     "timeout": {"stall_before_headers": True},
     "5xx": {"status": 503},
+    "refused": {},  # the server is down: connections are refused
     "drop": {"drop_after_tokens": 11},  # after the first chunk went to the TTS
     "stall": {"stall_after_tokens": 11},
     "trickle": {"tokens_per_s": 6.0},
@@ -47,6 +50,7 @@ LLM_FAULTS = {
 TTS_FAULTS = {
     "timeout": {"stall_before_headers": True},
     "5xx": {"status": 503},
+    "refused": {},
     "drop": {"drop_after_bytes": 20000},  # after the chunk's first piece was handed over
     "stall": {"stall_after_bytes": 20000},
     "trickle": {"trickle_bytes_per_s": 4000.0},  # a twelfth of real time
@@ -102,7 +106,7 @@ def check_surfaced_plainly(turn: Turn) -> None:
 
 
 async def check_next_turn_works(rig: Rig, stage: str, fault: str) -> None:
-    rig.clear_faults()
+    await rig.clear_faults()
     if stage.startswith("stt"):
         if fault in ("5xx", "silent", "refused"):
             # a failed listener is rebuilt (refused) or recovers on voice (5xx, silent)
@@ -129,8 +133,10 @@ async def check_next_turn_works(rig: Rig, stage: str, fault: str) -> None:
 
 
 # ---------------------------------------------------------------- the cells
-def inject(rig: Rig, stage: str, fault: str) -> None:
-    if stage == "llm":
+async def inject(rig: Rig, stage: str, fault: str) -> None:
+    if stage in ("llm", "tts") and fault == "refused":
+        await (rig.chat if stage == "llm" else rig.speech).refuse()
+    elif stage == "llm":
         rig.chat.behavior = replace(rig.base_chat, **LLM_FAULTS[fault])
     elif stage == "tts":
         rig.speech.behavior = replace(rig.base_speech, **TTS_FAULTS[fault])
@@ -254,7 +260,7 @@ async def run_tts_cell(rig: Rig, fault: str) -> None:
 
 @pytest.mark.parametrize(("stage", "fault"), CELLS, ids=[f"{s}-{f}" for s, f in CELLS])
 async def test_fault_cell(rig, stage, fault):
-    inject(rig, stage, fault)
+    await inject(rig, stage, fault)
     if stage.startswith("stt"):
         await run_stt_cell(rig, fault)
     elif stage == "llm":
