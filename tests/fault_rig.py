@@ -10,8 +10,10 @@ What the test changes, and why:
 
 * provider timeouts and backoffs are shortened (``llm_read_timeout_s`` through the
   saved settings; the Deepgram listener's watchdog and backoffs and the speech
-  client's read/chunk deadlines, which have no setting, through their
-  ``from_settings`` keyword arguments), so a fault costs a second, not thirty;
+  clients' read/chunk/first-audio deadlines, which have no setting, through their
+  ``from_settings`` keyword arguments; the LLM client's retry backoff and the
+  session's pause before rebuilding a failed listener, module constants), so a
+  fault costs a second, not thirty;
 * the server's per-frame Silero gate is off: the listener uses its energy gate (what
   it does when Silero cannot load), so a tone can stand for speech; the gate is not
   what these tests are about;
@@ -54,7 +56,7 @@ RATE = 16000
 FRAME = 320  # samples per 20 ms
 
 #: the Deepgram listener, with test-sized waits (production: watchdog 6 s, backoffs up to 30 s)
-FAST_LISTENER = {"watchdog_s": 1.2, "start_backoff_s": (0.05, 0.1), "recover_backoff_s": (0.5, 1.0)}
+FAST_LISTENER = {"watchdog_s": 1.2, "start_backoff_s": (0.05, 0.1), "recover_backoff_s": (0.25, 1.0)}
 #: the speech client, with test-sized deadlines (production: 10 s per read, 4 s + 80 ms/char per chunk)
 FAST_SPEECH = {"read_timeout_s": 0.6, "connect_timeout_s": 1.0, "total_timeout_s": 2.0, "chunk_base_s": 0.6, "chunk_s_per_char": 0.02, "backoff_s": (0.05, 0.1)}
 #: the Aura client, with test-sized waits (production: 5 s to connect, 10 s for first audio)
@@ -62,7 +64,9 @@ FAST_AURA = {"connect_timeout_s": 1.0, "first_audio_timeout_s": 1.0}
 #: Aura's speed here: first audio 50 ms after a flush, audio made 20x faster than it plays
 AURA_FIRST_AUDIO_S, AURA_RTF = 0.05, 0.05
 #: the session's pause before a failed listener is rebuilt (production: 5 s)
-RETRY_AFTER_FAILURE_MS = 400.0
+RETRY_AFTER_FAILURE_MS = 250.0
+#: the LLM client's backoff between retries of a refused or failed request (production: 0.25 s, 0.8 s)
+LLM_BACKOFF_S = (0.05, 0.1)
 
 #: an exception's class name, a stack, a repr or markup: not words for a person
 _CLASS_NAME = re.compile(r"\b[A-Z]\w*(Error|Exception|Timeout)\b")
@@ -294,7 +298,7 @@ async def fault_rig(tmp_path, monkeypatch, *, base_chat: ChatBehavior, base_spee
     from voiceclaw_app import accounts
     from voiceclaw_app.config import VoiceSettings
     from voiceclaw_app.db import repo
-    from voiceclaw_app.providers import factory
+    from voiceclaw_app.providers import factory, openai_llm
     from voiceclaw_app.providers.deepgram_flux import FluxListener
     from voiceclaw_app.providers.deepgram_stt import DeepgramListener
     from voiceclaw_app.providers.deepgram_tts import DeepgramTTS
@@ -321,6 +325,7 @@ async def fault_rig(tmp_path, monkeypatch, *, base_chat: ChatBehavior, base_spee
         monkeypatch.setattr(services, "_audio_store", None)
         monkeypatch.setattr(factory, "_server_vad", lambda: None)
         monkeypatch.setattr(session_mod, "RETRY_AFTER_FAILURE_MS", RETRY_AFTER_FAILURE_MS)
+        monkeypatch.setattr(openai_llm, "BACKOFF_S", LLM_BACKOFF_S)
         _fast(monkeypatch, DeepgramListener, FAST_LISTENER)
         _fast(monkeypatch, FluxListener, FAST_LISTENER)
         _fast(monkeypatch, OpenAITTS, FAST_SPEECH)
