@@ -223,12 +223,13 @@ async def run_trickle_muted(rig: Rig) -> None:
     mark = rig.page.mark()
     reply = await rig.session.say("Tell me slowly.")
     samples: list[tuple[float, str]] = []
-    while not reply.done:
-        await asyncio.sleep(0.1)
-        if reply.message_id:
-            row = await asyncio.to_thread(rig.repo.get_message, 1, reply.message_id)
-            if row is not None and not row["finished"]:
-                samples.append((now_ms(), row["content"]))
+    async with asyncio.timeout(10.0):  # the reply must end (a stuck one fails here)
+        while not reply.done:
+            await asyncio.sleep(0.1)
+            if reply.message_id:
+                row = await asyncio.to_thread(rig.repo.get_message, 1, reply.message_id)
+                if row is not None and not row["finished"]:
+                    samples.append((now_ms(), row["content"]))
     finished = await rig.page.wait_for(ev.TurnFinished, mark, 5.0)
     turn = rig.collect(mark, finished)
     tokens = [(t, e.text) for e, t in zip(rig.page.events[mark:], rig.page.at[mark:]) if isinstance(e, ev.ReplyToken)]
