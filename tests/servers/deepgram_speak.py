@@ -18,7 +18,9 @@ Close pages, the SDK's message types):
 The audio is the text (:mod:`tests.servers.speech_audio`), so tests read back what
 was synthesized. Latency: first audio ``first_audio_s`` after the flush, then
 frames of ``frame_chars`` characters generated ``rtf`` times faster than they
-play. Faults (per connection, :meth:`FakeDeepgramServer.speak_then`):
+play; both are read per flush, so changing the profile slows down (or silences,
+with a long ``first_audio_s``) sockets already open, such as a client's warm one.
+Faults (per connection, :meth:`FakeDeepgramServer.speak_then`):
 ``reject_status``, ``close_after_frames`` (close 1011 mid reply), ``first_audio_s``
 (slow first audio), ``idle_close_s`` (the service closes an idle socket).
 """
@@ -94,7 +96,6 @@ class SpeakService:
         writer.write(ws_accept(headers, self.srv.request_id))
         await writer.drain()
         p = self.profile
-        first_audio_s = fault.first_audio_s if fault.first_audio_s is not None else p.first_audio_s
         idle_close_s = fault.idle_close_s if fault.idle_close_s is not None else p.idle_close_s
         rate = int(query.get("sample_rate") or SAMPLE_RATE)
         lock = asyncio.Lock()
@@ -126,7 +127,7 @@ class SpeakService:
             while True:
                 n, text = await jobs.get()
                 state["sending"] = True
-                await asyncio.sleep(first_audio_s)
+                await asyncio.sleep(fault.first_audio_s if fault.first_audio_s is not None else p.first_audio_s)
                 sess.first_audio_at.append(time.monotonic())
                 per_frame = max(1, p.frame_chars)
                 for i in range(0, len(text), per_frame):

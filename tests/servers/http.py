@@ -156,6 +156,16 @@ class FakeServer:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
+    async def refuse(self) -> None:
+        """Stop listening, as a service that is down: connections are refused (and
+        open ones closed) until :meth:`resume` listens on the same port again."""
+        if self._http:
+            await self._http.stop()
+
+    async def resume(self) -> None:
+        if self._http and self._http._server is None:
+            await self._http.start()
+
     @property
     def base_url(self) -> str:
         assert self._http is not None

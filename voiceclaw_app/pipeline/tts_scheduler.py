@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
-from ..providers.base import TTS, AudioClip, CancelToken, ProviderError, ReplyAudio, ReplyFlushed, ReplyStream, StreamDropped
+from ..providers.base import TTS, AudioClip, CancelToken, ProviderError, ProviderTimeout, ReplyAudio, ReplyFlushed, ReplyStream, StreamDropped
 from .audio_store import AudioStore, StoredAudio
 from .text import Chunk
 
@@ -391,6 +391,9 @@ class StreamedReply:
         self._reply: ReplyStream | None = None
         self._task: asyncio.Task | None = None
         self._reader: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        #: monotonic s of the service's last audio or flush marker, or of our last flush
+        self._heard_at = 0.0
         self._progress = asyncio.Event()  # a flush completed, the reader ended, or cancelled
 
     def accepts(self) -> bool:
@@ -416,6 +419,7 @@ class StreamedReply:
                 self._fail_over(exc)
                 return
             self._reader = asyncio.create_task(self._read(self._reply), name="tts-reply-reader")
+            self._watch = asyncio.create_task(self._stall_watch(self._reply), name="tts-reply-watch")
             closing = False
             while not s.cancel.cancelled and not self._failed:
                 item = None
@@ -512,6 +516,7 @@ class StreamedReply:
         group = _Group(self._flushes, members)
         self._groups.append(group)
         self._flushes += 1
+        self._heard_at = time.monotonic()
         flush_id = await self._reply.flush()
         if flush_id != group.flush_id:
             raise ProviderError("Speech synthesis got out of step.", detail=f"flush id {flush_id} != {group.flush_id}")
@@ -523,6 +528,7 @@ class StreamedReply:
             async for ev in reply.events():
                 if s.cancel.cancelled:
                     return
+                self._heard_at = time.monotonic()
                 if isinstance(ev, ReplyAudio):
                     group = self._group(ev.flush_id)
                     if group is not None:
@@ -550,6 +556,24 @@ class StreamedReply:
                 self._fail_over(exc)
         finally:
             self._progress.set()
+
+    async def _stall_watch(self, reply: ReplyStream) -> None:
+        """A service that took a flush and then sends nothing (no audio, no flush
+        marker) would hold the turn, and the status, at "thinking" for ever: the reader
+        waits on a socket that is open but silent. Past ``reply.stall_timeout_s``
+        without a word from it while audio is owed, the stream fails over as a broken
+        one does (chunks not yet heard get their own request, which has its own
+        first-audio timeout, so a service that stays silent ends in a notice)."""
+        limit = max(0.05, reply.stall_timeout_s)
+        while not self._failed and not self.sched.cancel.cancelled:
+            await asyncio.sleep(min(0.25, limit / 4))
+            if self._groups and time.monotonic() - self._heard_at > limit:
+                log.info("TTS stream sent nothing for %.1fs with audio owed; failing over", limit)
+                self._fail_over(ProviderTimeout(f"The speech service sent no audio for {limit:.0f} s.", retryable=True))
+                if self._reader is not None:
+                    self._reader.cancel()
+                self._progress.set()
+                return
 
     def _group(self, flush_id: int) -> _Group | None:
         """The group a flush id belongs to (the oldest open one; an id before it is stale)."""
@@ -600,6 +624,7 @@ class StreamedReply:
                 break
             if item is not _CLOSE:
                 waiting.append(item)
+        self._in.put_nowait(_CLOSE)  # the writer may be waiting for a chunk: wake it (it returns, failed)
         for chunk, pieces in waiting:
             s.per_chunk(chunk, pieces)
 
@@ -613,6 +638,8 @@ class StreamedReply:
                 q.put_nowait(_DONE)
             self._groups.clear()
             self._pending = []
+        if self._watch is not None and self._watch is not asyncio.current_task():
+            self._watch.cancel()
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
             with contextlib.suppress(BaseException):

@@ -335,6 +335,9 @@ class ReplyStream(abc.ABC):
     sample_rate: int = 24000
     #: the socket's flush limit (shared by the replies it carries); unlimited by default
     flushes: FlushWindow = FlushWindow()
+    #: the longest the service may send nothing (no audio, no flush marker) while a
+    #: flush's audio is owed; providers set their first-audio timeout here
+    stall_timeout_s: float = 10.0
 
     @abc.abstractmethod
     async def push(self, text: str) -> None:

@@ -32,7 +32,8 @@ How a voice session uses Deepgram, and why:
   words pending, a local endpoint timer (``endpointing`` ms of silence on our own gate)
   sends ``Finalize`` and the ``from_finalize`` result ends the turn. A watchdog
   reconnects when voiced audio was sent and the server said nothing for
-  ``watchdog_s`` (a socket that is open but dead).
+  ``watchdog_s`` (a socket that is open but dead); when the fresh socket is as
+  silent (``max_silent_reconnects``), the service is down: a failure, as below.
 * **Push-to-talk** (:meth:`set_hands_free` ``False``, may change mid-session):
   ``speech_final`` / ``UtteranceEnd`` do not end the turn (a pause while the button
   is held is not the end of the question); only the ``from_finalize`` result after
@@ -265,6 +266,7 @@ class DeepgramListener(Listener):
         start_backoff_s: tuple[float, ...] = (0.25, 0.75),
         watchdog_s: float = 6.0,
         recover_backoff_s: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 30.0),
+        max_silent_reconnects: int = 1,
     ):
         self._api_key = str(api_key or "")
         self.url = url or deepgram_url_from_env()
@@ -285,6 +287,9 @@ class DeepgramListener(Listener):
         self.start_retries = start_retries
         self.start_backoff_s = start_backoff_s
         self.watchdog_s = watchdog_s
+        #: watchdog reconnects in a row with no word from the service before it counts as down
+        self.max_silent_reconnects = max_silent_reconnects
+        self._silent_reconnects = 0
         self.recover_backoff_s = recover_backoff_s
         # local end of turn after a reconnect with final words pending (the new socket never heard them)
         self.local_endpoint_ms = float(self.options.endpointing_ms if self.options.endpointing_ms > 0 else self.options.utterance_end_ms)
@@ -489,6 +494,12 @@ class DeepgramListener(Listener):
                     if self._sock is None or not self._reader_alive():
                         await self._reconnect()
                     elif self._watchdog_due():
+                        self._silent_reconnects += 1
+                        if self._silent_reconnects > self.max_silent_reconnects:
+                            # a fresh socket stayed as silent as the old one: the service is
+                            # not answering. Reconnecting for ever would leave the person
+                            # talking to nothing, unaware: fail (a notice), recover later.
+                            raise ProviderTimeout(f"The {SERVICE} stopped answering.", retryable=True)
                         log.info("Deepgram sent nothing for %.1fs of voiced audio; reconnecting", self.watchdog_s)
                         self.stats["watchdog_reconnects"] += 1
                         await self._reconnect()
@@ -535,6 +546,7 @@ class DeepgramListener(Listener):
             self._finalizing = False
             self._held.clear()
             self._recover_attempt = 0
+            self._silent_reconnects = 0
             first = 30.0 if exc.kind == "auth" else (self.recover_backoff_s[0] if self.recover_backoff_s else 1.0)
             self._recover_at = time.monotonic() + first
 
@@ -582,6 +594,7 @@ class DeepgramListener(Listener):
                     continue
                 if conn_id == self._conn_id:
                     self._awaiting_since = None
+                    self._silent_reconnects = 0
                 self._handle(_as_dict(msg), conn_id)
         except asyncio.CancelledError:
             raise

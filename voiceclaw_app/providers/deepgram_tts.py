@@ -153,6 +153,7 @@ class _AuraReply(QueuedReplyStream):
         self._owner = owner
         self._socket = socket
         self.flushes = socket.flushes
+        self.stall_timeout_s = owner.first_audio_timeout_s
         self._queue: asyncio.Queue = asyncio.Queue()
         self._fifo: deque[int] = deque()  # flushes sent, Flushed not yet received
         self._next = 0

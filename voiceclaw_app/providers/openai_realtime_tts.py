@@ -202,6 +202,7 @@ class _RealtimeReply(QueuedReplyStream):
         self._owner = owner
         self._socket = socket
         self.voice = voice
+        self.stall_timeout_s = owner.first_audio_timeout_s
         self.reply_id = str(next(_reply_ids))
         self._queue: asyncio.Queue = asyncio.Queue()
         self._text: list[str] = []  # pushed since the last flush
