@@ -444,3 +444,31 @@ def test_bench_local_flags_work_through_the_bench_entry_point(monkeypatch, capsy
     assert json.loads(capsys.readouterr().out)["scenario"] == "local"
     with pytest.raises(SystemExit):
         bench_main.main(["pipeline", "--no-prefill"])
+
+
+class _EmptyThenWords:
+    """Stands in for llama.cpp's completion API: the first samplings stop at once
+    (a stop sequence as the first token), the next one answers."""
+
+    def __init__(self, empty: int):
+        self.empty = empty
+        self.calls = 0
+
+    def tokenize(self, data: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return list(range(len(data.split())))
+
+    def create_completion(self, prompt, **kw):
+        self.calls += 1
+        if self.calls <= self.empty:
+            return iter([{"choices": [{"text": ""}]}])
+        return iter([{"choices": [{"text": " The Moon"}]}, {"choices": [{"text": " is far."}]}])
+
+
+@pytest.mark.parametrize(("empty", "expected"), [(1, "The Moon is far."), (2, "The Moon is far."), (5, "")])
+def test_an_empty_base_model_reply_is_sampled_again(empty, expected):
+    engine = LocalLlamaLLM(system_prompt="Be brief.")
+    fake = _EmptyThenWords(empty)
+    engine._llm = fake  # loaded: no model file needed for the retry logic
+    out = "".join(engine.generate_sync(LLMRequest(messages=[ChatMessage(role="user", content="Tell me about the Moon.")]), CancelToken()))
+    assert out == expected
+    assert fake.calls == min(empty + 1, 3)

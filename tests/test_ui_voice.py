@@ -651,3 +651,17 @@ async def test_a_stopped_report_after_the_cut_keeps_the_chunk_that_had_started(e
     assert msg["content"] == "One. Two." and msg["interrupted"]
     assert msg["audio_ids"] == ["s1s1s1s1s1", "s2s2s2s2s2"]
     assert sink.chat.messages[-1]["content"] == "One. Two."
+
+
+async def test_an_empty_reply_tells_the_person(env):  # noqa: F811
+    """A model that answers nothing at all: the page says so instead of going quiet."""
+    from voiceclaw_app.session.session import EMPTY_REPLY_NOTICE
+
+    sink, _, _ = env
+    session, turn = await _finished_turn(env, [])
+    for _ in range(100):
+        if sink.chat.notice:
+            break
+        await asyncio.sleep(0.02)
+    assert sink.chat.notice == EMPTY_REPLY_NOTICE and not turn.interrupted
+    await session.close()

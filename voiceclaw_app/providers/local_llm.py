@@ -78,6 +78,10 @@ def _one_line(text: str, limit: int) -> str:
     return " ".join(text.split())[:limit]
 
 
+#: extra samplings when the base model's reply comes back empty
+EMPTY_RETRIES = 2
+
+
 class DialoguePrompt:
     """Builds the continuation prompt for a base (non-chat) model.
 
@@ -320,21 +324,28 @@ class LocalLlamaLLM(LLM):
                 self._last_name = request.assistant_name.strip()
             dialogue = self.dialogue_for(request)
             prompt = self._fit(dialogue.for_reply, request.messages, max_tokens)
-            stream = self._llm.create_completion(
-                prompt, max_tokens=max_tokens, temperature=temperature, top_p=0.9, top_k=40,
-                repeat_penalty=1.15, stop=dialogue.stops(), stream=True,
-            )
-            first = True
-            for chunk in stream:
-                if cancel.cancelled:
-                    stream.close()
+            # The base model sometimes samples a stop sequence (the next speaker's name)
+            # as its very first token: an empty reply, nothing said, a person left
+            # waiting (seen in the browser suite). Sample again, up to EMPTY_RETRIES
+            # times; the prompt is the same, so llama.cpp reuses its evaluated prefix.
+            for _attempt in range(1 + EMPTY_RETRIES):
+                stream = self._llm.create_completion(
+                    prompt, max_tokens=max_tokens, temperature=temperature, top_p=0.9, top_k=40,
+                    repeat_penalty=1.15, stop=dialogue.stops(), stream=True,
+                )
+                first = True
+                for chunk in stream:
+                    if cancel.cancelled:
+                        stream.close()
+                        return
+                    text = chunk["choices"][0]["text"]
+                    if first:
+                        text = text.lstrip()
+                    if text:
+                        first = False
+                        yield text
+                if not first:
                     return
-                text = chunk["choices"][0]["text"]
-                if first:
-                    text = text.lstrip()
-                if text:
-                    first = False
-                    yield text
 
     async def stream(self, request: LLMRequest, cancel: CancelToken) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()

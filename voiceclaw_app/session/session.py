@@ -50,6 +50,8 @@ RETRY_AFTER_FAILURE_MS = 5000.0
 MAX_TYPED_CHARS = 8000
 #: finished replies whose first playback report may still come (per session)
 MAX_AWAITING_PLAYBACK = 50
+#: a finished reply with no words at all (the model stopped at once)
+EMPTY_REPLY_NOTICE = "The assistant gave an empty answer. Please ask again."
 
 Output = Callable[[ev_.SessionEvent], Awaitable[None]]
 
@@ -637,6 +639,9 @@ class VoiceSession:
         log.info("turn %s done interrupted=%s chunks=%d played=%d stages=%s", reply.turn_id, reply.interrupted, len(reply.ledger.chunks), reply.ledger.played, reply.marks.stages())
         if error and not reply.ledger.chunks and not reply.interrupted:
             self._failed = True
+        elif not error and not reply.interrupted and not reply.cancel.cancelled and not content.strip():
+            # the model answered with nothing at all: say so, or the person waits in silence
+            await self._emit(ev_.Notice(EMPTY_REPLY_NOTICE))
         await self._emit(ev_.TurnFinished(reply.turn_id, reply.conversation_id, reply.message_id, content, reply.interrupted, error, audio_ids))
         reply.finished = True
         await self._update_status()
