@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import uuid
 
 import pytest
@@ -204,3 +205,43 @@ def test_the_next_user_of_the_same_tab_sees_nothing_of_the_previous_one(app_serv
     assert page.evaluate("window.sessionStorage.getItem('token')") == token  # the same tab, the same state token
     assert secret not in page.content()
     assert page.query_selector('#transcript [data-role="user"]') is None
+
+
+def test_two_accounts_speak_at_overlapping_times_and_each_hears_only_their_own_reply(app_server, launch_browser, tmp_path):
+    """Two people, two accounts, two browsers with their own (fake) microphones, tapping
+    the voice button within a second of each other: each transcript shows only its own
+    spoken question, each page plays a reply, and neither reply lands on the other page."""
+    import time
+
+    from .conftest import build_mic_wav
+    from .test_browser import _played, _poll, wait_ready
+
+    base, _, _ = app_server
+    wavs = []
+    for name, fixture in (("a", "q_capital"), ("b", "q_dinner")):
+        wav = tmp_path / f"mic-{name}.wav"
+        build_mic_wav([(fixture, 30.0)], wav, lead_silence_s=1.0)
+        wavs.append(wav)
+    pages = [launch_browser(wavs[0]).new_page(), launch_browser(wavs[1], user=OTHER).new_page()]
+    for page in pages:
+        page.goto(base + "/")
+        wait_ready(page)
+        page.click("#new-conversation")
+    for page in pages:  # both start talking at once
+        page.click("#voice-button")
+    own = ({"capital", "france"}, {"cook", "dinner", "tonight"})
+    try:
+        for page, mine, theirs in zip(pages, own, reversed(own)):
+            user = _poll(lambda: page.query_selector('#transcript [data-role="user"]'), 90)
+            assert user, "the spoken question never reached this person's transcript"
+            words = set(re.findall(r"[a-z]+", (page.text_content('#transcript [data-role="user"]') or "").lower()))
+            assert words & mine and not words & (theirs - mine), words
+            assert _poll(lambda: _played(page) >= 1, 90), "this person heard no reply"
+        time.sleep(1.0)
+        for page, theirs in zip(pages, reversed(own)):
+            shown = (page.text_content("#transcript") or "").lower()
+            assert not any(w in shown for w in theirs - {"tonight"}), "the other person's words reached this page"
+            assert len(page.query_selector_all('#transcript [data-role="user"]')) == 1
+    finally:
+        for page in pages:
+            page.click("#stop-button")
