@@ -15,10 +15,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import io
+import logging
 import threading
 import wave
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal
+from typing import Any, AsyncIterator, Literal
 
 
 # ---------------------------------------------------------------- cancellation
@@ -577,16 +578,69 @@ class Listener(abc.ABC):
 
 # ---------------------------------------------------------------- warm sockets (TTS with streamed text)
 class WarmSocket(abc.ABC):
-    """A provider's long-lived connection, as :class:`WarmSockets` sees it."""
+    """A provider's long-lived connection, as :class:`WarmSockets` sees it.
+
+    The lifecycle both streamed voices share lives here once: a reader task runs
+    :meth:`_read` (the provider's message loop) from :meth:`_start_reader` on; if it
+    ends on an error the socket is dead and the reply it carries fails with
+    :meth:`_ended_error`; :meth:`close` says goodbye (:meth:`_say_goodbye`), stops the
+    reader and closes the transport (:meth:`_close_transport`), each step bounded."""
+
+    #: what the log calls it ("Deepgram speak socket"), and the provider's logger
+    label: str = "socket"
+    log: logging.Logger = logging.getLogger("voiceclaw.providers")
+    reply: Any = None
+    _alive: bool = False
+    _reader: asyncio.Task | None = None
 
     @property
-    @abc.abstractmethod
     def alive(self) -> bool:
         """Still open and usable (the service may close it at any time)."""
+        return self._alive
+
+    def _start_reader(self, name: str) -> None:
+        self._alive = True
+        self._reader = asyncio.create_task(self._reader_loop(), name=name)
+
+    async def _reader_loop(self) -> None:
+        try:
+            await self._read()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._alive = False
+            self.log.info("%s ended (%s)", self.label, type(exc).__name__)
+            if self.reply is not None:
+                self.reply.fail(self._ended_error(exc))
 
     @abc.abstractmethod
+    async def _read(self) -> None:
+        """The message loop: returns or raises when the connection ends."""
+
+    @abc.abstractmethod
+    def _ended_error(self, exc: Exception) -> "ProviderError":
+        """What the reply in flight fails with when the reader died of ``exc``."""
+
+    async def _say_goodbye(self) -> None:
+        """The service's own close message, if it has one (sent before the reader stops)."""
+
+    @abc.abstractmethod
+    async def _close_transport(self) -> None:
+        """Close the connection itself."""
+
     async def close(self) -> None:
         """Close it (best effort, never raises)."""
+        self._alive = False
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self._say_goodbye()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self._close_transport()
 
 
 class WarmSockets:

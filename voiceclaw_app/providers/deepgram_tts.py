@@ -86,6 +86,9 @@ def map_error(exc: BaseException) -> ProviderError:
 class _AuraSocket(WarmSocket):
     """One ``/v1/speak`` connection and its reader; carries one reply at a time."""
 
+    label = "Deepgram speak socket"
+    log = log  # the provider's logger (WarmSocket logs the socket's end with it)
+
     def __init__(self, stack: contextlib.AsyncExitStack, sock: Any):
         self._stack = stack
         self.sock = sock
@@ -93,55 +96,38 @@ class _AuraSocket(WarmSocket):
         self.reply: _AuraReply | None = None
         self.clearing = 0  # Clear sent, Cleared not yet received: audio meanwhile is stale
         self.error: ProviderError | None = None
-        self._alive = True
-        self._reader = asyncio.create_task(self._read(), name="aura-reader")
-
-    @property
-    def alive(self) -> bool:
-        return self._alive
+        self._start_reader("aura-reader")
 
     async def _read(self) -> None:
-        try:
-            while True:
-                msg = await self.sock.recv()
-                if isinstance(msg, (bytes, bytearray)):
-                    if not self.clearing and self.reply is not None:
-                        self.reply.audio(bytes(msg))
-                    continue
-                m = _as_dict(msg)
-                kind = m.get("type")
-                if kind == "Cleared":  # parsed by the SDK as its Flushed class
-                    self.clearing = max(0, self.clearing - 1)
-                elif kind == "Flushed":
-                    if not self.clearing and self.reply is not None:
-                        self.reply.flushed()
-                elif kind == "Warning":
-                    log.warning("Deepgram speak warning %s: %s", m.get("code"), str(m.get("description", ""))[:200])
-                    if self.reply is not None and self.reply.waiting():
-                        # e.g. over the flush limit: the flush was dropped and its audio will not come
-                        self.reply.fail(RateLimitError(f"The {SERVICE} refused a request: {str(m.get('description', ''))[:120]}", retryable=True))
-                elif kind == "Error":
-                    self.error = ProtocolError(f"The {SERVICE} reported an error: {str(m.get('description', ''))[:160]}")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            err = self.error or map_error(exc)
-            log.info("Deepgram speak socket ended (%s)", type(exc).__name__)
-            self._alive = False
-            if self.reply is not None:
-                self.reply.fail(err)
+        while True:
+            msg = await self.sock.recv()
+            if isinstance(msg, (bytes, bytearray)):
+                if not self.clearing and self.reply is not None:
+                    self.reply.audio(bytes(msg))
+                continue
+            m = _as_dict(msg)
+            kind = m.get("type")
+            if kind == "Cleared":  # parsed by the SDK as its Flushed class
+                self.clearing = max(0, self.clearing - 1)
+            elif kind == "Flushed":
+                if not self.clearing and self.reply is not None:
+                    self.reply.flushed()
+            elif kind == "Warning":
+                log.warning("Deepgram speak warning %s: %s", m.get("code"), str(m.get("description", ""))[:200])
+                if self.reply is not None and self.reply.waiting():
+                    # e.g. over the flush limit: the flush was dropped and its audio will not come
+                    self.reply.fail(RateLimitError(f"The {SERVICE} refused a request: {str(m.get('description', ''))[:120]}", retryable=True))
+            elif kind == "Error":
+                self.error = ProtocolError(f"The {SERVICE} reported an error: {str(m.get('description', ''))[:160]}")
 
-    async def close(self) -> None:
-        self._alive = False
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await self.sock.send_close()
-        self._reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self._reader
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await self._stack.aclose()
+    def _ended_error(self, exc: Exception) -> ProviderError:
+        return self.error or map_error(exc)
+
+    async def _say_goodbye(self) -> None:
+        await self.sock.send_close()
+
+    async def _close_transport(self) -> None:
+        await self._stack.aclose()
 
 
 class _AuraReply(QueuedReplyStream):

@@ -130,67 +130,54 @@ def same_words(a: str, b: str) -> bool:
 class _RealtimeSocket(WarmSocket):
     """One Realtime connection (session configured) and its reader."""
 
+    label = "Realtime socket"
+    log = log  # the provider's logger (WarmSocket logs the socket's end with it)
+
     def __init__(self, manager: Any, conn: Any):
         self._manager = manager
         self.conn = conn
         self.reply: _RealtimeReply | None = None
         self.live: set[str] = set()  # response ids running (created, not done)
-        self._alive = True
-        self._reader = asyncio.create_task(self._read(), name="realtime-reader")
-
-    @property
-    def alive(self) -> bool:
-        return self._alive
+        self._start_reader("realtime-reader")
 
     async def _read(self) -> None:
-        try:
-            while True:
-                ev = _as_dict(await self.conn.recv())
-                kind = ev.get("type", "")
-                rid = ev.get("response_id") or (ev.get("response") or {}).get("id")
-                if kind == "response.created":
-                    self.live.add(rid)
-                    meta = (ev.get("response") or {}).get("metadata") or {}
-                    reply = self.reply
-                    if reply is not None and meta.get("voiceclaw_reply") == reply.reply_id:
-                        await reply.created(rid, int(meta.get("voiceclaw_flush", -1)))
-                    else:  # a response of a reply already cancelled
-                        await self.cancel(rid)
-                elif kind == "response.done":
-                    self.live.discard(rid)
-                    if self.reply is not None:
-                        self.reply.done(rid, ev.get("response") or {})
-                elif kind == "error":
-                    err = ev.get("error") or {}
-                    if "cancel" in str(err.get("code") or ""):
-                        continue  # cancelling a response that had just finished
-                    exc = error_from_event(err)
-                    log.warning("Realtime error event %s: %s", err.get("code"), exc.detail)
-                    if self.reply is not None:
-                        self.reply.fail(exc)
-                elif self.reply is not None and rid:
-                    self.reply.event(kind, rid, ev)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._alive = False
-            log.info("Realtime socket ended (%s)", type(exc).__name__)
-            if self.reply is not None:
-                self.reply.fail(map_error(exc))
+        while True:
+            ev = _as_dict(await self.conn.recv())
+            kind = ev.get("type", "")
+            rid = ev.get("response_id") or (ev.get("response") or {}).get("id")
+            if kind == "response.created":
+                self.live.add(rid)
+                meta = (ev.get("response") or {}).get("metadata") or {}
+                reply = self.reply
+                if reply is not None and meta.get("voiceclaw_reply") == reply.reply_id:
+                    await reply.created(rid, int(meta.get("voiceclaw_flush", -1)))
+                else:  # a response of a reply already cancelled
+                    await self.cancel(rid)
+            elif kind == "response.done":
+                self.live.discard(rid)
+                if self.reply is not None:
+                    self.reply.done(rid, ev.get("response") or {})
+            elif kind == "error":
+                err = ev.get("error") or {}
+                if "cancel" in str(err.get("code") or ""):
+                    continue  # cancelling a response that had just finished
+                exc = error_from_event(err)
+                log.warning("Realtime error event %s: %s", err.get("code"), exc.detail)
+                if self.reply is not None:
+                    self.reply.fail(exc)
+            elif self.reply is not None and rid:
+                self.reply.event(kind, rid, ev)
+
+    def _ended_error(self, exc: Exception) -> ProviderError:
+        return map_error(exc)
 
     async def cancel(self, rid: str) -> None:
         if rid in self.live:
             with contextlib.suppress(Exception):
                 await self.conn.response.cancel(response_id=rid)
 
-    async def close(self) -> None:
-        self._alive = False
-        self._reader.cancel()
-        with contextlib.suppress(BaseException):
-            await self._reader
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await self.conn.close()
+    async def _close_transport(self) -> None:
+        await self.conn.close()
 
 
 class _RealtimeReply(QueuedReplyStream):
