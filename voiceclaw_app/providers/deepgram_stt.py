@@ -748,8 +748,7 @@ class DeepgramListener(Listener):
         # silence tail, a Finalize) goes to the sender *before* the gate's verdict:
         # the gate (a round trip to the VAD helper, ~1.5 ms) then only decides
         # barge-in and the end of the stretch, never delays the audio Deepgram hears.
-        sent_early = self.failed is None and ((not self.hands_free) or self._finalizing or (t_ms - self._last_voiced_t <= self.silence_stream_ms))
-        early = _Frame(pcm16, t_ms) if sent_early else None
+        early = _Frame(pcm16, t_ms) if self.failed is None and self._streaming_stretch(t_ms) else None
         if early is not None:
             self._q.put_nowait(early)
         # the Silero gate is a round trip to the VAD helper process: off the event loop,
@@ -781,13 +780,18 @@ class DeepgramListener(Listener):
                 log.info("no end of turn from Deepgram after %.0f ms of silence; sending Finalize", silent_ms)
                 self.stats["local_endpoints"] += 1
                 self._start_finalize()
-        streaming = (not self.hands_free) or voiced or (t_ms - self._last_voiced_t <= self.silence_stream_ms) or self._finalizing
+        streaming = voiced or self._streaming_stretch(t_ms)
         if early is not None:
             early.voiced = voiced  # for the watchdog, if the writer has not sent it yet
         elif streaming:
             self._q.put_nowait(_Frame(pcm16, t_ms, voiced))
         else:
             self._preroll.append((pcm16, t_ms))
+
+    def _streaming_stretch(self, t_ms: float) -> bool:
+        """Audio at ``t_ms`` is sent whatever the gate says: push-to-talk, a Finalize
+        in progress, or within ``silence_stream_ms`` of the last voiced frame."""
+        return (not self.hands_free) or self._finalizing or (t_ms - self._last_voiced_t <= self.silence_stream_ms)
 
     def events(self) -> AsyncIterator[ListenEvent]:
         return queued_events(self._events, _END)

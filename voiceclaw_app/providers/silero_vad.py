@@ -177,6 +177,12 @@ SILENCE_FLOOR_RMS = 40.0
 RESET_AFTER_SKIPPED = 16
 
 
+def _window_rms(pcm16: bytes) -> np.ndarray:
+    """The RMS (int16 units) of each whole 32 ms window in ``pcm16``."""
+    windows = np.frombuffer(pcm16, dtype="<i2").reshape(-1, WINDOW).astype(np.float32)
+    return np.sqrt(np.mean(windows**2, axis=1))
+
+
 class SileroGate:
     """``pcm16 -> bool``: is this frame voice? Silero's answer per frame, for listeners
     that only need that (the Deepgram listener's streaming gate and barge-in): a local
@@ -209,24 +215,25 @@ class SileroGate:
             return self.probability >= self.threshold
         data = bytes(self._buf) + pcm16
         k = n // (2 * WINDOW)
-        windows = np.frombuffer(data[: k * 2 * WINDOW], dtype="<i2").reshape(k, WINDOW).astype(np.float32)
-        if float(np.sqrt(np.mean(windows**2, axis=1)).max()) >= self.floor_rms:
+        if float(_window_rms(data[: k * 2 * WINDOW]).max()) >= self.floor_rms:
             return None
         self._buf = bytearray(data[k * 2 * WINDOW :])
-        self._skipped += k
-        self.skipped_windows += k
-        self.probability = 0.0
+        self._skip(k)
         return False
+
+    def _skip(self, windows: int) -> None:
+        """``windows`` quiet windows: silence, without the model."""
+        self._skipped += windows
+        self.skipped_windows += windows
+        self.probability = 0.0
 
     def __call__(self, pcm16: bytes) -> bool:
         self._buf += pcm16
         while len(self._buf) >= 2 * WINDOW:
             window = bytes(self._buf[: 2 * WINDOW])
             del self._buf[: 2 * WINDOW]
-            if np.sqrt(np.mean(np.frombuffer(window, dtype="<i2").astype(np.float32) ** 2)) < self.floor_rms:
-                self._skipped += 1
-                self.skipped_windows += 1
-                self.probability = 0.0
+            if float(_window_rms(window)[0]) < self.floor_rms:
+                self._skip(1)
                 continue
             if self._skipped >= RESET_AFTER_SKIPPED:
                 self._vad.reset()
