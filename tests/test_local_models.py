@@ -216,10 +216,10 @@ def registry():
 
 
 def test_one_broken_engine_leaves_the_others_ready(registry):
-    registry.configure(factories={"stt": lambda: _FakeEngine(0.05), "turn": lambda: _FakeEngine(0.05), "llm": lambda: _FakeEngine(0.05), "tts": _broken_tts})
+    registry.configure(factories={"stt": lambda: _FakeEngine(0.05), "turn": lambda: _FakeEngine(0.05), "text_turn": lambda: _FakeEngine(0.05), "llm": lambda: _FakeEngine(0.05), "tts": _broken_tts})
     thread = registry.start_warmup()
     status = registry.engine_status()
-    assert set(status) == {"stt", "turn", "llm", "tts"}
+    assert set(status) == {"stt", "turn", "text_turn", "llm", "tts"}
     thread.join(5)
     status = registry.engine_status()
     assert status["stt"] == "ready" and status["llm"] == "ready"
@@ -234,7 +234,7 @@ def test_unexpected_exception_is_contained(registry):
     def boom():
         raise RuntimeError("onnxruntime exploded")
 
-    registry.configure(factories={"stt": _FakeEngine, "turn": _FakeEngine, "llm": _FakeEngine, "tts": boom})
+    registry.configure(factories={"stt": _FakeEngine, "turn": _FakeEngine, "text_turn": _FakeEngine, "llm": _FakeEngine, "tts": boom})
     registry.start_warmup().join(5)
     assert registry.engine_status()["tts"] == "error: RuntimeError: onnxruntime exploded"
     assert registry.engine_status()["stt"] == "ready"
@@ -249,7 +249,7 @@ def test_warmup_returns_at_once_and_loads_each_engine_once(registry):
             return _FakeEngine(0.2)
         return factory
 
-    registry.configure(factories={n: make(n) for n in ("stt", "turn", "llm", "tts")})
+    registry.configure(factories={n: make(n) for n in ("stt", "turn", "text_turn", "llm", "tts")})
     t0 = time.monotonic()
     thread = registry.start_warmup()
     assert time.monotonic() - t0 < 0.1
@@ -257,7 +257,7 @@ def test_warmup_returns_at_once_and_loads_each_engine_once(registry):
     assert registry.get_engine("tts") is registry.get_engine("tts")
     thread.join(5)
     assert registry.all_ready()
-    assert sorted(built) == ["llm", "stt", "tts", "turn"]
+    assert sorted(built) == ["llm", "stt", "text_turn", "tts", "turn"]
     mem = registry.memory_report()
     assert mem["process_rss_mb"] > 10 and mem["stt_load_ms"] is not None
 

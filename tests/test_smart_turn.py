@@ -17,6 +17,7 @@ from voiceclaw_app.providers.base import EndOfTurn, TurnVerdict
 from voiceclaw_app.providers.local_listener import LocalListener
 from voiceclaw_app.providers.local_stt import LocalWhisperSTT
 from voiceclaw_app.providers.smart_turn import PauseJudge, SmartTurnV3, last_window
+from voiceclaw_app.providers.text_turn import GemmaTextTurn, words_for_scoring
 
 
 def _utt(name: str):
@@ -41,16 +42,46 @@ def test_last_window_keeps_the_end_and_pads_the_front():
     assert w.size == 8 * 16000 and w[0] == 0 and w[-1] == 1 and w.sum() == 16000
 
 
-def test_pause_judge_words():
+def test_pause_judge_lets_clear_words_lead_and_the_sound_break_ties():
     judge = PauseJudge()
     yes, no = TurnVerdict(True, 0.9, 10.0), TurnVerdict(False, 0.1, 10.0)
-    assert not judge.complete(yes, "Set a timer for")  # the model's "complete" cannot end on "for"
-    assert not judge.complete(yes, "Send a message to my sister saying that I... and")
-    assert judge.complete(no, "What time is it in Tokyo?")  # Whisper closed the sentence
-    assert judge.complete(yes, "call me")
-    assert not judge.complete(no, "turn on the lights in the living")
-    assert not judge.complete(yes, "")
+
+    def words(p: float) -> TurnVerdict:
+        return TurnVerdict(p >= 0.05, p, 5.0)
+
+    assert not judge.complete(yes, "Set a timer for", words(0.9))  # never on "for"
+    assert not judge.complete(yes, "Remind me to buy.", words(0.005))  # the words: unfinished, whatever the sound and the "."
+    assert judge.complete(no, "What time is it in Tokyo?", words(0.9))  # the words: finished
+    assert judge.complete(yes, "Yes.", words(0.05)) and not judge.complete(no, "Yes.", words(0.05))  # unclear words: the sound
+    assert not judge.complete(yes, "", None) and not judge.complete(yes, "call me", None)
     assert PauseJudge(use_words=False).complete(yes, "Set a timer for")
+
+
+async def test_words_model_separates_fragments_from_requests(words_model):
+    """The unseen set's texts: every unfinished fragment scores low, every request high."""
+    from tests.fixtures.unseen.make_unseen import COMPLETE, HESITATIONS
+
+    fragments = [await words_model.score(before) for _, before, _, _, _ in HESITATIONS]
+    requests = [await words_model.score(text) for _, text, _ in COMPLETE]
+    assert max(v.probability for v in fragments) < PauseJudge.WORDS_NO, [round(v.probability, 3) for v in fragments]
+    assert min(v.probability for v in requests) >= 0.1, [round(v.probability, 3) for v in requests]
+    # Whisper's closing punctuation does not count; nothing heard is not a request
+    assert (await words_model.score("Remind me to buy.")).probability < PauseJudge.WORDS_NO
+    assert (await words_model.score("  ")).probability == 0.0
+
+
+def test_words_for_scoring_drops_closing_punctuation_and_keeps_the_end():
+    assert words_for_scoring(" Set a timer for... ") == "Set a timer for"
+    assert words_for_scoring("What time is it?\"") == "What time is it"
+    long = " ".join(f"w{i}" for i in range(100))
+    assert words_for_scoring(long).split() == [f"w{i}" for i in range(60, 100)]
+
+
+@pytest.fixture(scope="module")
+def words_model() -> GemmaTextTurn:
+    model = GemmaTextTurn()
+    model._warm_sync()
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +152,13 @@ async def _feed(listener: LocalListener, pcm: bytes, until_ms: float, expect: in
 
 
 @pytest.mark.slow
-async def test_a_hesitation_is_not_cut_off(analyzer, stt):
+async def test_a_hesitation_is_not_cut_off(analyzer, stt, words_model):
     """"Add an appointment with ... (650 ms) Doctor Patel on Friday morning": one turn."""
     utt = _utt("h_doctor")
-    # the model alone calls this pause complete (p 0.98): the words veto it. They may
-    # take until vad_silence_ms to arrive (1.5 s here: Whisper on a busy machine)
-    settings = VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=2500, vad_silence_ms=1500)
-    listener = LocalListener(settings=settings, stt=stt, turn_analyzer=analyzer)
+    # the sound alone calls this pause complete (p 0.98): the words ("...with", and
+    # the words' model) keep the turn open; they are waited for however slow Whisper is
+    settings = VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=2500)
+    listener = LocalListener(settings=settings, stt=stt, turn_analyzer=analyzer, text_analyzer=words_model)
     got, t0 = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 2500)
     assert len(got) == 1, [e.text for e in got]
     assert "patel" in got[0].text.lower() and len(got[0].text.split()) >= 6  # both halves in one turn
@@ -138,10 +169,10 @@ async def test_a_hesitation_is_not_cut_off(analyzer, stt):
 
 
 @pytest.mark.slow
-async def test_a_finished_question_ends_well_before_the_ceiling(analyzer, stt):
+async def test_a_finished_question_ends_well_before_the_ceiling(analyzer, stt, words_model):
     utt = _utt("c_rain")
     settings = VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000)
-    listener = LocalListener(settings=settings, stt=stt, turn_analyzer=analyzer)
+    listener = LocalListener(settings=settings, stt=stt, turn_analyzer=analyzer, text_analyzer=words_model)
     got, t0 = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 3500)
     assert len(got) == 1
     speech_end = t0 + 1000.0 * (utt.last_voiced_sample + 1) / 16000
@@ -150,10 +181,10 @@ async def test_a_finished_question_ends_well_before_the_ceiling(analyzer, stt):
 
 
 @pytest.mark.slow
-async def test_push_to_talk_ignores_the_model(analyzer, stt):
+async def test_push_to_talk_ignores_the_model(analyzer, stt, words_model):
     """Push-to-talk: however finished the sentence sounds, only the release ends the turn."""
     utt = _utt("c_rain")
-    listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=1000), stt=stt, turn_analyzer=analyzer)
+    listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=1000), stt=stt, turn_analyzer=analyzer, text_analyzer=words_model)
     listener.set_hands_free(False)
     got: list[EndOfTurn] = []
 

@@ -6,9 +6,9 @@ configuration:
 
 * ``silence_200`` / ``silence_500`` / ``silence_1000``: ``turn_detection="silence"``
   with that ``vad_silence_ms``;
-* ``smart_turn``: the default, the model and the pause's words at each 160 ms pause,
-  ``turn_max_wait_ms`` ceiling;
-* ``smart_turn_audio_only``: the model alone (no words), to show what each adds.
+* ``smart_turn``: the default: at each 160 ms pause the sound (Smart Turn) and the
+  pause's words (its transcript, scored by the words' model), ``turn_max_wait_ms`` ceiling;
+* ``smart_turn_audio_only``: Smart Turn alone (no words), to show what each adds.
 
 Figures, from the fixtures' known samples (never the VAD's estimate):
 
@@ -65,14 +65,14 @@ def configs(base: VoiceSettings) -> list[Config]:
     ]
 
 
-async def _pass(utt: Utterance, group: list[Config], stt, analyzer, rng: np.random.Generator) -> dict[str, list[float]]:
+async def _pass(utt: Utterance, group: list[Config], stt, analyzer, words, rng: np.random.Generator) -> dict[str, list[float]]:
     """One utterance through one listener per config at once; each config's end-of-turn
     decision times (ms from the utterance start), taken when decided (``on_decision``),
     not when transcribed: a queue at Whisper does not move them."""
     decided: dict[str, list[float]] = {c.name: [] for c in group}
     t0 = now_ms() + 5.0
     listeners = {
-        c.name: LocalListener(settings=c.settings, stt=stt, turn_analyzer=analyzer, use_words=c.use_words, on_decision=lambda eot, _end, n=c.name: decided[n].append(eot - t0))
+        c.name: LocalListener(settings=c.settings, stt=stt, turn_analyzer=analyzer, text_analyzer=words, use_words=c.use_words, on_decision=lambda eot, _end, n=c.name: decided[n].append(eot - t0))
         for c in group
     }
     drains = [asyncio.create_task(_drain(lst)) for lst in listeners.values()]
@@ -106,6 +106,7 @@ async def run_turns_async(runs: int | None = None, *, verbose: bool = False) -> 
     base = VoiceSettings.from_env().replace(stt_provider="local")
     stt = await engines.aget_engine("stt")
     analyzer = await engines.aget_engine("turn")
+    words = await engines.aget_engine("text_turn")
     hesitations = load_unseen("hesitation")
     complete = [u for u in load_unseen("complete") if "long" not in u.tags and "repetition" not in u.tags]
     if runs:
@@ -119,7 +120,7 @@ async def run_turns_async(runs: int | None = None, *, verbose: bool = False) -> 
     for utt in hesitations + complete:
         for group in [shared] + [[c] for c in alone]:
             try:
-                got = await _pass(utt, group, stt, analyzer, rng)
+                got = await _pass(utt, group, stt, analyzer, words, rng)
             except Exception as exc:  # report, go on
                 errors += 1
                 got = {}

@@ -475,6 +475,17 @@ class TurnAnalyzer(abc.ABC):
         """Score the turn's 16 kHz mono PCM16 audio so far, off the event loop."""
 
 
+class TextTurnAnalyzer(abc.ABC):
+    """Decides from the words heard so far whether they make a whole request
+    (LiveKit's turn detector: a language model over the transcript)."""
+
+    name: str = "text_turn"
+
+    @abc.abstractmethod
+    async def score(self, text: str) -> TurnVerdict:
+        """Score the transcript of the turn so far, off the event loop."""
+
+
 # ---------------------------------------------------------------- streaming listening
 @dataclass(frozen=True)
 class SpeechStarted:

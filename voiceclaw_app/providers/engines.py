@@ -4,8 +4,9 @@ Decision: one copy of each engine per process (per web worker). The models are
 small (about 0.5 GB RSS for all three) and an in-process call avoids a hop; with
 several Granian workers each worker holds its own copy, stated in the README.
 
-* :func:`start_warmup` loads and warms STT, the end-of-turn model (Smart Turn, 8.7 MB:
-  the listener needs it at the user's first pause), LLM and TTS, one after another, in one
+* :func:`start_warmup` loads and warms STT, the end-of-turn models (Smart Turn, 8.7 MB,
+  and the words' scorer on Gemma's file: the listener needs them at the user's first
+  pause), LLM and TTS, one after another, in one
   daemon thread (loading them in parallel on 2 cores only makes each slower), so
   the event loop never blocks and the app answers while models load.
 * :func:`engine_status` reports ``"warming"``, ``"ready"`` or ``"error: ..."`` per
@@ -35,8 +36,9 @@ from .local_llm import LocalLlamaLLM
 from .local_stt import LocalWhisperSTT
 from .local_tts import LocalPiperTTS
 from .smart_turn import SmartTurnV3
+from .text_turn import GemmaTextTurn
 
-ENGINE_NAMES = ("stt", "turn", "llm", "tts")
+ENGINE_NAMES = ("stt", "turn", "text_turn", "llm", "tts")
 
 
 @dataclass
@@ -69,6 +71,7 @@ def _default_factories(settings: VoiceSettings) -> dict[str, Callable[[], object
     return {
         "stt": lambda: LocalWhisperSTT(),
         "turn": lambda: SmartTurnV3(),
+        "text_turn": lambda: GemmaTextTurn(),
         "llm": lambda: LocalLlamaLLM(assistant_name=settings.assistant_name, system_prompt=settings.system_prompt),
         "tts": lambda: LocalPiperTTS(),
     }

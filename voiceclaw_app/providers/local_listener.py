@@ -12,8 +12,9 @@ frames; :meth:`events` yields the :mod:`.base` listen events:
   short pause (~200 ms): the turn may start preemptively;
 * :class:`EndOfTurn` after ``vad_silence_ms`` of silence (``turn_detection="silence"``),
   or, with ``turn_detection="smart_turn"`` (the default), at the short pause itself
-  when the end-of-turn model (:mod:`.smart_turn`) and the words say the sentence is
-  finished, else after ``turn_max_wait_ms`` of silence. If the audio is the
+  when the pause's words (:mod:`.text_turn`, on its transcript) and its sound
+  (:mod:`.smart_turn`) say the sentence is finished, else after ``turn_max_wait_ms``
+  of silence. If the audio is the
   same as at the short pause, the speculative transcription is reused (awaited if
   still running) instead of transcribed again;
 * :class:`ListenNotice` for a max-length cut, an empty utterance (including a
@@ -39,7 +40,7 @@ from typing import AsyncIterator, Callable
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
 from . import silero_vad as sv
-from .base import STT, CancelToken, EndOfTurn, EngineUnavailable, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, TurnAnalyzer, queued_events, run_per_frame
+from .base import STT, CancelToken, EndOfTurn, EngineUnavailable, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, TextTurnAnalyzer, TurnAnalyzer, queued_events, run_per_frame
 from .smart_turn import PauseJudge
 
 log = logging.getLogger("voiceclaw.listener")
@@ -61,13 +62,14 @@ class _Speculation:
 class LocalListener(Listener):
     """Silero VAD + the embedded (or given) STT over one mic stream."""
 
-    def __init__(self, *, settings: VoiceSettings, stt: STT | None = None, turn_analyzer: TurnAnalyzer | None = None, use_words: bool = True, on_decision: Callable[[float, float], None] | None = None) -> None:
+    def __init__(self, *, settings: VoiceSettings, stt: STT | None = None, turn_analyzer: TurnAnalyzer | None = None, text_analyzer: TextTurnAnalyzer | None = None, use_words: bool = True, on_decision: Callable[[float, float], None] | None = None) -> None:
         self.settings = settings
         #: called with (eot_decided, speech_end) the moment an end of turn is decided,
         #: before its transcription (``bench turns`` times decisions with it)
         self.on_decision = on_decision
         self._stt = stt
         self._analyzer = turn_analyzer
+        self._text = text_analyzer
         self.smart_turn = settings.turn_detection == "smart_turn"
         # smart_turn: silence only ends the turn at the ceiling; the model ends it sooner
         self.detector = sv.SileroTurnDetector(
@@ -168,6 +170,13 @@ class LocalListener(Listener):
             self._analyzer = await engines.aget_engine("turn")  # type: ignore[assignment]
         return self._analyzer
 
+    async def _text_analyzer(self) -> TextTurnAnalyzer:
+        if self._text is None:
+            from . import engines
+
+            self._text = await engines.aget_engine("text_turn")  # type: ignore[assignment]
+        return self._text
+
     async def _transcribe(self, pcm: bytes, cancel: CancelToken | None = None) -> str:
         stt = await self._engine()
         result = await stt.transcribe(pcm, sample_rate=sv.SAMPLE_RATE, language=self.settings.stt_language or "en", cancel=cancel)
@@ -237,24 +246,26 @@ class LocalListener(Listener):
         return text
 
     async def _judge_pause(self, ev: sv.ShortPause, gen: int, spec: _Speculation) -> None:
-        """smart_turn: score the pause (model + the pause's transcript); "complete" ends
-        the turn now, "incomplete" leaves it to the user or the ``turn_max_wait_ms`` ceiling.
+        """smart_turn: score the pause, its sound (Smart Turn) and its words (the pause's
+        transcript, then the words' model); "complete" ends the turn now, "incomplete"
+        leaves it to the user or the ``turn_max_wait_ms`` ceiling.
 
+        The sound is scored while Whisper transcribes; the words are always waited
+        for (up to the ceiling, where silence ends the turn anyway): without them the
+        sound alone cuts off most hesitations (see :class:`.smart_turn.PauseJudge`).
         A verdict that comes after the user spoke again (``gen`` moved on) is dropped."""
         try:
-            analyzer = await self._turn_analyzer()
-            verdict = await analyzer.score(ev.pcm)
-            text = ""
-            if self.judge.use_words:
-                # the model says complete: wait for the words (their veto) only until
-                # the silence mode would have ended the turn, so a slow transcription
-                # never makes this mode slower than `silence`; the model says
-                # incomplete: the words may still close the sentence, up to the ceiling
-                budget = (self.settings.vad_silence_ms - (now_ms() - ev.t_ms)) / 1000.0 if verdict.complete else None
-                try:
-                    text = await asyncio.wait_for(asyncio.shield(spec.task), timeout=max(0.0, budget)) if budget is not None else await asyncio.shield(spec.task)
-                except asyncio.TimeoutError:
-                    text = None  # type: ignore[assignment]
+            sound_task = asyncio.ensure_future((await self._turn_analyzer()).score(ev.pcm))
+            text, words = "", None
+            try:
+                if self.judge.use_words:
+                    text = await asyncio.shield(spec.task)
+                    if text.strip() and gen == self._pause_gen:
+                        words = await (await self._text_analyzer()).score(text)
+                sound = await sound_task
+            finally:
+                if not sound_task.done():
+                    sound_task.cancel()
         except ProviderError as exc:
             self._judge_error(exc)
             return
@@ -263,8 +274,8 @@ class LocalListener(Listener):
         except Exception as exc:  # a runtime's own error: silence at the ceiling still ends turns
             self._judge_error(EngineUnavailable(f"The end-of-turn model failed: {exc}", detail=repr(exc)))
             return
-        complete = verdict.complete if text is None else self.judge.complete(verdict, text)
-        log.debug("pause verdict p=%.2f (%.0f ms) words=%r -> %s", verdict.probability, verdict.ms, None if text is None else text[-40:], "complete" if complete else "incomplete")
+        complete = self.judge.complete(sound, text, words)
+        log.debug("pause verdict sound p=%.2f (%.0f ms) words=%r p=%s -> %s", sound.probability, sound.ms, text[-40:], "-" if words is None else f"{words.probability:.3f}", "complete" if complete else "incomplete")
         if not complete or gen != self._pause_gen or self._closed:
             return
         try:

@@ -3,8 +3,9 @@
 Speed: Whisper normally pads every utterance to a 30 s window, which costs a fixed
 ~0.5 s of encoder time here however short the utterance. CTranslate2's encoder
 accepts a shorter mel window, so utterances under ~25 s are encoded in a window of
-``max(10 s, length + 2 s)``: measured on this 2-core machine, 56 ms instead of
-460 ms for the encoder. Longer audio goes through faster-whisper's normal path.
+``max(8 s, length + 2 s)``: on the 2026-12-01 host 56 ms instead of 460 ms for the
+encoder (on this project's 2026-12-02 host ~200 ms for a 10 s window), and a beam of
+3 (:data:`BEAM_SIZE`). Longer audio goes through faster-whisper's normal path.
 
 Right before fast: the short window is padded with silence, and decoding without
 timestamps let Whisper run on into that padding and repeat the sentence (a slow
@@ -41,7 +42,12 @@ from .local_models import WHISPER_PART1, WHISPER_PART2, whisper_model_dir
 
 SAMPLE_RATE = 16000
 #: shortest encoder window; below ~8 s Whisper starts to misread words here
-MIN_WINDOW_S = 10
+MIN_WINDOW_S = 8
+#: beam width of the short path. Measured on the unseen set (48 utterances, one run,
+#: quiet machine, 2026-12-02): greedy in a 10 s window 21.2 % WER / 20.1 s in all;
+#: beam 3 in an 8 s window 17.5 % / 21.3 s; beam 5 in 10 s 17.1 % / 24.1 s;
+#: faster-whisper's standard path ~18 %. Beam 3 buys back the accuracy for ~5 % more time.
+BEAM_SIZE = 3
 #: beyond this the short-window path is not worth it: use faster-whisper's own loop
 SHORT_PATH_MAX_S = 25.0
 #: RMS below this (-60 dBFS) is silence whatever Whisper would hallucinate
@@ -183,10 +189,10 @@ class LocalWhisperSTT(STT):
     def _decode_standard(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> str:
         """faster-whisper's own ``transcribe()`` loop: timestamps, seeking, temperature
         fallback on a repetitive or unlikely decode (its compression-ratio and log-prob
-        checks). Greedy first (``beam_size=1``); slower than the short window, right
-        where the short window cannot be trusted."""
+        checks), beam 5 as the library defaults: slower than the short window, used
+        right where the short window cannot be trusted (or past 25 s)."""
         segments, _info = self._model.transcribe(
-            audio, language=language, beam_size=1, vad_filter=False,
+            audio, language=language, beam_size=5, vad_filter=False,
             condition_on_previous_text=False,
         )
         parts = []
@@ -197,7 +203,7 @@ class LocalWhisperSTT(STT):
         return " ".join(p.strip() for p in parts if p.strip())
 
     def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> str | None:
-        """Encode in a window just longer than the audio, decode greedily *with timestamps*.
+        """Encode in a window just longer than the audio, decode (beam 3) *with timestamps*.
 
         Why timestamps: without them (the old ``no_timestamps`` prompt) nothing tells the
         decoder where the speech stops, and on unseen voices it ran on into the zero
@@ -224,15 +230,19 @@ class LocalWhisperSTT(STT):
         if cancel is not None and cancel.cancelled:
             return ""
         prompt = list(tokenizer.sot_sequence)
+        budget = max_tokens(duration)
         result = model.model.generate(
-            encoded, [prompt], beam_size=1, max_length=max_tokens(duration), return_scores=True,
+            # with timestamps, ctranslate2 stops at about half of ``max_length`` in
+            # returned ids (measured: 10 -> 5, 20 -> 10), so the budget is passed doubled
+            encoded, [prompt], beam_size=BEAM_SIZE, max_length=min(448, 2 * budget), return_scores=True,
             return_no_speech_prob=True, suppress_blank=True,
             suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
         )[0]
         ids = list(result.sequences_ids[0])
-        # ctranslate2 leaves the end token out; a decode that ended closes its last
-        # segment with a timestamp, one cut by the cap stops on a word
-        finished = bool(ids) and ids[-1] >= tokenizer.timestamp_begin
+        # ctranslate2 leaves the end token out, and Whisper may end on a word without
+        # closing its last segment's timestamp: a decode is unfinished only when it
+        # stops on a word at the cap
+        finished = bool(ids) and (ids[-1] >= tokenizer.timestamp_begin or len(ids) < budget - 1)
         text_tokens = tokens_within(ids, tokenizer.eot, tokenizer.timestamp_begin, duration)
         # ctranslate2's score is already the mean log-probability per token
         avg_logprob = result.scores[0] if result.scores else 0.0
@@ -252,8 +262,8 @@ COMPRESSION_RATIO_MAX = 2.4
 
 
 def max_tokens(duration_s: float) -> int:
-    """The decoder's length cap for ``duration_s`` of audio (prompt included)."""
-    return int(min(448, 12 + TOKENS_PER_S * duration_s))
+    """How many ids (text and timestamps) the decoder may return for ``duration_s`` of audio."""
+    return int(min(224, 12 + TOKENS_PER_S * duration_s))
 
 
 def tokens_within(ids: list[int], eot: int, timestamp_begin: int, duration_s: float) -> list[int]:

@@ -103,6 +103,7 @@ class Projection:
         elif isinstance(e, ev.StatusChanged):
 
             def status(stream, chat) -> None:
+                log.debug("tab %s: status %s (stamped by %s) -> %s (this process %s)", self.token[:8], chat.session_status, chat.session_boot or "-", e.status, BOOT_ID)
                 if chat.session_boot and chat.session_boot != BOOT_ID and chat.session_status in ("thinking", "speaking"):
                     # the tab's previous status came from a process that is gone (a restart,
                     # a worker that died mid-reply): say what happened to that reply
