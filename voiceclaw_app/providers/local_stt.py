@@ -3,7 +3,7 @@
 Speed: Whisper normally pads every utterance to a 30 s window, which costs a fixed
 ~0.5 s of encoder time here however short the utterance. CTranslate2's encoder
 accepts a shorter mel window, so utterances under ~25 s are encoded in a window of
-``max(8 s, length + 2 s)``: on the 2026-12-01 host 56 ms instead of 460 ms for the
+``max(5 s, length + 2 s)``: on the 2026-12-01 host 56 ms instead of 460 ms for the
 encoder (on this project's 2026-12-02 host ~200 ms for a 10 s window), and a beam of
 3 (:data:`BEAM_SIZE`). Longer audio goes through faster-whisper's normal path.
 
@@ -12,8 +12,7 @@ timestamps let Whisper run on into that padding and repeat the sentence (a slow
 "turn the kitchen light off and lock the front door" came back three times). The
 short path now decodes *with* timestamps and keeps only segments that start inside
 the audio, caps the tokens by the duration, and hands the audio to faster-whisper's
-standard ``transcribe()`` when a repetition, a low log-probability or an unfinished
-decode still shows (see :meth:`LocalWhisperSTT._decode_short`). ``bench stt``
+standard ``transcribe()`` when a repetition or an unfinished decode still shows (see :meth:`LocalWhisperSTT._decode_short`). ``bench stt``
 measures both paths on the unseen set (``tests/fixtures/unseen``).
 
 Threads: ``cpu_threads`` (``VOICECLAW_STT_THREADS``, default 2, at most the core
@@ -29,6 +28,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import re
@@ -40,13 +40,17 @@ import numpy as np
 from .base import STT, CancelToken, EngineUnavailable, STTCapabilities, Transcript
 from .local_models import WHISPER_PART1, WHISPER_PART2, whisper_model_dir
 
+log = logging.getLogger("voiceclaw.stt")
+
 SAMPLE_RATE = 16000
-#: shortest encoder window; below ~8 s Whisper starts to misread words here
-MIN_WINDOW_S = 8
-#: beam width of the short path. Measured on the unseen set (48 utterances, one run,
-#: quiet machine, 2026-12-02): greedy in a 10 s window 21.2 % WER / 20.1 s in all;
-#: beam 3 in an 8 s window 17.5 % / 21.3 s; beam 5 in 10 s 17.1 % / 24.1 s;
-#: faster-whisper's standard path ~18 %. Beam 3 buys back the accuracy for ~5 % more time.
+#: shortest encoder window. Measured on the unseen set (46 utterances as the listener
+#: hands them over, ``bench stt``, quiet machine, 2026-12-02), beam 3: a 5 s floor
+#: 17.3 % WER at 0.26x the standard path's time, an 8 s floor 17.7 % at 0.31x
+#: (faster-whisper's standard ``transcribe()``: 18.1 %); greedy in a 10 s window was
+#: 21.2 %. Shorter windows run words together now and then ("adanapointmentwin"), which
+#: the set's WER already counts.
+MIN_WINDOW_S = 5
+#: beam width of the short path: beam 3 buys back greedy's 4 WER points for ~5 % more time
 BEAM_SIZE = 3
 #: beyond this the short-window path is not worth it: use faster-whisper's own loop
 SHORT_PATH_MAX_S = 25.0
@@ -184,16 +188,20 @@ class LocalWhisperSTT(STT):
                 if short is not None:
                     return short
                 self.fallbacks += 1  # the guard tripped: faster-whisper's own loop decides
+                # one pass, no temperature retries: on a hard voice those took 6 s for
+                # a 2 s question in the live listener (``bench local --fixtures unseen``)
+                return self._decode_standard(audio, language, cancel, temperatures=(0.0,))
             return self._decode_standard(audio, language, cancel)
 
-    def _decode_standard(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> str:
+    def _decode_standard(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None, temperatures: tuple[float, ...] | None = None) -> str:
         """faster-whisper's own ``transcribe()`` loop: timestamps, seeking, temperature
         fallback on a repetitive or unlikely decode (its compression-ratio and log-prob
-        checks), beam 5 as the library defaults: slower than the short window, used
-        right where the short window cannot be trusted (or past 25 s)."""
+        checks; ``temperatures`` narrows it), beam 5 as the library defaults: slower than
+        the short window, used right where the short window cannot be trusted (or past 25 s)."""
+        options = {} if temperatures is None else {"temperature": list(temperatures)}
         segments, _info = self._model.transcribe(
             audio, language=language, beam_size=5, vad_filter=False,
-            condition_on_previous_text=False,
+            condition_on_previous_text=False, **options,
         )
         parts = []
         for seg in segments:
@@ -211,8 +219,9 @@ class LocalWhisperSTT(STT):
         segment carries its start and end time, so segments that begin at or past the
         end of the audio are padding and are dropped; ``max_length`` is tied to the
         duration; and a decode that still looks wrong (a repeated run of words,
-        faster-whisper's compression-ratio test, Whisper's no-speech rule) returns
-        ``None`` so :meth:`_decode` falls back to the standard path.
+        faster-whisper's compression-ratio test, a decode the cap stopped) returns
+        ``None`` so :meth:`_decode` falls back to the standard path; Whisper's no-speech
+        rule gives ``""``.
         Returns the text, ``""`` for no speech, ``None`` when the guard tripped.
         """
         import ctranslate2
@@ -249,7 +258,11 @@ class LocalWhisperSTT(STT):
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
             return ""  # Whisper's own "this was not speech" rule
         text = tokenizer.decode(text_tokens).strip()
-        if not finished or looks_repeated(text) or avg_logprob < -1.0:
+        # a merely unlikely decode (mean log-prob < -1, a hard voice) is kept: the
+        # standard path was no better on those (unseen set) and, with its beam 5 and
+        # temperature retries, took up to 8 s for one 2 s question in the live listener
+        if not finished or looks_repeated(text):
+            log.info("short decode not trusted (%s, %d ids of %d): the standard path decides", "unfinished" if not finished else "repeated", len(ids), budget)
             return None
         return text
 
