@@ -3,7 +3,7 @@
 Speed: Whisper normally pads every utterance to a 30 s window, which costs a fixed
 ~0.5 s of encoder time here however short the utterance. CTranslate2's encoder
 accepts a shorter mel window, so utterances under ~25 s are encoded in a window of
-``max(5 s, length + 2 s)``: on the 2026-12-01 host 56 ms instead of 460 ms for the
+``max(8 s, length + 2 s)``: on the 2026-12-01 host 56 ms instead of 460 ms for the
 encoder (on this project's 2026-12-02 host ~200 ms for a 10 s window), and a beam of
 3 (:data:`BEAM_SIZE`). Longer audio goes through faster-whisper's normal path.
 
@@ -44,12 +44,13 @@ log = logging.getLogger("voiceclaw.stt")
 
 SAMPLE_RATE = 16000
 #: shortest encoder window. Measured on the unseen set (46 utterances as the listener
-#: hands them over, ``bench stt``, quiet machine, 2026-12-02), beam 3: a 5 s floor
-#: 17.3 % WER at 0.26x the standard path's time, an 8 s floor 17.7 % at 0.31x
-#: (faster-whisper's standard ``transcribe()``: 18.1 %); greedy in a 10 s window was
-#: 21.2 %. Shorter windows run words together now and then ("adanapointmentwin"), which
-#: the set's WER already counts.
-MIN_WINDOW_S = 5
+#: hands them over, ``bench stt``, quiet machine, 2026-12-02), beam 3: an 8 s floor
+#: 17.7 % WER at 0.31x the standard path's time (faster-whisper's standard
+#: ``transcribe()``: 18.1 %); a 5 s floor 17.3 % at 0.26x, but it garbles the short
+#: fragments a pause leaves ("What is the population of" -> "What is the papiore
+#: shohan?"), and the end of turn reads those: ``bench turns`` cut off 7 of 16
+#: hesitations with it against 1 of 16 with 8 s. Greedy in a 10 s window was 21.2 %.
+MIN_WINDOW_S = 8
 #: beam width of the short path: beam 3 buys back greedy's 4 WER points for ~5 % more time
 BEAM_SIZE = 3
 #: beyond this the short-window path is not worth it: use faster-whisper's own loop
