@@ -21,7 +21,7 @@ from .pages.dashboard import dashboard
 from .pages.history import history
 from .pages.login import login_page
 from .pages.settings import settings_page
-from .server import auth
+from .server import auth, reflex_tokens
 from .server.audio import audio_route
 from .server.hub import SessionHub
 from .server.persistence import DbConversationStore
@@ -94,7 +94,8 @@ async def refuse_unprotected_start():
 async def startup() -> None:
     """Migrate the configured database; mark replies a crash left unfinished as
     interrupted; bind keys stored before key binding to the addresses configured now;
-    warm the embedded engines; prune old audio."""
+    warm the embedded engines; prune old audio; with Redis, mark this worker alive
+    (``server.reflex_tokens``)."""
     await migrate_at_startup()
     try:
         await asyncio.to_thread(services.bind_legacy_keys)
@@ -110,6 +111,7 @@ async def startup() -> None:
     loop = asyncio.get_running_loop()
     loop.create_task(services.warm_default_runner())
     loop.create_task(prune_audio_forever())
+    loop.create_task(reflex_tokens.keep_alive(app))  # with Redis: a crashed worker's tabs keep their tokens
 
 
 async def prune_audio_forever() -> None:

@@ -12,7 +12,8 @@ timestamps let Whisper run on into that padding and repeat the sentence (a slow
 "turn the kitchen light off and lock the front door" came back three times). The
 short path now decodes *with* timestamps and keeps only segments that start inside
 the audio, caps the tokens by the duration, and hands the audio to faster-whisper's
-standard ``transcribe()`` when a repetition or an unfinished decode still shows (see :meth:`LocalWhisperSTT._decode_short`). ``bench stt``
+standard ``transcribe()`` when a repetition, a low log-probability or an unfinished
+decode still shows (see :meth:`LocalWhisperSTT._decode_short`). ``bench stt``
 measures both paths on the unseen set (``tests/fixtures/unseen``).
 
 Threads: ``cpu_threads`` (``VOICECLAW_STT_THREADS``, default 2, at most the core
@@ -46,10 +47,9 @@ SAMPLE_RATE = 16000
 #: shortest encoder window. Measured on the unseen set (46 utterances as the listener
 #: hands them over, ``bench stt``, quiet machine, 2026-12-02), beam 3: an 8 s floor
 #: 17.7 % WER at 0.31x the standard path's time (faster-whisper's standard
-#: ``transcribe()``: 18.1 %); a 5 s floor 17.3 % at 0.26x, but it garbles the short
-#: fragments a pause leaves ("What is the population of" -> "What is the papiore
-#: shohan?"), and the end of turn reads those: ``bench turns`` cut off 7 of 16
-#: hesitations with it against 1 of 16 with 8 s. Greedy in a 10 s window was 21.2 %.
+#: ``transcribe()``: 18.1 %); a 5 s floor 17.3 % at 0.26x, but it makes up endings
+#: for the short fragments a pause leaves ("What is the population of" -> "What is the
+#: papiore shohan?"), which the end of turn reads. Greedy in a 10 s window was 21.2 %.
 MIN_WINDOW_S = 8
 #: beam width of the short path: beam 3 buys back greedy's 4 WER points for ~5 % more time
 BEAM_SIZE = 3
@@ -220,7 +220,8 @@ class LocalWhisperSTT(STT):
         segment carries its start and end time, so segments that begin at or past the
         end of the audio are padding and are dropped; ``max_length`` is tied to the
         duration; and a decode that still looks wrong (a repeated run of words,
-        faster-whisper's compression-ratio test, a decode the cap stopped) returns
+        faster-whisper's compression-ratio test, a decode the cap stopped, a mean
+        log-probability below -1) returns
         ``None`` so :meth:`_decode` falls back to the standard path; Whisper's no-speech
         rule gives ``""``.
         Returns the text, ``""`` for no speech, ``None`` when the guard tripped.
@@ -259,11 +260,13 @@ class LocalWhisperSTT(STT):
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
             return ""  # Whisper's own "this was not speech" rule
         text = tokenizer.decode(text_tokens).strip()
-        # a merely unlikely decode (mean log-prob < -1, a hard voice) is kept: the
-        # standard path was no better on those (unseen set) and, with its beam 5 and
-        # temperature retries, took up to 8 s for one 2 s question in the live listener
-        if not finished or looks_repeated(text):
-            log.info("short decode not trusted (%s, %d ids of %d): the standard path decides", "unfinished" if not finished else "repeated", len(ids), budget)
+        # an unlikely decode (mean log-prob < -1, faster-whisper's own threshold) goes
+        # to the standard path too: on the fragments a mid-sentence pause leaves, the
+        # short window makes up endings ("Find me a recipe for it."), and the end of
+        # turn reads them (bench turns: 6 of 16 hesitations cut off without this, 2 with)
+        unlikely = avg_logprob < -1.0
+        if not finished or unlikely or looks_repeated(text):
+            log.info("short decode not trusted (%s, %d ids of %d, log-prob %.2f): the standard path decides", "unfinished" if not finished else ("unlikely" if unlikely else "repeated"), len(ids), budget, avg_logprob)
             return None
         return text
 
