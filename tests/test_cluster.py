@@ -88,7 +88,10 @@ def cluster(fleet):
         else:
             os.environ["VOICECLAW_DATABASE_URL"] = previous_db
         c.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if os.environ.get("VOICECLAW_TEST_KEEP_CLUSTER"):  # its logs, for a failure's post-mortem
+            print(f"cluster kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def messages(cluster: Cluster) -> list[dict]:

@@ -135,6 +135,7 @@ app = rx.App(
     theme=rx.theme(accent_color="teal", radius="medium"),
 )
 app.add_middleware(AuthGate(), index=0)
+reflex_tokens.install(app)  # with Redis: a crashed worker's tabs keep their tokens
 
 
 def _socket_origin_ok(origin: str | None, environ: dict) -> bool:

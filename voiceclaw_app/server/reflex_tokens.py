@@ -10,12 +10,14 @@ takes each tab for a duplicate of itself and hands it a new token: a new, empty 
 old token, goes on writing into a state no page shows. Found by the cluster test
 ``test_worker_sigkilled_mid_reply``.
 
-The fix: every worker keeps a short-lived "alive" key for its Reflex instance in
-Redis (:func:`keep_alive`); when a tab's token is linked to a socket, a record owned
-by an instance that is not alive any more is dropped first, so the tab keeps its
-token and its state (and the restart notice of ``restore_after_load`` / the
-projection can reach it). A record of a live instance is left to Reflex's own
-duplicate-tab rule.
+The fix: every worker holds a Redis connection subscribed to a channel named after
+its Reflex instance (:func:`keep_alive`); when a tab's token is linked to a socket, a
+record owned by an instance whose channel has no subscriber is dropped first, so the
+tab keeps its token and its state (and the projection's restart notice reaches it).
+Why a subscription and not a key with a time to live: a killed process's connection
+closes at once, so its tabs, which reconnect within a second, already find it gone;
+a key would outlive it by its TTL. A record of a live instance is left to Reflex's
+own duplicate-tab rule.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from typing import Any
 log = logging.getLogger("voiceclaw.tokens")
 
 ALIVE_PREFIX = "voiceclaw_alive_instance_"
-#: how long an instance counts as alive after its last beat, and how often it beats
-ALIVE_TTL_S = 10
-BEAT_S = 3.0
+#: how often the subscription checks that it follows the current instance id (and
+#: how soon it comes back after Redis restarted)
+CHECK_S = 1.0
 
 
 def _token_manager(app: Any):
@@ -53,17 +55,20 @@ def install(app: Any) -> bool:
 
     manager.link_token_to_sid = link_token_to_sid
     manager._voiceclaw_wrapped = True
+    log.debug("Reflex token manager wrapped: a crashed worker's tabs keep their tokens")
     return True
 
 
 async def drop_if_orphaned(manager: Any, token: str) -> bool:
     """Delete ``token``'s socket record when the instance that owns it is gone."""
     local = manager.token_to_socket.get(token)
+    log.debug("linking tab %s… (known here: %s)", token[:8], local is not None)
     if local is not None and local.instance_id == manager.instance_id:
         return False  # ours: Reflex handles its own reconnects
     try:
         owner = await manager._get_token_owner(token, refresh=True)
-        if owner is None or owner == manager.instance_id or await manager.redis.exists(ALIVE_PREFIX + owner):
+        log.debug("tab %s…: its socket record names worker %s", token[:8], owner)
+        if owner is None or owner == manager.instance_id or await is_alive(manager, owner):
             return False
         await manager.redis.delete(manager._get_redis_key(token))
     except Exception:  # Redis away: Reflex's own path reports it
@@ -74,18 +79,32 @@ async def drop_if_orphaned(manager: Any, token: str) -> bool:
     return True
 
 
-async def keep_alive(app: Any) -> None:
-    """Beat this worker's "alive" key until cancelled (returns at once without Redis).
+async def is_alive(manager: Any, instance_id: str) -> bool:
+    """Does a worker hold ``instance_id``'s channel (see :func:`keep_alive`)?"""
+    counts = await manager.redis.pubsub_numsub(ALIVE_PREFIX + instance_id)
+    return any(n > 0 for _, n in counts)
 
-    The instance id is read at each beat: Reflex gives the event processor a fresh
-    one when it starts."""
+
+async def keep_alive(app: Any) -> None:
+    """Hold this worker's "alive" subscription until cancelled (returns at once
+    without Redis).
+
+    Reflex gives the event processor a fresh instance id when it starts, so the
+    channel follows ``instance_id``; after Redis restarted it subscribes again."""
     manager = _token_manager(app)
     if manager is None:
         return
     install(app)
     while True:
         try:
-            await manager.redis.set(ALIVE_PREFIX + manager.instance_id, b"1", ex=ALIVE_TTL_S)
-        except Exception as exc:  # Redis restarting: beat again shortly
+            async with manager.redis.pubsub() as pubsub:
+                current = manager.instance_id
+                await pubsub.subscribe(ALIVE_PREFIX + current)
+                log.debug("this worker is alive in Redis as %s…", current[:8])
+                while manager.instance_id == current:
+                    await pubsub.get_message(timeout=CHECK_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis restarting: subscribe again shortly
             log.warning("could not mark this worker alive in Redis: %s", exc)
-        await asyncio.sleep(BEAT_S)
+            await asyncio.sleep(CHECK_S)
