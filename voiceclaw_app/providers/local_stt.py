@@ -245,7 +245,7 @@ class LocalWhisperSTT(STT):
         result = model.model.generate(
             # with timestamps, ctranslate2 stops at about half of ``max_length`` in
             # returned ids (measured: 10 -> 5, 20 -> 10), so the budget is passed doubled
-            encoded, [prompt], beam_size=BEAM_SIZE, max_length=min(448, 2 * budget), return_scores=True,
+            encoded, [prompt], beam_size=BEAM_SIZE, max_length=2 * budget, return_scores=True,
             return_no_speech_prob=True, suppress_blank=True,
             suppress_tokens=list(get_suppressed_tokens(tokenizer, [-1])),
         )[0]
@@ -279,7 +279,8 @@ COMPRESSION_RATIO_MAX = 2.4
 
 
 def max_tokens(duration_s: float) -> int:
-    """How many ids (text and timestamps) the decoder may return for ``duration_s`` of audio."""
+    """How many ids (text and timestamps) the decoder may return for ``duration_s`` of
+    audio (at most 224: ctranslate2's ``max_length``, twice this, stays within 448)."""
     return int(min(224, 12 + TOKENS_PER_S * duration_s))
 
 

@@ -11,7 +11,7 @@ approach (its turn detector is a small LM over the transcript), here with the
 embedded Gemma 3 270M already on disk: the probability that the next token after
 the words closes the request (``.`` ``?`` ``!``, a closing quote, a new line, end
 of text). Measured on the unseen set's texts: every unfinished fragment scores
-<= 0.015, every finished request >= 0.15.
+<= 0.015, every finished request >= 0.12.
 
 Its own small llama.cpp context (128 tokens; the weights are the same memory-mapped
 file the reply model uses, so they are not loaded twice), so scoring never
@@ -38,7 +38,7 @@ from .local_stt import env_threads
 #: the words are quoted as what someone said to their assistant; the next token
 #: closing the quote (or the sentence) means the request is whole
 PROMPT_HEAD = 'Transcript of a voice request to an assistant:\n"'
-#: between every unfinished fragment (<= 0.015) and every finished request (>= 0.15) measured
+#: between every unfinished fragment (<= 0.015) and every finished request (>= 0.12) measured
 THRESHOLD = 0.05
 #: the words kept (the model's context is small; the end is what matters)
 MAX_WORDS = 40

@@ -62,12 +62,10 @@ def install(app: Any) -> bool:
 async def drop_if_orphaned(manager: Any, token: str) -> bool:
     """Delete ``token``'s socket record when the instance that owns it is gone."""
     local = manager.token_to_socket.get(token)
-    log.debug("linking tab %s… (known here: %s)", token[:8], local is not None)
     if local is not None and local.instance_id == manager.instance_id:
         return False  # ours: Reflex handles its own reconnects
     try:
         owner = await manager._get_token_owner(token, refresh=True)
-        log.debug("tab %s…: its socket record names worker %s", token[:8], owner)
         if owner is None or owner == manager.instance_id or await is_alive(manager, owner):
             return False
         await manager.redis.delete(manager._get_redis_key(token))
@@ -94,7 +92,6 @@ async def keep_alive(app: Any) -> None:
     manager = _token_manager(app)
     if manager is None:
         return
-    install(app)
     while True:
         try:
             async with manager.redis.pubsub() as pubsub:
