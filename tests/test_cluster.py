@@ -180,6 +180,30 @@ async def test_state_updates_reach_a_page_whose_socket_is_on_another_worker(clus
         await user.close()
 
 
+async def test_one_mic_per_account_across_workers(cluster):
+    """One account, two tabs whose mic sockets sit on two workers: the second tab's mic
+    takes the first's (it is told ``taken_over``), through the workers' mic bus on Redis;
+    another account's tab on the first worker keeps its mic."""
+    w0, w1 = (f"http://127.0.0.1:{p}" for p in cluster.ports[:2])
+    first = SimulatedUser(w0, None, index=103, event_url=w0, voice_url=w0)
+    other_account = SimulatedUser(w0, None, index=104, event_url=w0, voice_url=w0)
+    second = SimulatedUser(w1, None, index=103, event_url=w1, voice_url=w1)
+    try:
+        await first.connect()
+        await other_account.connect()
+        await asyncio.sleep(0.5)
+        assert not any(m.get("type") == "taken_over" for m in first.server_messages)
+        await second.connect()  # its mic starts: the account's mic moves to worker 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(m.get("type") == "taken_over" for m in first.server_messages):
+            await asyncio.sleep(0.1)
+        assert any(m.get("type") == "taken_over" for m in first.server_messages), "the tab on worker 0 kept the account's mic"
+        assert not any(m.get("type") == "taken_over" for m in second.server_messages + other_account.server_messages)
+    finally:
+        for u in (first, other_account, second):
+            await u.close()
+
+
 async def test_reply_audio_is_served_by_every_worker(cluster):
     """A clip synthesized on one worker is served by all of them (the database audio store)."""
     import aiohttp

@@ -8,8 +8,6 @@ on the machine), through the real ``/audio`` route of a Starlette app.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,34 +17,15 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from deploy.cluster import PG_BIN, Postgres
 from voiceclaw_app.pipeline.audio_store import AudioStore
 from voiceclaw_app.pipeline.audio_store_db import DbAudioStore, audio_store_mode, open_audio_store
 from voiceclaw_app.providers.base import AudioClip
-
-# not the cluster test's 3891: its cluster lives for the whole session
-PG_PORT = int(os.environ.get("VOICECLAW_TEST_AUDIO_PG_PORT", "3892"))
 
 
 def _clip(seconds: float = 0.3, freq: float = 440.0) -> AudioClip:
     t = np.arange(int(16000 * seconds)) / 16000
     pcm = (np.sin(2 * np.pi * freq * t) * 8000).astype("<i2").tobytes()
     return AudioClip.from_pcm16(pcm, 16000)
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip("PostgreSQL 15 binaries not on this machine")
-    root = Path(tempfile.mkdtemp(prefix="voiceclaw-pg-"))  # not under pytest's 0700 dir: postgres must reach it
-    os.chmod(root, 0o755)
-    pg = Postgres(root, PG_PORT)
-    pg.start()
-    try:
-        yield pg.url
-    finally:
-        pg.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -1,34 +1,18 @@
 """A tab whose worker died keeps its Reflex token (server/reflex_tokens.py), against a
 real redis-server and Reflex's own RedisTokenManager: two "workers" are two managers
-with their own instance ids on one Redis."""
+with their own instance ids on one Redis (the ``redis_url`` fixture of conftest)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from deploy.cluster import Redis
 from voiceclaw_app.server import reflex_tokens
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed (make test installs it)")
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    root = Path(tempfile.mkdtemp(prefix="voiceclaw-tokens-"))
-    server = Redis(root=root, port=int(os.environ.get("VOICECLAW_TEST_TOKENS_REDIS_PORT", "3895")))
-    server.start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _worker(url: str):

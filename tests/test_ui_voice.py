@@ -440,6 +440,63 @@ async def test_one_mic_per_account_and_another_account_is_never_touched(voice):
     await hub.aclose()
 
 
+async def test_one_mic_per_account_across_workers_through_redis(voice, redis_url):
+    """Two workers (two hubs, each with its mic bus on one real redis-server): the
+    account's tab on worker B takes the mic from its tab on worker A, and back; another
+    account's tab is untouched; an overtaken claim does not take the mic."""
+    import redis.asyncio as aioredis
+
+    from voiceclaw_app.server.mic_bus import MicBus
+
+    hubs, buses, follows = [], [], []
+    for _ in range(2):
+        hub, _ = _endpoint()
+        bus = MicBus(aioredis.from_url(redis_url))
+        hub.mic_bus = bus
+        follows.append(asyncio.create_task(bus.follow(hub.mic_claimed_elsewhere)))
+        hubs.append(hub)
+        buses.append(bus)
+    try:
+        for bus in buses:
+            await asyncio.wait_for(bus.listening.wait(), 5)
+        a1, a2, b1 = _Conn(), _Conn(), _Conn()
+        s_a1 = await hubs[0].connect(1, "tok-user1-workerA", a1)
+        s_b1 = await hubs[0].connect(2, "tok-user2-workerA", b1)
+        s_a2 = await hubs[1].connect(1, "tok-user1-workerB", a2)
+        await s_a1.on_control({"type": "mic", "on": True})
+        await s_b1.on_control({"type": "mic", "on": True})
+        await asyncio.sleep(0.3)
+        assert s_a1.mic_on and "taken_over" not in a1.types()
+        await s_a2.on_control({"type": "mic", "on": True})  # the same account, on the other worker
+
+        async def until(cond):
+            for _ in range(100):
+                if cond():
+                    return True
+                await asyncio.sleep(0.02)
+            return cond()
+
+        assert await until(lambda: "taken_over" in a1.types()), "worker A's tab kept the mic"
+        assert not s_a1.mic_on and s_a1.mic_lost and s_a2.mic_on
+        assert "taken_over" not in b1.types() and s_b1.mic_on, "another account is never touched"
+        # worker A's tab takes it back (push-to-talk press)
+        await s_a1.on_control({"type": "ptt_start"})
+        assert await until(lambda: "taken_over" in a2.types()), "worker B's tab kept the mic"
+        assert not s_a2.mic_on and s_a1.mic_on
+        # a claim that a later one overtook (the key names another tab) takes nothing
+        n = a1.types().count("taken_over")
+        await buses[1].redis.publish("voiceclaw_mic_claims", json.dumps({"user": 1, "tab": "tok-user1-workerB", "from": "a-third-worker"}))
+        await asyncio.sleep(0.3)
+        assert a1.types().count("taken_over") == n and s_a1.mic_on
+    finally:
+        for task in follows:
+            task.cancel()
+        await asyncio.gather(*follows, return_exceptions=True)
+        for hub, bus in zip(hubs, buses):
+            await hub.aclose()
+            await bus.redis.aclose()
+
+
 async def test_two_people_at_once_each_get_only_their_own_reply(env):  # noqa: F811
     """Two users' sessions run typed turns at the same time: each page's state gets its
     own reply's text and audio, nothing of the other's."""

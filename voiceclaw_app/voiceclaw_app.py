@@ -21,7 +21,7 @@ from .pages.dashboard import dashboard
 from .pages.history import history
 from .pages.login import login_page
 from .pages.settings import settings_page
-from .server import auth, reflex_tokens
+from .server import auth, mic_bus, reflex_tokens
 from .server.audio import audio_route
 from .server.hub import SessionHub
 from .server.persistence import DbConversationStore
@@ -95,7 +95,7 @@ async def startup() -> None:
     """Migrate the configured database; mark replies a crash left unfinished as
     interrupted; bind keys stored before key binding to the addresses configured now;
     warm the embedded engines; prune old audio; with Redis, mark this worker alive
-    (``server.reflex_tokens``)."""
+    (``server.reflex_tokens``) and follow the other workers' mic claims (``server.mic_bus``)."""
     await migrate_at_startup()
     try:
         await asyncio.to_thread(services.bind_legacy_keys)
@@ -112,6 +112,7 @@ async def startup() -> None:
     loop.create_task(services.warm_default_runner())
     loop.create_task(prune_audio_forever())
     loop.create_task(reflex_tokens.keep_alive(app))  # with Redis: a crashed worker's tabs keep their tokens
+    loop.create_task(mic_bus.follow_claims(app, hub))  # with Redis: one mic per account across workers
 
 
 async def prune_audio_forever() -> None:

@@ -10,7 +10,9 @@ nothing here is a module global. It holds only what a live connection needs:
   tab, which is told (``taken_over``); another account's tabs are never touched.
 
 With several workers a tab's socket stays on the worker that accepted it, and so does
-its session; the one-mic rule across workers needs a shared lease (see the README).
+its session; the one-mic rule crosses workers through ``mic_bus`` (Redis): a claim here
+is announced, and a claim announced by another worker takes the mic from this
+worker's tab of that account (:meth:`SessionHub.mic_claimed_elsewhere`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from ..session.events import SessionEvent
 from ..session.ports import ConversationStore, Services
 from ..session.session import VoiceSession
+
+if TYPE_CHECKING:
+    from .mic_bus import MicBus
 
 log = logging.getLogger("voiceclaw.hub")
 
@@ -66,6 +71,8 @@ class SessionHub:
         self._connections: dict[Key, Connection] = {}
         self._mic: dict[int, Key] = {}  # user id -> the tab that has the account's mic
         self._reapers: set[asyncio.Task] = set()
+        #: set by ``mic_bus.follow_claims`` when the app runs on Redis (several workers)
+        self.mic_bus: MicBus | None = None
 
     def session(self, user_id: int, tab: str) -> VoiceSession | None:
         return self._sessions.get((user_id, tab))
@@ -124,13 +131,27 @@ class SessionHub:
 
     async def _claim_mic(self, session: VoiceSession) -> None:
         key = (session.user_id, session.tab)
-        prev = self._mic.get(session.user_id)
-        self._mic[session.user_id] = key
-        if prev is None or prev == key:
-            return
+        await self._take_mic(session.user_id, key)
+        if self.mic_bus is not None:
+            await self.mic_bus.announce(session.user_id, session.tab)
+
+    async def mic_claimed_elsewhere(self, user_id: int, tab: str) -> None:
+        """Another worker's tab ``tab`` took the account's mic: this worker's tab, if it had it, stops."""
+        prev = self._mic.get(user_id)
+        if prev is not None and prev[1] != tab:
+            self._mic.pop(user_id, None)
+            await self._tell_lost(prev, tab)
+
+    async def _take_mic(self, user_id: int, key: Key) -> None:
+        prev = self._mic.get(user_id)
+        self._mic[user_id] = key
+        if prev is not None and prev != key:
+            await self._tell_lost(prev, key[1])
+
+    async def _tell_lost(self, prev: Key, new_tab: str) -> None:
         other = self._sessions.get(prev)
         if other is not None and not other.closed:
-            log.info("user %s: tab %s… took the mic from tab %s…", session.user_id, session.tab[:6], other.tab[:6])
+            log.info("user %s: tab %s… took the mic from tab %s…", prev[0], new_tab[:6], other.tab[:6])
             await other.lose_mic()
 
     async def aclose(self) -> None:

@@ -34,7 +34,8 @@ ALIVE_PREFIX = "voiceclaw_alive_instance_"
 CHECK_S = 1.0
 
 
-def _token_manager(app: Any):
+def token_manager(app: Any):
+    """The app's Reflex ``RedisTokenManager``, or None when it runs without Redis."""
     from reflex.utils.token_manager import RedisTokenManager
 
     namespace = getattr(app, "event_namespace", None)
@@ -44,7 +45,7 @@ def _token_manager(app: Any):
 
 def install(app: Any) -> bool:
     """Wrap the app's Redis token manager's ``link_token_to_sid`` (no-op without Redis)."""
-    manager = _token_manager(app)
+    manager = token_manager(app)
     if manager is None or getattr(manager, "_voiceclaw_wrapped", False):
         return False
     original = manager.link_token_to_sid
@@ -89,7 +90,7 @@ async def keep_alive(app: Any) -> None:
 
     Reflex gives the event processor a fresh instance id when it starts, so the
     channel follows ``instance_id``; after Redis restarted it subscribes again."""
-    manager = _token_manager(app)
+    manager = token_manager(app)
     if manager is None:
         return
     while True:
