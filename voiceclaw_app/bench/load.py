@@ -18,7 +18,9 @@ Figures (ms, p50/p95), from the timing marks the app stored per turn (PostgreSQL
 ``time_to_first_audio`` = first audio ready - speech end (the listener's estimate,
 as in ``cloud --via-ws``); ``overhead`` = that minus the ideal critical path of the
 reply (is_final delay + first token + the first chunk's remaining tokens + TTS first
-byte + the transfer of the first playable piece). ``rss_mb_start`` / ``rss_mb_end``:
+byte + the transfer of the first playable piece); ``stages_ms``: each stored mark of
+:data:`STAGE_MARKS` (ms after speech end), to see which stage a busy box delays.
+``rss_mb_start`` / ``rss_mb_end``:
 resident memory of all worker processes together, after warm-up and at the end.
 
 Logging in: each simulated user is an account of its own (``load-<index>``, created
@@ -52,7 +54,7 @@ from ..pipeline.timing import now_ms
 from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE
 from .drive import Fixture, dither, load_fixtures
 from .pipeline import TOKENS_PER_S, TTFT_S, TTS_TTFB_S, first_chunk_tokens, transfer_s
-from .stats import p50_p95
+from .stats import p50_p95, stages
 
 # ports of the benchmark's own cluster (within 3800-3899; make cluster and the tests use others)
 FIRST_WORKER_PORT, HTTPS_PORT, REDIS_PORT, PG_PORT = 3821, 3853, 3870, 3871
@@ -336,21 +338,25 @@ class SimulatedUser:
             await self._http.close()
 
 
-def stored_turns(database_url: str, since: float) -> list[tuple[float | None, str]]:
-    """(first_audio_ready ms after speech end, reply text) of the spoken turns stored since ``since``."""
+#: the stored marks reported per stage (ms after speech end), in the order of a turn
+STAGE_MARKS = ("eot_decided", "stt_final", "llm_request", "llm_first_token", "first_chunk", "tts_first_request", "first_audio_ready")
+
+
+def stored_turns(database_url: str, since: float) -> list[dict[str, Any]]:
+    """The spoken turns stored since ``since``: their :data:`STAGE_MARKS` and reply text."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
             rows = conn.execute(
-                text("select t.first_audio_ready, m.content from vc_turn_timing t join vc_message m on m.id = t.message_id "
+                text(f"select {', '.join('t.' + m for m in STAGE_MARKS)}, m.content from vc_turn_timing t join vc_message m on m.id = t.message_id "
                      "where t.spoken_input = :yes and m.created_at >= :since order by t.id"),
                 {"yes": True, "since": since},
             ).fetchall()
     finally:
         engine.dispose()
-    return [(r[0], r[1]) for r in rows]
+    return [{**dict(zip(STAGE_MARKS, r[:-1])), "content": r[-1]} for r in rows]
 
 
 def ideal_ms(reply: str) -> float:
@@ -430,8 +436,9 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
                 os.environ.pop("VOICECLAW_DATABASE_URL", None)
             else:
                 os.environ["VOICECLAW_DATABASE_URL"] = previous_db
-    ttfa = [r[0] for r in rows if r[0] is not None]
-    overhead = [r[0] - ideal_ms(r[1]) for r in rows if r[0] is not None and r[1]]
+    ttfa = [r["first_audio_ready"] for r in rows if r["first_audio_ready"] is not None]
+    overhead = [r["first_audio_ready"] - ideal_ms(r["content"]) for r in rows if r["first_audio_ready"] is not None and r["content"]]
+    per_stage = stages([{m: r[m] for m in STAGE_MARKS if r[m] is not None} for r in rows])
     turns = sum(u.stats.turns for u in users)
     turn_errors = sum(u.stats.errors for u in users)
     problems: dict[str, int] = {}
@@ -448,8 +455,8 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
         "turns_per_minute": round(turns / max(elapsed_s / 60, 1e-9), 1),
         "time_to_first_audio_ms": p50_p95(ttfa),
         "overhead_ms": p50_p95(overhead),
-        "stages_ms": {},
-        "errors": turn_errors + connect_errors + sum(1 for r in rows if r[0] is None),
+        "stages_ms": per_stage,
+        "errors": turn_errors + connect_errors + sum(1 for r in rows if r["first_audio_ready"] is None),
         "error_kinds": problems,
         "warmup_errors": sum(1 for w in warm if w is not True),
         "rss_mb_start": round(rss_start, 1),
