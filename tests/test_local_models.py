@@ -230,6 +230,49 @@ def test_one_broken_engine_leaves_the_others_ready(registry):
         registry.get_engine("tts")
 
 
+def test_the_settings_name_the_engines_worth_warming():
+    from voiceclaw_app.config import VoiceSettings
+
+    assert engines.needed_for(VoiceSettings()) == engines.ENGINE_NAMES  # all embedded: all five
+    cloud = dict(stt_provider="deepgram", tts_provider="deepgram", llm_base_url="http://gateway.example/v1")
+    assert engines.needed_for(VoiceSettings(**cloud, fallback_to_local=False)) == ()
+    # a cloud provider's local stand-in stays warm: a fallback mid-turn must not wait for a model load
+    assert engines.needed_for(VoiceSettings(**cloud, fallback_to_local=True)) == ("stt", "turn", "text_turn", "tts")
+    assert engines.needed_for(VoiceSettings(turn_detection="silence", llm_base_url="http://gateway.example/v1")) == ("stt", "tts")
+
+
+def test_only_the_needed_engines_warm_and_the_rest_load_on_first_use(registry, monkeypatch):
+    from voiceclaw_app.config import VoiceSettings
+    from voiceclaw_app.states import services
+
+    built: list[str] = []
+
+    def make(name, delay=0.0):
+        def factory():
+            built.append(name)
+            return _FakeEngine(delay)
+        return factory
+
+    registry.configure(factories={n: make(n, 0.3 if n == "stt" else 0.0) for n in engines.ENGINE_NAMES})
+    cloud = VoiceSettings(stt_provider="deepgram-flux", tts_provider="openai-realtime", llm_base_url="http://gateway.example/v1", fallback_to_local=False)
+    monkeypatch.delenv("VOICECLAW_WARM_ENGINES", raising=False)
+    services.start_engine_warmup(cloud)
+    assert registry.engine_status() == {n: "off" for n in engines.ENGINE_NAMES} and built == []
+    # the admin switches STT to the embedded engine: it warms now; a second switch
+    # while that warm-up runs joins its queue
+    thread = registry.start_warmup(("stt",))
+    assert registry.start_warmup(("tts",)) is thread
+    assert registry.engine_status()["tts"] == "warming" and registry.engine_status()["llm"] == "off"
+    thread.join(5)
+    assert built == ["stt", "tts"] and registry.engine_status()["llm"] == "off"
+    assert registry.get_engine("llm").warmed.is_set()  # loads on first use
+    assert built == ["stt", "tts", "llm"]
+    monkeypatch.setenv("VOICECLAW_WARM_ENGINES", "all")
+    services.start_engine_warmup(cloud)
+    registry.start_warmup(()).join(5)
+    assert registry.all_ready() and sorted(built) == sorted(engines.ENGINE_NAMES)
+
+
 def test_unexpected_exception_is_contained(registry):
     def boom():
         raise RuntimeError("onnxruntime exploded")

@@ -94,7 +94,7 @@ async def refuse_unprotected_start():
 async def startup() -> None:
     """Migrate the configured database; mark replies a crash left unfinished as
     interrupted; bind keys stored before key binding to the addresses configured now;
-    warm the embedded engines; prune old audio; with Redis, mark this worker alive
+    warm the embedded engines the settings use; prune old audio; with Redis, mark this worker alive
     (``server.reflex_tokens``) and follow the other workers' mic claims (``server.mic_bus``)."""
     await migrate_at_startup()
     try:
@@ -107,7 +107,7 @@ async def startup() -> None:
             log.warning("marked %d unfinished repl%s interrupted", n, "y" if n == 1 else "ies")
     except Exception:
         log.exception("startup recovery failed (has `reflex db migrate` run?)")
-    services.start_engine_warmup()
+    await asyncio.to_thread(services.start_engine_warmup)  # those the stored settings use
     loop = asyncio.get_running_loop()
     loop.create_task(services.warm_default_runner())
     loop.create_task(prune_audio_forever())

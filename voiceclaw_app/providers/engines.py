@@ -9,8 +9,14 @@ several Granian workers each worker holds its own copy, stated in the README.
   pause), LLM and TTS, one after another, in one
   daemon thread (loading them in parallel on 2 cores only makes each slower), so
   the event loop never blocks and the app answers while models load.
-* :func:`engine_status` reports ``"warming"``, ``"ready"`` or ``"error: ..."`` per
-  engine for the UI's "warming up" badge; :func:`all_ready` sums it up.
+* :func:`needed_for` names the engines the deployment's settings can use (a cloud
+  provider's local fallback included); the app warms only those at start-up, so a
+  worker serving cloud providers without fallback holds no model at all. Any other
+  engine still loads on first use (a provider switched to local on the settings page
+  warms at once: ``states/settings.py``).
+* :func:`engine_status` reports ``"warming"``, ``"ready"``, ``"off"`` (not loaded:
+  the settings do not use it) or ``"error: ..."`` per engine for the UI's "warming up"
+  badge; :func:`all_ready` sums it up.
 * One engine failing (a damaged voice package, say) leaves the others usable:
   text chat works without TTS, and the error names the package to reinstall.
 
@@ -32,6 +38,7 @@ from typing import Callable
 
 from ..config import VoiceSettings
 from .base import EngineUnavailable, ProviderError
+from .factory import CLOUD_TTS, DEEPGRAM_STT
 from .local_llm import LocalLlamaLLM
 from .local_stt import LocalWhisperSTT
 from .local_tts import LocalPiperTTS
@@ -55,6 +62,7 @@ class _Slot:
 _lock = threading.RLock()
 _slots: dict[str, _Slot] = {}
 _warm_thread: threading.Thread | None = None
+_queue: list[str] = []  # engines the warm-up thread has still to load
 
 
 def rss_mb() -> float:
@@ -65,6 +73,22 @@ def rss_mb() -> float:
         return pages * resource.getpagesize() / 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def needed_for(settings: VoiceSettings) -> tuple[str, ...]:
+    """The engines ``settings`` can call on, in :data:`ENGINE_NAMES` order.
+
+    A cloud STT or TTS with ``fallback_to_local`` keeps its local stand-in warm: the
+    fallback happens mid-turn, when seconds of model loading would be dead air."""
+    local_stt = settings.stt_provider not in DEEPGRAM_STT or settings.fallback_to_local
+    wanted = {
+        "stt": local_stt,
+        "turn": local_stt and settings.turn_detection == "smart_turn",
+        "text_turn": local_stt and settings.turn_detection == "smart_turn",
+        "llm": settings.uses_local_llm,
+        "tts": settings.tts_provider not in CLOUD_TTS or settings.fallback_to_local,
+    }
+    return tuple(n for n in ENGINE_NAMES if wanted[n])
 
 
 def _default_factories(settings: VoiceSettings) -> dict[str, Callable[[], object]]:
@@ -134,27 +158,29 @@ def _load(name: str) -> object:
 def start_warmup(names: tuple[str, ...] = ENGINE_NAMES, settings: VoiceSettings | None = None) -> threading.Thread:
     """Load and warm the engines in a background thread; returns at once.
 
-    Calling it again while a warm-up runs returns the same thread; after a failure
-    it retries the engines in error (e.g. once the package was reinstalled).
+    Calling it again while a warm-up runs adds the names to that thread's queue and
+    returns it; after a failure it retries the engines in error (e.g. once the package
+    was reinstalled).
     """
     global _warm_thread
     with _lock:
         if settings is not None:
             configure(settings)
-        if _warm_thread is not None and _warm_thread.is_alive():
-            return _warm_thread
         for n in names:
             slot = _slot(n)
-            if slot.state in ("idle", "error"):
+            if slot.state in ("idle", "error") and n not in _queue:
                 slot.state = "warming"
                 slot.done.clear()
+                _queue.append(n)
+        if _warm_thread is not None and _warm_thread.is_alive():
+            return _warm_thread
 
         def run() -> None:
-            for n in names:
-                if _slot(n).state == "ready":
-                    continue
-                with _lock:
-                    _slot(n).state = "idle"
+            while True:
+                with _lock:  # the queue is read and the thread ends under one lock: no name is left behind
+                    if not _queue:
+                        return
+                    n = _queue.pop(0)
                 try:
                     _load(n)
                 except ProviderError:
@@ -166,12 +192,13 @@ def start_warmup(names: tuple[str, ...] = ENGINE_NAMES, settings: VoiceSettings 
 
 
 def engine_status() -> dict[str, str]:
-    """``{"stt": "ready", "llm": "warming", "tts": "error: ..."}`` for the UI."""
+    """``{"stt": "ready", "llm": "warming", "turn": "off", "tts": "error: ..."}`` for the UI."""
+    words = {"ready": "ready", "warming": "warming", "idle": "off"}
     out: dict[str, str] = {}
     with _lock:
         for name in ENGINE_NAMES:
             slot = _slot(name)
-            out[name] = f"error: {slot.error}" if slot.state == "error" else ("ready" if slot.state == "ready" else "warming")
+            out[name] = f"error: {slot.error}" if slot.state == "error" else words[slot.state]
     return out
 
 
@@ -230,4 +257,5 @@ def reset_for_tests() -> None:
     global _warm_thread
     with _lock:
         _slots.clear()
+        _queue.clear()
         _warm_thread = None

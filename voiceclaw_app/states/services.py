@@ -158,13 +158,23 @@ def engine_status() -> dict[str, str]:
         return {"engines": f"error: {exc}"}
 
 
-def start_engine_warmup() -> None:
+def start_engine_warmup(settings: VoiceSettings | None = None) -> None:
+    """Warm the embedded engines the deployment's settings (``settings``, else the
+    stored ones) can use; ``VOICECLAW_WARM_ENGINES=all`` warms all of them."""
     try:
         from ..providers import engines
     except ImportError:
         log.info("embedded engines module not available; no warm-up")
         return
     try:
-        engines.start_warmup()
+        if os.environ.get("VOICECLAW_WARM_ENGINES", "").strip().lower() == "all":
+            names = engines.ENGINE_NAMES
+        else:
+            names = engines.needed_for(settings or repo.load_settings())
+        skipped = [n for n in engines.ENGINE_NAMES if n not in names]
+        if skipped:
+            log.info("embedded engines not warmed (the settings do not use them; they load on first use): %s", ", ".join(skipped))
+        if names:
+            engines.start_warmup(names)
     except Exception:
         log.exception("engine warm-up failed to start")

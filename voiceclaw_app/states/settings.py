@@ -102,6 +102,8 @@ class SettingsState(rx.State):
             return
         if user.is_admin:
             await asyncio.to_thread(repo.save_settings, settings)
+            # a provider switched to an embedded engine warms it now, not at the next turn
+            await asyncio.to_thread(services.start_engine_warmup, settings)
         await asyncio.to_thread(repo.save_user_prefs, user.id, settings)
         store = services.key_store()
         targets = key_targets(settings)
