@@ -115,3 +115,26 @@ async def test_paced_frames_keep_real_time_and_pad_after_the_end():
     assert [round(g[2] - t0) for g in got] == [20 * (k + 1) for k in range(8)]
     assert all(t >= due for _, _, due, t in got)
     assert len([f async for f in paced(pcm + b"\x00\x00" * 100, 20, now_ms())]) == 6  # last frame short, no pad
+
+
+def test_the_browser_benchmark_asks_unseen_questions_as_the_fake_mic_plays_them(tmp_path):
+    """``bench browser --fixtures unseen``: at least 20 different questions, none in the
+    tests' own voice set, each placed in the mic WAV where its marks say."""
+    import wave
+
+    from voiceclaw_app.bench.browser import QUESTIONS, build_mic_wav, mic_wav_of, question_fixtures
+
+    unseen = question_fixtures("unseen")
+    assert len({fx.text for fx in unseen}) >= 20
+    assert not {fx.name for fx in unseen} & set(QUESTIONS)
+    out = mic_wav_of([(unseen[0], 0.5), (unseen[1], 1.0)], tmp_path / "mic.wav", lead_silence_s=1.0)
+    with wave.open(str(tmp_path / "mic.wav"), "rb") as w:
+        assert w.getframerate() == 16000 and w.getnchannels() == 1
+        pcm = w.readframes(w.getnframes())
+    second = out["marks"][1]
+    start = 16000 + len(unseen[0].pcm) // 2 + 8000  # lead, the first question, its 0.5 s gap
+    assert second["first_voiced_s"] == (start + unseen[1].first_voiced_sample) / 16000
+    assert pcm[2 * start: 2 * start + len(unseen[1].pcm)] == unseen[1].pcm
+    assert abs(out["duration_s"] - len(pcm) / 2 / 16000) < 1e-9
+    # the tests' own fixtures by name still work (the e2e suite uses them)
+    assert build_mic_wav([("q_capital", 0.0)], tmp_path / "q.wav")["marks"][0]["text"] == "What is the capital of France?"

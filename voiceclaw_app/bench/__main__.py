@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     local.add_argument("--no-speculative", action="store_true", help="local: no work before the end of turn is decided")
     local.add_argument("--no-prefill", action="store_true", help="local: no LLM prefill while the user speaks")
     local.add_argument("--turn-detection", choices=["smart_turn", "silence"], default=None, help="local: end-of-turn mode (default: the settings')")
-    local.add_argument("--fixtures", choices=["default", "unseen"], default="default", help="local: tests/fixtures (default) or the unseen set's questions")
+    local.add_argument("--fixtures", choices=["default", "unseen"], default="default", help="local, browser: tests/fixtures (default) or the unseen set's questions")
     local.add_argument("-v", "--verbose", action="store_true", help="local, stt, turns: print each run as it finishes")
     load = parser.add_argument_group("load scenario")
     load.add_argument("--sessions", type=int, default=None, help="load: simulated users (default 50)")
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     s = args.scenario
     load_flags = {k: v for k, v in {"sessions": args.sessions, "minutes": args.minutes, "workers": args.workers}.items() if v is not None}
     _only(parser, bool(load_flags), s, ("load",), "--sessions, --minutes and --workers")
-    _only(parser, args.silence_ms is not None or args.no_speculative or args.no_prefill or args.turn_detection is not None or args.fixtures != "default", s, ("local",), "--silence-ms, --no-speculative, --no-prefill, --turn-detection and --fixtures")
+    _only(parser, args.silence_ms is not None or args.no_speculative or args.no_prefill or args.turn_detection is not None, s, ("local",), "--silence-ms, --no-speculative, --no-prefill and --turn-detection")
+    _only(parser, args.fixtures != "default", s, ("local", "browser"), "--fixtures")
     _only(parser, args.verbose, s, ("local", "stt", "turns"), "-v")
     _only(parser, bool(args.tts or args.stt), s, ("cloud", "browser"), "--tts and --stt")
     _only(parser, args.people is not None, s, ("browser",), "--people")
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs.update({k: v for k, v in (("tts", args.tts), ("stt", args.stt)) if v})
     if s == "browser" and args.people is not None:
         kwargs["people"] = args.people
+    if s == "browser" and args.fixtures != "default":
+        kwargs["fixtures"] = args.fixtures
     if s == "local":
         kwargs.update(silence_ms=args.silence_ms, speculative=False if args.no_speculative else None, prefill=not args.no_prefill, verbose=args.verbose)
         if args.turn_detection is not None:

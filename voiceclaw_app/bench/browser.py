@@ -33,7 +33,6 @@ embedded engines; the app's TTS cache is emptied before each run.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -48,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .drive import load_fixtures
+from .drive import Fixture, load_fixtures
 from .stats import p50_p95, stages
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,17 +179,21 @@ def prod_app(port: int, data: Path, extra_env: dict[str, str] | None = None, use
 
 
 def build_mic_wav(parts: list[tuple[str, float]], path: Path, lead_silence_s: float = 0.8) -> dict:
-    """Concatenate fixtures (name, silence after it in s) into one 16 kHz WAV; returns their marks."""
+    """Concatenate fixtures of tests/fixtures (name, silence after it in s) into one 16 kHz WAV; returns their marks."""
+    named = {fx.name: fx for fx in load_fixtures()}
+    return mic_wav_of([(named[name], gap) for name, gap in parts], path, lead_silence_s)
+
+
+def mic_wav_of(parts: list[tuple[Fixture, float]], path: Path, lead_silence_s: float = 0.8) -> dict:
+    """Concatenate fixtures (any set: tests/fixtures, the unseen questions) with the
+    silence after each into one 16 kHz WAV for the fake microphone; returns their marks."""
     rate = 16000
     pcm = bytearray(b"\x00\x00" * int(rate * lead_silence_s))
     marks = []
-    for name, gap in parts:
-        meta = json.loads((FIXTURES / f"{name}.json").read_text())
-        with wave.open(str(FIXTURES / f"{name}.wav"), "rb") as w:
-            data = w.readframes(w.getnframes())
+    for fx, gap in parts:
         start = len(pcm) // 2
-        pcm += data
-        marks.append({"name": name, "text": meta["text"], "first_voiced_s": (start + meta["first_voiced_sample"]) / rate, "last_voiced_s": (start + meta["last_voiced_sample"]) / rate})
+        pcm += fx.pcm
+        marks.append({"name": fx.name, "text": fx.text, "first_voiced_s": (start + fx.first_voiced_sample) / rate, "last_voiced_s": (start + fx.last_voiced_sample) / rate})
         pcm += b"\x00\x00" * int(rate * gap)
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -284,7 +287,19 @@ def cloud_servers(tts: str, stt: str) -> Iterator:
         thread.join(5)
 
 
-def run_browser(runs: int = 10, people: int = 1, *, tts: str | None = None, stt: str | None = None) -> dict:
+def question_fixtures(kind: str = "default") -> list[Fixture]:
+    """The spoken questions a browser run asks, in order."""
+    if kind == "unseen":
+        from .unseen import unseen_questions
+
+        return unseen_questions()
+    named = {fx.name: fx for fx in load_fixtures()}
+    return [named[n] for n in QUESTIONS]
+
+
+def run_browser(runs: int = 10, people: int = 1, *, tts: str | None = None, stt: str | None = None, fixtures: str = "default") -> dict:
+    """``fixtures``: ``default`` (the eight questions of tests/fixtures) or ``unseen``
+    (the unseen set's questions: other voices than the tests' and Piper's, issue 11)."""
     from playwright.sync_api import sync_playwright
 
     external = os.environ.get("VOICECLAW_BENCH_URL")
@@ -328,15 +343,15 @@ def run_browser(runs: int = 10, people: int = 1, *, tts: str | None = None, stt:
         with sync_playwright() as pw:
             from .cloud_ws import empty_tts_cache
 
-            fixtures = {fx.name: fx for fx in load_fixtures()} if voices else {}
+            questions = question_fixtures(fixtures)
             for i in range(runs):
                 round_ = []
                 for p in range(people):
                     wav = data / f"bench-mic-{i}-{p}.wav"
-                    build_mic_wav([(QUESTIONS[(i * people + p) % len(QUESTIONS)], 12.0)], wav, lead_silence_s=1.0)
+                    mic_wav_of([(questions[(i * people + p) % len(questions)], 12.0)], wav, lead_silence_s=1.0)
                     round_.append((tokens[p], wav))
                 if voices is not None:  # what the STT server will hear, and no cached first chunk
-                    loop.call_soon_threadsafe(voices.say, fixtures[QUESTIONS[i % len(QUESTIONS)]])
+                    loop.call_soon_threadsafe(voices.say, questions[i % len(questions)])
                     empty_tts_cache(data)
                 try:
                     errors += people - _one_round(pw, base, round_)
@@ -363,6 +378,7 @@ def run_browser(runs: int = 10, people: int = 1, *, tts: str | None = None, stt:
         "scenario": "browser",
         "runs": runs * people,
         "people": people,
+        "fixtures": fixtures,
         **({"tts": tts or "openai", "stt": stt or "deepgram", "profile": voices.profile()} if voices else {}),
         "voice_to_voice_ms": p50_p95(v2v),
         "time_to_first_audio_ms": p50_p95([r["first_audio_ready"] for r in rows if r.get("first_audio_ready") is not None]),
