@@ -265,7 +265,10 @@ async def test_push_to_talk_release_with_nothing_said():
 
 @pytest.mark.asyncio
 async def test_local_vad_reports_barge_in_before_deepgram():
-    async with FakeDeepgramServer(api_key=KEY, script=["Stop."]) as srv:
+    # Deepgram's SpeechStarted crosses the network (here 40 ms each way of a cloud hop);
+    # without it the fake's 50 ms of audio beat our gate's 64 ms by a few ms of wall time
+    # or lost, as scheduling went (a flake seen once in a fresh-clone run)
+    async with FakeDeepgramServer(api_key=KEY, script=["Stop."], profile=DeepgramProfile(message_delay_s=0.04)) as srv:
         from voiceclaw_app.providers.deepgram_stt import rms16
 
         lst = make_listener(srv, vad=lambda pcm: rms16(pcm) > 300)
