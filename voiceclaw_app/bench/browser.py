@@ -47,11 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .drive import Fixture, load_fixtures
+from .drive import Fixture, fixture_named
 from .stats import p50_p95, stages
 
 ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = ROOT / "tests" / "fixtures"
 CHROMIUM = os.environ.get("VOICECLAW_CHROMIUM", "/usr/bin/chromium")
 QUESTIONS = ["q_capital", "q_time", "q_weather", "q_joke", "q_book", "q_dinner", "q_morning", "q_music"]
 
@@ -180,8 +179,7 @@ def prod_app(port: int, data: Path, extra_env: dict[str, str] | None = None, use
 
 def build_mic_wav(parts: list[tuple[str, float]], path: Path, lead_silence_s: float = 0.8) -> dict:
     """Concatenate fixtures of tests/fixtures (name, silence after it in s) into one 16 kHz WAV; returns their marks."""
-    named = {fx.name: fx for fx in load_fixtures()}
-    return mic_wav_of([(named[name], gap) for name, gap in parts], path, lead_silence_s)
+    return mic_wav_of([(fixture_named(name), gap) for name, gap in parts], path, lead_silence_s)
 
 
 def mic_wav_of(parts: list[tuple[Fixture, float]], path: Path, lead_silence_s: float = 0.8) -> dict:
@@ -293,8 +291,7 @@ def question_fixtures(kind: str = "default") -> list[Fixture]:
         from .unseen import unseen_questions
 
         return unseen_questions()
-    named = {fx.name: fx for fx in load_fixtures()}
-    return [named[n] for n in QUESTIONS]
+    return [fixture_named(n) for n in QUESTIONS]
 
 
 def run_browser(runs: int = 10, people: int = 1, *, tts: str | None = None, stt: str | None = None, fixtures: str = "default") -> dict:

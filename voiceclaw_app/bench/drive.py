@@ -44,19 +44,24 @@ class Fixture:
     first_voiced_sample: int = 0
 
 
+def load_fixture(wav_path: Path) -> Fixture:
+    """One ``*.wav`` (16 kHz mono PCM16) with its ``.json`` sidecar."""
+    meta = json.loads(wav_path.with_suffix(".json").read_text())
+    with wave.open(str(wav_path), "rb") as w:
+        if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1 or w.getsampwidth() != 2:
+            raise ValueError(f"{wav_path} is not 16 kHz mono PCM16")
+        pcm = w.readframes(w.getnframes())
+    return Fixture(wav_path.stem, meta["text"], pcm, int(meta["last_voiced_sample"]), int(meta.get("first_voiced_sample", 0)))
+
+
+def fixture_named(name: str, folder: Path = FIXTURES) -> Fixture:
+    """The fixture ``name`` of ``folder`` (tests/fixtures by default)."""
+    return load_fixture(folder / f"{name}.wav")
+
+
 def load_fixtures(folder: Path = FIXTURES) -> list[Fixture]:
     """Every ``*.wav`` with a ``.json`` sidecar (16 kHz mono PCM16)."""
-    out = []
-    for wav_path in sorted(folder.glob("*.wav")):
-        meta_path = wav_path.with_suffix(".json")
-        if not meta_path.exists():
-            continue
-        meta = json.loads(meta_path.read_text())
-        with wave.open(str(wav_path), "rb") as w:
-            if w.getframerate() != SAMPLE_RATE or w.getnchannels() != 1 or w.getsampwidth() != 2:
-                raise ValueError(f"{wav_path} is not 16 kHz mono PCM16")
-            pcm = w.readframes(w.getnframes())
-        out.append(Fixture(wav_path.stem, meta["text"], pcm, int(meta["last_voiced_sample"]), int(meta.get("first_voiced_sample", 0))))
+    out = [load_fixture(p) for p in sorted(folder.glob("*.wav")) if p.with_suffix(".json").exists()]
     if not out:
         raise FileNotFoundError(f"no WAV fixtures in {folder} (run tests/fixtures/make_fixtures.py)")
     return out
