@@ -103,6 +103,32 @@ async def test_normal_turn_interims_preliminary_then_end_of_turn():
 
 
 @pytest.mark.asyncio
+async def test_a_backlog_of_frames_goes_out_as_few_messages_with_their_timing_kept():
+    """A busy event loop lets frames queue; the writer sends what queued as one message
+    (one send per 20 ms frame fell seconds behind in the 50-session load bench). The
+    server must hear every byte, and words must still map to the frames' own clock."""
+    async with FakeDeepgramServer(api_key=KEY, script=["What is the capital of France?"]) as srv:
+        lst = make_listener(srv)
+        await lst.start()
+        t0 = 1_000_000.0
+        pcm = silence(0.2) + tone(1.2)
+        t = t0
+        for k in range(0, len(pcm), 2 * FRAME):  # no pause between frames: the writer cannot run meanwhile
+            t += FRAME / RATE * 1000.0
+            await lst.push(pcm[k : k + 2 * FRAME], t)
+        t_speech_end = t
+        await push_audio(lst, silence(0.6), t_speech_end)
+        eot = (await collect_until(lst, (EndOfTurn,)))[-1]
+        assert isinstance(eot, EndOfTurn) and eot.text == "What is the capital of France?"
+        assert abs(eot.speech_end_ms - t_speech_end) <= 25
+        sent, sends = lst.stats["frames_sent"], lst.stats["sends"]
+        assert sent >= (1.2 + 0.6) / 0.02 - 2
+        assert sends <= sent - 50, (sends, sent)  # the unpaced frames went out in a few messages (the paced silence one by one)
+        assert srv.sessions[0].audio_bytes == sent * 2 * FRAME
+        await lst.aclose()
+
+
+@pytest.mark.asyncio
 async def test_pause_gives_preliminary_then_user_keeps_talking():
     # is_final after 150 ms of silence, but speech resumes before speech_final (300 ms)
     async with FakeDeepgramServer(api_key=KEY, script=["What is the", "capital of France?"]) as srv:

@@ -221,6 +221,8 @@ class _Frame:
 
 
 _FINALIZE, _CLOSE, _RECONNECT = object(), object(), object()
+#: at most this many queued frames (20 ms each) go out as one message
+MAX_FRAMES_PER_SEND = 50
 _END = object()
 
 #: silence (on our own gate) after which a new speech start may be reported
@@ -338,7 +340,7 @@ class DeepgramListener(Listener):
         # counters for tests and the benchmark
         self.stats = {"frames_pushed": 0, "frames_sent": 0, "keepalives": 0, "reconnects": 0, "replayed_frames": 0,
                       "watchdog_reconnects": 0, "local_endpoints": 0, "start_attempts": 0, "recoveries": 0,
-                      "vad_calls": 0, "vad_ms": 0.0, "vad_max_ms": 0.0}
+                      "vad_calls": 0, "vad_ms": 0.0, "vad_max_ms": 0.0, "sends": 0}
 
     @classmethod
     def from_settings(cls, settings, keys, **kw) -> "DeepgramListener":
@@ -461,18 +463,31 @@ class DeepgramListener(Listener):
 
     # ------------------------------------------------------------ writer
     async def _send_frame(self, f: _Frame) -> None:
-        dur = len(f.pcm) / 2 / self.options.sample_rate
-        f.conn, f.start_s, f.end_s = self._conn_id, self._conn_audio_s, self._conn_audio_s + dur
-        self._conn_audio_s += dur
-        self._unfinal.append(f)
-        self._recent.append(f)
-        while self._unfinal and f.end_s - self._unfinal[0].end_s > self.replay_limit_s:
+        await self._send_frames([f])
+
+    async def _send_frames(self, frames: list[_Frame]) -> None:
+        """The frames as one binary message (Deepgram takes audio in chunks of any size).
+
+        Why batch: each send is a few trips round the event loop. When a busy worker's
+        loop takes tens of ms per turn, one send per 20 ms frame cannot keep up and the
+        recognizer hears the audio seconds late (the 50-session load bench); whatever
+        has queued meanwhile goes out at once instead."""
+        rate = self.options.sample_rate
+        for f in frames:
+            dur = len(f.pcm) / 2 / rate
+            f.conn, f.start_s, f.end_s = self._conn_id, self._conn_audio_s, self._conn_audio_s + dur
+            self._conn_audio_s += dur
+            self._unfinal.append(f)
+            self._recent.append(f)
+        last = frames[-1]
+        while self._unfinal and last.end_s - self._unfinal[0].end_s > self.replay_limit_s:
             self._unfinal.popleft()
-        await self._sock.send_media(f.pcm)
+        await self._sock.send_media(frames[0].pcm if len(frames) == 1 else b"".join(f.pcm for f in frames))
         self._last_send = time.monotonic()
-        if f.voiced and self._awaiting_since is None:
+        if self._awaiting_since is None and any(f.voiced for f in frames):
             self._awaiting_since = self._last_send
-        self.stats["frames_sent"] += 1
+        self.stats["frames_sent"] += len(frames)
+        self.stats["sends"] += 1
 
     def _watchdog_due(self) -> bool:
         return self._awaiting_since is not None and self.watchdog_s > 0 and time.monotonic() - self._awaiting_since >= self.watchdog_s
@@ -481,11 +496,24 @@ class DeepgramListener(Listener):
         """The only coroutine that writes to the socket (keeps frame order across reconnects)."""
         tick = max(0.05, min(0.5, self.keepalive_s / 2, self.watchdog_s / 4 if self.watchdog_s > 0 else 0.5))
         try:
+            held = None  # an item taken while gathering frames, handled next
             while True:
-                try:
-                    item = await asyncio.wait_for(self._q.get(), tick)
-                except asyncio.TimeoutError:
-                    item = None
+                if held is not None:
+                    item, held = held, None
+                elif not self._q.empty():
+                    item = self._q.get_nowait()  # no wait_for (on 3.11 a task per call)
+                else:
+                    try:
+                        item = await asyncio.wait_for(self._q.get(), tick)
+                    except asyncio.TimeoutError:
+                        item = None
+                batch = [item] if isinstance(item, _Frame) else None
+                while batch is not None and len(batch) < MAX_FRAMES_PER_SEND and not self._q.empty():
+                    nxt = self._q.get_nowait()
+                    if not isinstance(nxt, _Frame):
+                        held = nxt
+                        break
+                    batch.append(nxt)
                 try:
                     if item is _RECONNECT:
                         if not self._reader_alive():
@@ -510,8 +538,8 @@ class DeepgramListener(Listener):
                         await self._send_finalize()
                         self._finalize_sent = True
                         self._last_send = time.monotonic()
-                    elif isinstance(item, _Frame):
-                        await self._send_frame(item)
+                    elif batch is not None:
+                        await self._send_frames(batch)
                     elif time.monotonic() - self._last_send >= self.keepalive_s:
                         await self._send_keepalive()
                         self._last_send = time.monotonic()
