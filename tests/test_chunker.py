@@ -220,3 +220,23 @@ def test_first_chunk_deadline_cuts_at_the_last_word_boundary():
     fenced = SpeechChunker(4)
     fenced.push("```python\nprint(1) and more words here")
     assert fenced.cut_first_now() == []
+
+
+def test_the_chunk_after_a_deadline_cut_is_cut_early_too():
+    """A deadline cut leaves ~1 s of speech: the next chunk must be ready before it ends,
+    so it is cut like a first chunk (8 words here), not at the sentence's end."""
+    long_sentence = " is sunny and warm with a light breeze from the west and clear skies all afternoon, then rain comes."
+    ch = SpeechChunker(4)
+    ch.push("The weather in Paris today")
+    (first,) = ch.cut_first_now()
+    rest = ch.push(long_sentence) + ch.flush()
+    assert first.text == "The weather in Paris"
+    assert [c.text for c in rest] == ["today is sunny and warm with a light", "breeze from the west and clear skies all afternoon, then rain comes."]
+    # without the deadline cut, the 8-word first chunk is long enough: the rest is one sentence
+    whole = chunk_text("The weather in Paris today" + long_sentence)
+    assert [c.text for c in whole] == ["The weather in Paris today is sunny and warm", "with a light breeze from the west and clear skies all afternoon, then rain comes."]
+    # and a clause boundary after the deadline cut ends the next chunk there
+    ch = SpeechChunker(4)
+    ch.push("Sure thing, I can")
+    ch.cut_first_now()
+    assert [c.text for c in ch.push(" set that up for you, and remind you tomorrow.") + ch.flush()] == ["can set that up for you,", "and remind you tomorrow."]

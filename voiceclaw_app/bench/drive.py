@@ -160,6 +160,8 @@ class Outcome:
     first_audio: AudioReady | None = None
     #: when the session sent the first audio URL out (what the page would fetch)
     first_audio_sent_ms: float | None = None
+    #: (when it went out, its length in ms) for each piece of the committed reply's audio
+    audio: list[tuple[float, float]] = field(default_factory=list)
     reply: str = ""
     error: str = ""
     notices: list[str] = field(default_factory=list)
@@ -174,6 +176,19 @@ class Outcome:
             return None
         ready = self.committed.marks.first_audio_ready
         return self.first_audio_sent_ms if ready is None else max(ready, self.first_audio_sent_ms)
+
+    @property
+    def starved_ms(self) -> float | None:
+        """Silence inside the reply a gapless player would have had to wait through:
+        each piece plays when it is there and the one before has ended (the first at its
+        arrival), so a gap is a piece arriving after its predecessor's end."""
+        if not self.audio:
+            return None
+        starved, end = 0.0, self.audio[0][0]
+        for sent, duration in self.audio:
+            starved += max(0.0, sent - end)
+            end = max(end, sent) + duration
+        return starved
 
     async def finished(self, commit_timeout_s: float, turn_timeout_s: float) -> "Outcome":
         """Wait for the commit, then for the reply's end (raises TimeoutError)."""
@@ -237,8 +252,10 @@ class SessionDriver:
             pe = e.event
             if isinstance(pe, ChunkText) and out.first_chunk is None and not pe.notice:
                 out.first_chunk = pe
-            elif isinstance(pe, AudioReady) and out.first_audio is None:
-                out.first_audio = pe
+            elif isinstance(pe, AudioReady):
+                out.audio.append((now_ms(), pe.duration_ms))
+                if out.first_audio is None:
+                    out.first_audio = pe
             elif isinstance(pe, TurnDone):
                 out.reply = pe.reply_text
             elif isinstance(pe, TurnError):

@@ -90,6 +90,8 @@ async def play_fixture(fx: Fixture, *, session: SessionDriver, stt: TimedSTT, fr
         "first_chunk": s.get("first_chunk"),
         "tts_first": s.get("tts_first"),
         "commit_after_speech_end": out.committed_ms - speech_end if out.committed_ms is not None else None,
+        # the reply's playback, played gaplessly from its first piece: silence waiting for a piece
+        "playback_starved": out.starved_ms,
         # barge-in: first voiced sample -> tentative speech start (playback pauses)
         "barge_in_onset": (onset["t"] - first_voiced) if onset is not None and onset.get("t") is not None and fx.first_voiced_sample else None,
     }
@@ -98,6 +100,7 @@ async def play_fixture(fx: Fixture, *, session: SessionDriver, stt: TimedSTT, fr
         "expected": fx.text,
         "transcript": committed.text,
         "reply": out.reply,
+        "first_chunk_text": out.first_chunk.text if out.first_chunk is not None else "",
         "speculative_reused": committed.reused,
         "discarded": out.discarded,
         "time_to_first_audio_ms": None if ready is None else ready - speech_end,
@@ -198,6 +201,8 @@ async def run_local(runs: int | None = None, silence_ms: int | None = None, *, s
         "speculative": settings.speculative,
         "prefill": prefill,
         "speculative_reused": sum(1 for r in results if r.get("speculative_reused")),
+        # replies whose gapless playback would have waited >= 20 ms for a piece somewhere
+        "starved_replies": sum(1 for r in results if r.get("stages_ms", {}).get("playback_starved", 0) >= 20),
         "discarded_guesses": sum(r.get("discarded", 0) for r in results),
         "stt_wer": round(statistics.fmean(wers), 3) if wers else None,
         "engine_load_s": round(load_s, 1),

@@ -82,6 +82,57 @@ def _one_line(text: str, limit: int) -> str:
 EMPTY_RETRIES = 2
 
 
+class StopScanner:
+    """Finds the dialogue's stop sequences in the token stream (instead of llama.cpp).
+
+    llama.cpp holds back any text that could begin a stop sequence, and every stop of
+    the dialogue prompt begins with a newline: the newline after a reply's last
+    sentence, the very whitespace the chunker needs to cut that sentence, reached the
+    turn only when the next two tokens ("User", ":") had ruled out a stop or made
+    one (~50 ms at 40 tokens/s, on most replies: Gemma's are one sentence). Here
+    whitespace goes out at once (if a stop follows, it is only trailing whitespace,
+    which the turn trims); only visible text that could begin a stop is held back.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self._text = ""
+        self._sent = 0  # characters of _text passed on
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add generated text; return (what may be passed on now, whether a stop was reached)."""
+        self._text += text
+        start = max(0, len(self._text) - len(text) - self._longest)  # earlier text held no whole stop
+        hits = [i for i in (self._text.find(stop, start) for stop in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out = self._text[self._sent : cut] if cut > self._sent else ""
+            self._sent = max(self._sent, cut)
+            return out, True
+        hold = self._held_from()
+        out = self._text[self._sent : hold]
+        self._sent = max(self._sent, hold)
+        return out, False
+
+    def flush(self) -> str:
+        """The stream ended without a stop: what was held back is text after all."""
+        out = self._text[self._sent :]
+        self._sent = len(self._text)
+        return out
+
+    def _held_from(self) -> int:
+        """Where the tail that could still grow into a stop begins (past its leading whitespace)."""
+        n = len(self._text)
+        for begin in range(max(self._sent, n - self._longest + 1), n):
+            tail = self._text[begin:]
+            if any(stop.startswith(tail) for stop in self.stops):
+                while begin < n and self._text[begin].isspace():
+                    begin += 1
+                return begin
+        return n
+
+
 class DialoguePrompt:
     """Builds the continuation prompt for a base (non-chat) model.
 
@@ -331,16 +382,27 @@ class LocalLlamaLLM(LLM):
             for _attempt in range(1 + EMPTY_RETRIES):
                 stream = self._llm.create_completion(
                     prompt, max_tokens=max_tokens, temperature=temperature, top_p=0.9, top_k=40,
-                    repeat_penalty=1.15, stop=dialogue.stops(), stream=True,
+                    repeat_penalty=1.15, stream=True,
                 )
+                scanner = StopScanner(dialogue.stops())
                 first = True
+                stopped = False
                 for chunk in stream:
                     if cancel.cancelled:
                         stream.close()
                         return
-                    text = chunk["choices"][0]["text"]
+                    text, stopped = scanner.feed(chunk["choices"][0]["text"])
                     if first:
                         text = text.lstrip()
+                    if text:
+                        first = False
+                        yield text
+                    if stopped:
+                        stream.close()
+                        break
+                if not stopped:
+                    text = scanner.flush()
+                    text = text.lstrip() if first else text
                     if text:
                         first = False
                         yield text

@@ -6,9 +6,11 @@ first sentence is complete; when no boundary has come by ``first_max_words`` wor
 (default 8), it is cut at the space after that word (or the next one, if that word is
 "the", "for", "and"... which no phrase ends on). And the turn loop may cut it sooner,
 at the last word boundary, when a deadline passes after the first token
-(:meth:`SpeechChunker.cut_first_now`): a slow stream never keeps the voice waiting
-for a clause that comes late. Later chunks end at sentence ends or line breaks, with
-a clause fallback for very long sentences.
+(:meth:`SpeechChunker.cut_first_now`): the voice never waits for a clause that comes
+late. A chunk cut that way is only a few words (~1 s of speech), so the one after it
+is cut like a first chunk (clause boundary after ``min_first_words`` words, or
+``first_max_words`` words) and is ready before they have been spoken. Later chunks
+end at sentence ends or line breaks, with a clause fallback for very long sentences.
 
 Why 8 words: about 3 s of speech at Piper's pace, long enough that the next chunk
 (the rest of the sentence, synthesized at 5-10x real time while this one plays) is
@@ -94,6 +96,14 @@ class SpeechChunker:
         self._brackets = 0
         self._clauses: list[int] = []  # whitespace indexes after clause marks, in the pending chunk
         self._last_space = -1
+        #: the first chunk was cut by the deadline (a few words): the next is cut like a
+        #: first one, so it is ready before those few words have been spoken
+        self._short_next = False
+
+    @property
+    def _opening(self) -> bool:
+        """The chunk being written is cut early: the first, or the one after a deadline cut."""
+        return self._seq == 0 or self._short_next
 
     @property
     def text(self) -> str:
@@ -126,7 +136,7 @@ class SpeechChunker:
                 self._brackets -= 1
             if self._in_fence:
                 continue
-            if self._seq == 0 and ch in ",;!?" and self._brackets == 0 and self._immediate_clause(i):
+            if self._opening and ch in ",;!?" and self._brackets == 0 and self._immediate_clause(i):
                 # First chunk: these marks after a plain word end a clause whatever
                 # follows, so cut now instead of waiting a token for the space.
                 chunk = self._decide_first_now(i)
@@ -175,12 +185,13 @@ class SpeechChunker:
         if len(head.split()) < self.DEADLINE_MIN_WORDS:
             return []
         chunk = self._emit(self._last_space, len(self._text) - 1)
+        self._short_next = chunk is not None
         return [chunk] if chunk is not None else []
 
     # ---------------------------------------------------------------- internals
     def _first_at_word(self, i: int) -> Chunk | None:
         """First chunk, space at ``i``, no clause boundary so far: cut at a word count."""
-        if self._seq != 0 or self.first_max_words is None:
+        if not self._opening or self.first_max_words is None:
             return None
         pending = self._text[self._start : i]
         words = [w for w in pending.split() if any(c.isalnum() for c in w)]
@@ -243,7 +254,7 @@ class SpeechChunker:
             self._start = i + 1
             self._clauses.clear()
             return None
-        if self._seq == 0:
+        if self._opening:
             if len(pending.split()) >= self.min_first_words:
                 return self._emit(i, i)
             return None
@@ -274,6 +285,7 @@ class SpeechChunker:
         speech = self.formatter.format_chunk(raw, at_line_start=at_line_start)
         chunk = Chunk(self._seq, raw.strip(), speech, start, decided_at)
         self._seq += 1
+        self._short_next = False
         return chunk
 
 
