@@ -57,6 +57,21 @@ def test_pause_judge_lets_clear_words_lead_and_the_sound_break_ties():
     assert PauseJudge(use_words=False).complete(yes, "Set a timer for")
 
 
+def test_a_doubted_last_word_is_left_out_of_the_judged_words():
+    judge = PauseJudge()
+    assert judge.trusted_words("Turn on the lights in there.", 0.47) == "Turn on the lights in"
+    assert judge.trusted_words("What is the tallest mountain in Africa?", 0.98) == "What is the tallest mountain in Africa?"
+    assert judge.trusted_words("Kanata", 0.2) == ""  # nothing left: unfinished
+    assert judge.trusted_words("Find me a recipe for it.", None) == "Find me a recipe for it."  # not known: as it is
+    yes = TurnVerdict(True, 0.9, 10.0)
+    # what that does to the verdict: the made-up "there" no longer finishes the sentence
+    assert not judge.complete(yes, judge.trusted_words("Turn on the lights in there.", 0.47), TurnVerdict(True, 0.5, 5.0))
+    # unclear words after a doubted last word: the sound no longer breaks the tie
+    assert judge.complete(yes, "Send a message to my sister saying", TurnVerdict(False, 0.05, 5.0))
+    assert not judge.complete(yes, "Send a message to my sister saying", TurnVerdict(False, 0.05, 5.0), doubted=True)
+    assert judge.complete(yes, "What was the final score", TurnVerdict(True, 0.4, 5.0), doubted=True)  # clear words still end it
+
+
 async def test_words_model_separates_fragments_from_requests(words_model):
     """The unseen set's texts: every unfinished fragment scores low, every request high."""
     from tests.fixtures.unseen.make_unseen import COMPLETE, HESITATIONS

@@ -13,7 +13,8 @@ import pytest
 from voiceclaw_app.bench.local import word_error_rate
 from voiceclaw_app.bench.unseen import load_unseen
 from voiceclaw_app.providers import local_stt
-from voiceclaw_app.providers.local_stt import LocalWhisperSTT, looks_repeated, tokens_within
+from voiceclaw_app.providers.smart_turn import PauseJudge
+from voiceclaw_app.providers.local_stt import LocalWhisperSTT, last_word_probability, looks_repeated, tokens_within
 
 EOT, TS = 50257, 50364  # Whisper base's end token and first timestamp token
 
@@ -82,3 +83,29 @@ def test_guard_trips_to_the_standard_path(stt, monkeypatch):
     text = stt.transcribe_array(utt.speech()).text
     assert stt.fallbacks == before + 1
     assert word_error_rate(utt.text, text) <= 0.2, text
+
+
+def test_last_word_probability_is_the_weakest_token_of_the_last_word():
+    assert last_word_probability([(" Turn", 0.9), (" on", 0.95), (" the", 0.9), (" lights", 0.24), (" in", 0.43), (" there", 0.47), (".", 0.69)]) == 0.47
+    assert last_word_probability([(" the", 0.9), (" Lag", 0.6), ("range", 0.7), (" Ser", 0.15), ("lin", 0.41), (".", 0.9)]) == 0.15
+    assert last_word_probability([(" is", 0.9), (" $", 0.8), ("15", 0.5), ("?", 0.9)]) == 0.5  # "$" does not join "is"
+    assert last_word_probability([(" it", 0.9), ("'s", 0.3), ("...", 0.2)]) == 0.3
+    assert last_word_probability([(".", 0.5)]) is None and last_word_probability([]) is None
+
+
+@pytest.mark.slow
+def test_whisper_doubts_the_ending_it_makes_up_at_a_pause(stt):
+    """Cut at its mid-sentence pause ("Turn on the lights in ... the living room"),
+    the fragment is often completed with a word never said; whatever the words, its
+    last word scores lower than the last word of the whole, clearly spoken request."""
+    (hes,) = [u for u in load_unseen("hesitation") if u.name == "h_lights"]
+    (whole,) = [u for u in load_unseen("complete") if u.name == "c_africa"]
+    silent_from = hes.pauses[0][0]
+    fragment = np.frombuffer(hes.pcm[: 2 * (silent_from + 16000 * 235 // 1000)], dtype="<i2").astype(np.float32) / 32768.0
+    cut = stt.transcribe_array(fragment)
+    done = stt.transcribe_array(whole.speech())
+    assert done.last_word_probability is not None and done.last_word_probability >= 0.8, done
+    assert cut.last_word_probability is not None, cut
+    words = cut.text.lower().strip(" .?!").split()
+    # either Whisper stopped on the fragment's true last word ("in"), or it doubts its ending
+    assert words[-1] == "in" or cut.last_word_probability < PauseJudge.LAST_WORD_MIN_P, cut

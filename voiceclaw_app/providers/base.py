@@ -428,6 +428,10 @@ class Transcript:
     #: monotonic ms of the last voiced audio when the STT knows it (None: unknown)
     speech_end_ms: float | None = None
     language: str | None = None
+    #: the recognizer's own probability of its last word (the lowest of its tokens'),
+    #: when it knows it: at a mid-sentence pause Whisper completes the fragment with a
+    #: word that was never said ("Turn on the lights in *there*."), and scores it low
+    last_word_probability: float | None = None
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from typing import AsyncIterator, Callable
 from ..config import VoiceSettings
 from ..pipeline.timing import now_ms
 from . import silero_vad as sv
-from .base import STT, CancelToken, EndOfTurn, EngineUnavailable, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, TextTurnAnalyzer, TurnAnalyzer, queued_events, run_per_frame
+from .base import STT, CancelToken, EndOfTurn, EngineUnavailable, Listener, ListenEvent, ListenNotice, PreliminaryTranscript, ProviderError, SpeechDiscarded, SpeechStarted, TextTurnAnalyzer, Transcript, TurnAnalyzer, queued_events, run_per_frame
 from .smart_turn import PauseJudge
 
 log = logging.getLogger("voiceclaw.listener")
@@ -177,10 +177,9 @@ class LocalListener(Listener):
             self._text = await engines.aget_engine("text_turn")  # type: ignore[assignment]
         return self._text
 
-    async def _transcribe(self, pcm: bytes, cancel: CancelToken | None = None) -> str:
+    async def _transcribe(self, pcm: bytes, cancel: CancelToken | None = None) -> Transcript:
         stt = await self._engine()
-        result = await stt.transcribe(pcm, sample_rate=sv.SAMPLE_RATE, language=self.settings.stt_language or "en", cancel=cancel)
-        return result.text.strip()
+        return await stt.transcribe(pcm, sample_rate=sv.SAMPLE_RATE, language=self.settings.stt_language or "en", cancel=cancel)
 
     def _drop_speculation(self) -> None:
         if self._spec is not None:
@@ -235,15 +234,16 @@ class LocalListener(Listener):
                     spec.cancel.cancel()
                 self._last_final = self._spawn(self._final(ev, reuse, self._last_final))
 
-    async def _preliminary(self, ev: sv.ShortPause, cancel: CancelToken) -> str:
+    async def _preliminary(self, ev: sv.ShortPause, cancel: CancelToken) -> Transcript:
         try:
-            text = await self._transcribe(ev.pcm, cancel)
+            heard = await self._transcribe(ev.pcm, cancel)
         except ProviderError as exc:
             log.warning("speculative transcription failed: %s", exc.user_message)
-            return ""
+            return Transcript("")
+        text = heard.text.strip()
         if text and self.settings.speculative and not cancel.cancelled and self._spec is not None and self._spec.cancel is cancel:
             self._q.put_nowait(PreliminaryTranscript(text, speech_end_ms=ev.speech_end_ms))
-        return text
+        return heard
 
     async def _judge_pause(self, ev: sv.ShortPause, gen: int, spec: _Speculation) -> None:
         """smart_turn: score the pause, its sound (Smart Turn) and its words (the pause's
@@ -256,10 +256,14 @@ class LocalListener(Listener):
         A verdict that comes after the user spoke again (``gen`` moved on) is dropped."""
         try:
             sound_task = asyncio.ensure_future((await self._turn_analyzer()).score(ev.pcm))
-            text, words = "", None
+            text, words, doubted = "", None, False
             try:
                 if self.judge.use_words:
-                    text = await asyncio.shield(spec.task)
+                    heard = await asyncio.shield(spec.task)
+                    # a last word Whisper itself doubts is most likely one it made up
+                    # to complete the fragment: judge the words without it
+                    text = self.judge.trusted_words(heard.text.strip(), heard.last_word_probability)
+                    doubted = text != heard.text.strip()
                     if text.strip() and gen == self._pause_gen:
                         words = await (await self._text_analyzer()).score(text)
                 sound = await sound_task
@@ -274,8 +278,8 @@ class LocalListener(Listener):
         except Exception as exc:  # a runtime's own error: silence at the ceiling still ends turns
             self._judge_error(EngineUnavailable(f"The end-of-turn model failed: {exc}", detail=repr(exc)))
             return
-        complete = self.judge.complete(sound, text, words)
-        log.debug("pause verdict sound p=%.2f (%.0f ms) words=%r p=%s -> %s", sound.probability, sound.ms, text[-40:], "-" if words is None else f"{words.probability:.3f}", "complete" if complete else "incomplete")
+        complete = self.judge.complete(sound, text, words, doubted=doubted)
+        log.debug("pause verdict sound p=%.2f (%.0f ms) words=%r%s p=%s -> %s", sound.probability, sound.ms, text[-40:], " (last word doubted)" if doubted else "", "-" if words is None else f"{words.probability:.3f}", "complete" if complete else "incomplete")
         if not complete or gen != self._pause_gen or self._closed:
             return
         try:
@@ -295,7 +299,7 @@ class LocalListener(Listener):
 
     async def _final(self, ev: sv.EndOfTurn, reuse: _Speculation | None, previous: asyncio.Task | None) -> None:
         try:
-            text = await reuse.task if reuse is not None else await self._transcribe(ev.pcm)
+            text = (await reuse.task if reuse is not None else await self._transcribe(ev.pcm)).text.strip()
             error = None
         except ProviderError as exc:
             text, error = "", exc.user_message

@@ -176,14 +176,15 @@ class LocalWhisperSTT(STT):
         if audio.size < SAMPLE_RATE // 10 or float(np.sqrt(np.mean(audio**2))) < SILENCE_RMS:
             return Transcript(text="", is_final=True, language=lang)
         self.load()
-        text = self._decode(audio, lang, cancel)
-        return Transcript(text=text, is_final=True, language=lang)
+        text, last_word_p = self._decode(audio, lang, cancel)
+        return Transcript(text=text, is_final=True, language=lang, last_word_probability=last_word_p)
 
-    def _decode(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> str:
+    def _decode(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> tuple[str, float | None]:
+        """(text, the last word's probability where the short path knows it)."""
         duration = audio.size / SAMPLE_RATE
         with self._call_lock:
             if cancel is not None and cancel.cancelled:
-                return ""
+                return "", None
             if duration <= SHORT_PATH_MAX_S and language:
                 short = self._decode_short(audio, language, cancel)
                 if short is not None:
@@ -191,8 +192,8 @@ class LocalWhisperSTT(STT):
                 self.fallbacks += 1  # the guard tripped: faster-whisper's own loop decides
                 # one pass, no temperature retries: on a hard voice those took 6 s for
                 # a 2 s question in the live listener (``bench local --fixtures unseen``)
-                return self._decode_standard(audio, language, cancel, temperatures=(0.0,))
-            return self._decode_standard(audio, language, cancel)
+                return self._decode_standard(audio, language, cancel, temperatures=(0.0,)), None
+            return self._decode_standard(audio, language, cancel), None
 
     def _decode_standard(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None, temperatures: tuple[float, ...] | None = None) -> str:
         """faster-whisper's own ``transcribe()`` loop: timestamps, seeking, temperature
@@ -211,7 +212,7 @@ class LocalWhisperSTT(STT):
             parts.append(seg.text)
         return " ".join(p.strip() for p in parts if p.strip())
 
-    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> str | None:
+    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> tuple[str, float | None] | None:
         """Encode in a window just longer than the audio, decode (beam 3) *with timestamps*.
 
         Why timestamps: without them (the old ``no_timestamps`` prompt) nothing tells the
@@ -224,7 +225,8 @@ class LocalWhisperSTT(STT):
         log-probability below -1) returns
         ``None`` so :meth:`_decode` falls back to the standard path; Whisper's no-speech
         rule gives ``""``.
-        Returns the text, ``""`` for no speech, ``None`` when the guard tripped.
+        Returns (the text, its last word's probability), ``""`` for no speech, ``None``
+        when the guard tripped.
         """
         import ctranslate2
         from faster_whisper.tokenizer import Tokenizer
@@ -239,7 +241,7 @@ class LocalWhisperSTT(STT):
         tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language)
         encoded = model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])), to_cpu=False)
         if cancel is not None and cancel.cancelled:
-            return ""
+            return "", None
         prompt = list(tokenizer.sot_sequence)
         budget = max_tokens(duration)
         result = model.model.generate(
@@ -258,7 +260,7 @@ class LocalWhisperSTT(STT):
         # ctranslate2's score is already the mean log-probability per token
         avg_logprob = result.scores[0] if result.scores else 0.0
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
-            return ""  # Whisper's own "this was not speech" rule
+            return "", None  # Whisper's own "this was not speech" rule
         text = tokenizer.decode(text_tokens).strip()
         # an unlikely decode (mean log-prob < -1, faster-whisper's own threshold) goes
         # to the standard path too: on the fragments a mid-sentence pause leaves, the
@@ -268,7 +270,21 @@ class LocalWhisperSTT(STT):
         if not finished or unlikely or looks_repeated(text):
             log.info("short decode not trusted (%s, %d ids of %d, log-prob %.2f): the standard path decides", "unfinished" if not finished else ("unlikely" if unlikely else "repeated"), len(ids), budget, avg_logprob)
             return None
-        return text
+        return text, self._last_word_probability(encoded, prompt, text_tokens, tokenizer, duration)
+
+    def _last_word_probability(self, encoded, prompt: list[int], tokens: list[int], tokenizer, duration: float) -> float | None:
+        """Whisper's probability of its own last word: each text token scored by the
+        decoder given the ones before it (ctranslate2's ``align``, what faster-whisper's
+        word timestamps use; one decoder pass over the tokens, ~20 ms on 2 cores).
+        ``None`` if it cannot tell (the end of turn then judges the words as they are)."""
+        if not tokens:
+            return None
+        try:
+            result = self._model.model.align(encoded, prompt, [tokens], max(1, int(duration * 100)))[0]
+        except Exception as exc:  # an older runtime without align: no confidence, same text
+            log.debug("align failed: %r", exc)
+            return None
+        return last_word_probability([(tokenizer.decode([t]), float(p)) for t, p in zip(tokens, result.text_token_probs)])
 
 
 #: tokens per second of speech the cap allows: ~3-4 text tokens/s at 190 wpm, plus
@@ -310,6 +326,27 @@ def tokens_within(ids: list[int], eot: int, timestamp_begin: int, duration_s: fl
 
 
 _WORD = re.compile(r"[\w']+")
+
+
+def last_word_probability(pieces: list[tuple[str, float]]) -> float | None:
+    """The lowest probability among the last word's tokens.
+
+    ``pieces`` are (token text, probability) in order; a token that begins with a space
+    begins a word, one with no letter or digit (``.`` ``?`` ``,``) is not part of one."""
+    word: list[float] = []
+    fresh = True  # the next letters begin a word
+    for text, p in pieces:
+        begins = text[:1].isspace()
+        if not any(c.isalnum() for c in text):
+            if begins:
+                word, fresh = [], True  # " $" before "15": the digits begin the word
+            continue
+        if begins or fresh:
+            word = [p]
+        else:
+            word.append(p)
+        fresh = False
+    return min(word) if word else None
 
 
 def looks_repeated(text: str, min_words: int = 3) -> bool:
