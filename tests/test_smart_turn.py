@@ -13,7 +13,7 @@ from voiceclaw_app.bench.drive import dither, paced
 from voiceclaw_app.bench.unseen import load_unseen
 from voiceclaw_app.config import SettingsError, VoiceSettings
 from voiceclaw_app.pipeline.timing import now_ms
-from voiceclaw_app.providers.base import EndOfTurn, TurnVerdict
+from voiceclaw_app.providers.base import STT, EndOfTurn, TextTurnAnalyzer, Transcript, TurnAnalyzer, TurnVerdict
 from voiceclaw_app.providers.local_listener import LocalListener
 from voiceclaw_app.providers.local_stt import LocalWhisperSTT
 from voiceclaw_app.providers.smart_turn import PauseJudge, SmartTurnV3, last_window
@@ -227,3 +227,45 @@ async def test_push_to_talk_ignores_the_model(analyzer, stt, words_model):
     await listener.aclose()
     await asyncio.wait_for(reader, 5)
     assert len(got) == 1 and "rain" in got[0].text.lower()
+
+
+class _MadeUpEnding(STT):
+    """Whisper at a pause, as seen on the unseen set: it completes the fragment."""
+
+    def __init__(self, last_word_p: float) -> None:
+        self.last_word_p = last_word_p
+        self.asked = 0
+
+    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None):
+        return Transcript("Turn on the lights in there.")
+
+    async def last_word_probability(self, transcript):
+        self.asked += 1
+        return self.last_word_p
+
+
+class _SureSound(TurnAnalyzer):
+    async def score(self, pcm16):
+        return TurnVerdict(True, 0.9, 1.0)
+
+
+class _Words(TextTurnAnalyzer):
+    """"...in there." reads finished; "...in" does not (a word no sentence ends on)."""
+
+    async def score(self, text):
+        p = 0.5 if text.endswith("there.") else 0.001
+        return TurnVerdict(p >= 0.1, p, 1.0)
+
+
+@pytest.mark.parametrize("last_word_p, ends_at_the_pause", [(0.95, True), (0.4, False)])
+async def test_the_listener_leaves_a_doubted_last_word_out_of_its_verdict(last_word_p, ends_at_the_pause):
+    utt = _utt("c_africa")  # any speech: the fake recognizer says what it says
+    stt = _MadeUpEnding(last_word_p)
+    settings = VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000)
+    listener = LocalListener(settings=settings, stt=stt, turn_analyzer=_SureSound(), text_analyzer=_Words())
+    # 1.2 s of silence after the speech: far short of the 3 s ceiling
+    got, t0 = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 1200, expect=1 if ends_at_the_pause else 0)
+    assert len(got) == (1 if ends_at_the_pause else 0)
+    if got:
+        assert got[0].text == "Turn on the lights in there."  # the transcript keeps every word
+    assert stt.asked >= 1  # asked once the words alone would have ended the turn

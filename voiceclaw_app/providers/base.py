@@ -432,6 +432,9 @@ class Transcript:
     #: when it knows it: at a mid-sentence pause Whisper completes the fragment with a
     #: word that was never said ("Turn on the lights in *there*."), and scores it low
     last_word_probability: float | None = None
+    #: what the recognizer needs to work that probability out later, if it can
+    #: (:meth:`STT.last_word_probability`); opaque to everyone else
+    scoring: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -452,6 +455,12 @@ class STT(abc.ABC):
 
     async def warm(self) -> None:
         """Load the model or open the connection."""
+
+    async def last_word_probability(self, transcript: Transcript) -> float | None:
+        """How sure the recognizer is of ``transcript``'s last word (``None``: it cannot
+        tell). Asked only where it matters, an end-of-turn verdict about to end a turn,
+        so a recognizer may work it out then rather than for every transcription."""
+        return transcript.last_word_probability
 
     async def aclose(self) -> None:
         """Release resources."""

@@ -260,12 +260,17 @@ class LocalListener(Listener):
             try:
                 if self.judge.use_words:
                     heard = await asyncio.shield(spec.task)
-                    # a last word Whisper itself doubts is most likely one it made up
-                    # to complete the fragment: judge the words without it
-                    text = self.judge.trusted_words(heard.text.strip(), heard.last_word_probability)
-                    doubted = text != heard.text.strip()
-                    if text.strip() and gen == self._pause_gen:
+                    text = heard.text.strip()
+                    if text and gen == self._pause_gen:
                         words = await (await self._text_analyzer()).score(text)
+                        if self.judge.words_may_end(text, words):
+                            # a last word Whisper itself doubts is most likely one it made
+                            # up to complete a fragment: judge the words without it (asked
+                            # only here, so the reply never waits for it)
+                            trusted = self.judge.trusted_words(text, await (await self._engine()).last_word_probability(heard))
+                            if trusted != text:
+                                text, doubted = trusted, True
+                                words = await (await self._text_analyzer()).score(text) if text else None
                 sound = await sound_task
             finally:
                 if not sound_task.done():

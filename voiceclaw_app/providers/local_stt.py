@@ -34,7 +34,9 @@ import math
 import os
 import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -176,11 +178,32 @@ class LocalWhisperSTT(STT):
         if audio.size < SAMPLE_RATE // 10 or float(np.sqrt(np.mean(audio**2))) < SILENCE_RMS:
             return Transcript(text="", is_final=True, language=lang)
         self.load()
-        text, last_word_p = self._decode(audio, lang, cancel)
-        return Transcript(text=text, is_final=True, language=lang, last_word_probability=last_word_p)
+        text, scoring = self._decode(audio, lang, cancel)
+        return Transcript(text=text, is_final=True, language=lang, scoring=scoring)
 
-    def _decode(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> tuple[str, float | None]:
-        """(text, the last word's probability where the short path knows it)."""
+    async def last_word_probability(self, transcript: Transcript) -> float | None:
+        """Whisper's probability of its own last word: each text token scored by the
+        decoder given the ones before it (ctranslate2's ``align``, what faster-whisper's
+        word timestamps use; one decoder pass over the tokens, ~20-40 ms on 2 cores),
+        on the encoder output the short path kept. Worked out only when asked (an
+        end-of-turn verdict about to end a turn), so the reply, which starts from the
+        same transcript, never waits for it. ``None`` when it cannot tell (the
+        standard path, or an older runtime)."""
+        if not isinstance(transcript.scoring, _Scoring):
+            return transcript.last_word_probability
+        return await asyncio.to_thread(self._score_last_word, transcript.scoring)
+
+    def _score_last_word(self, scoring: "_Scoring") -> float | None:
+        with self._call_lock:
+            try:
+                result = self._model.model.align(scoring.encoded, scoring.prompt, [scoring.tokens], max(1, int(scoring.duration_s * 100)))[0]
+            except Exception as exc:  # an older runtime without align: no confidence, same text
+                log.debug("align failed: %r", exc)
+                return None
+        return last_word_probability([(scoring.tokenizer.decode([t]), float(p)) for t, p in zip(scoring.tokens, result.text_token_probs)])
+
+    def _decode(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> tuple[str, "_Scoring | None"]:
+        """(text, what scores its last word later where the short path decoded it)."""
         duration = audio.size / SAMPLE_RATE
         with self._call_lock:
             if cancel is not None and cancel.cancelled:
@@ -212,7 +235,7 @@ class LocalWhisperSTT(STT):
             parts.append(seg.text)
         return " ".join(p.strip() for p in parts if p.strip())
 
-    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> tuple[str, float | None] | None:
+    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> tuple[str, "_Scoring | None"] | None:
         """Encode in a window just longer than the audio, decode (beam 3) *with timestamps*.
 
         Why timestamps: without them (the old ``no_timestamps`` prompt) nothing tells the
@@ -225,8 +248,8 @@ class LocalWhisperSTT(STT):
         log-probability below -1) returns
         ``None`` so :meth:`_decode` falls back to the standard path; Whisper's no-speech
         rule gives ``""``.
-        Returns (the text, its last word's probability), ``""`` for no speech, ``None``
-        when the guard tripped.
+        Returns (the text, what scores its last word later: :class:`_Scoring`), ``""``
+        for no speech, ``None`` when the guard tripped.
         """
         import ctranslate2
         from faster_whisper.tokenizer import Tokenizer
@@ -270,21 +293,19 @@ class LocalWhisperSTT(STT):
         if not finished or unlikely or looks_repeated(text):
             log.info("short decode not trusted (%s, %d ids of %d, log-prob %.2f): the standard path decides", "unfinished" if not finished else ("unlikely" if unlikely else "repeated"), len(ids), budget, avg_logprob)
             return None
-        return text, self._last_word_probability(encoded, prompt, text_tokens, tokenizer, duration)
+        return text, (_Scoring(encoded, prompt, text_tokens, tokenizer, duration) if text_tokens else None)
 
-    def _last_word_probability(self, encoded, prompt: list[int], tokens: list[int], tokenizer, duration: float) -> float | None:
-        """Whisper's probability of its own last word: each text token scored by the
-        decoder given the ones before it (ctranslate2's ``align``, what faster-whisper's
-        word timestamps use; one decoder pass over the tokens, ~20 ms on 2 cores).
-        ``None`` if it cannot tell (the end of turn then judges the words as they are)."""
-        if not tokens:
-            return None
-        try:
-            result = self._model.model.align(encoded, prompt, [tokens], max(1, int(duration * 100)))[0]
-        except Exception as exc:  # an older runtime without align: no confidence, same text
-            log.debug("align failed: %r", exc)
-            return None
-        return last_word_probability([(tokenizer.decode([t]), float(p)) for t, p in zip(tokens, result.text_token_probs)])
+
+@dataclass(frozen=True)
+class _Scoring:
+    """A short-path decode kept for :meth:`LocalWhisperSTT.last_word_probability`: its
+    encoder output (~0.8 MB for an 8 s window), prompt and text tokens."""
+
+    encoded: Any
+    prompt: list[int]
+    tokens: list[int]
+    tokenizer: Any
+    duration_s: float
 
 
 #: tokens per second of speech the cap allows: ~3-4 text tokens/s at 190 wpm, plus

@@ -183,14 +183,17 @@ class PauseJudge:
         head, _, _last = text.rstrip().rpartition(" ")
         return head
 
+    def words_may_end(self, text: str, words: TurnVerdict | None) -> bool:
+        """The words alone do not keep the turn open (so its last word is worth checking)."""
+        return bool(text.strip()) and not ends_dangling(text) and words is not None and words.probability >= self.WORDS_NO
+
     def complete(self, sound: TurnVerdict, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False) -> bool:
         """``doubted``: the transcript's last word was left out (:meth:`trusted_words`):
         the recognizer was completing a fragment, so only clear words end the turn (the
         sound, near random on voices it does not know, does not break that tie)."""
         if not self.use_words:
             return sound.complete
-        if not text.strip() or ends_dangling(text) or words is None:
+        if not self.words_may_end(text, words):
             return False
-        if words.probability < self.WORDS_NO:
-            return False
+        assert words is not None
         return words.probability >= self.WORDS_YES or (sound.complete and not doubted)
