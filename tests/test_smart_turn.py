@@ -194,7 +194,7 @@ async def test_a_finished_question_ends_well_before_the_ceiling(analyzer, stt, w
     got, t0 = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 3500)
     assert len(got) == 1
     speech_end = t0 + 1000.0 * (utt.last_voiced_sample + 1) / 16000
-    # decided at the first pause (160 ms + the model + the pause's transcript), not at the 3 s ceiling
+    # decided at the first pause (96 ms + the model + the pause's transcript), not at the 3 s ceiling
     assert got[0].eot_ms - speech_end < 2500, got[0].eot_ms - speech_end
 
 

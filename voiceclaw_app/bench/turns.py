@@ -6,7 +6,7 @@ configuration:
 
 * ``silence_200`` / ``silence_500`` / ``silence_1000``: ``turn_detection="silence"``
   with that ``vad_silence_ms``;
-* ``smart_turn``: the default: at each 160 ms pause the sound (Smart Turn) and the
+* ``smart_turn``: the default: at each 96 ms pause the sound (Smart Turn) and the
   pause's words (its transcript, scored by the words' model), ``turn_max_wait_ms`` ceiling;
 * ``smart_turn_audio_only``: Smart Turn alone (no words), to show what each adds.
 

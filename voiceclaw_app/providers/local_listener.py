@@ -47,9 +47,13 @@ log = logging.getLogger("voiceclaw.listener")
 _CLOSED = object()
 #: what a push-to-talk release with nothing (or too little) heard tells the user
 NOTHING_HEARD = "I didn't hear anything. Hold the button while you speak, then release it."
-#: with smart_turn, the pause at which the model is asked (5 silero windows): short,
-#: since a "complete" verdict ends the turn right there
-SMART_TURN_PAUSE_MS = 160
+#: with smart_turn, the pause at which the utterance so far is transcribed and judged
+#: (3 silero windows, after the VAD's own ~75 ms lag). Short, because the reply starts
+#: from that transcript; a verdict still needs the transcript and the words' model
+#: (~200 ms more), and one that comes after the user spoke again is dropped, so only
+#: a pause that lasts that long can end a turn. 160 ms until 2026-12-06: 96 ms answers
+#: ~40-60 ms sooner with the same cut-offs (README, "Benchmarks", third host)
+SMART_TURN_PAUSE_MS = 96
 
 
 class _Speculation:
