@@ -112,6 +112,9 @@ class TimedSTT(STT):
             self.durations.append(now_ms() - t0)
         return result
 
+    async def last_word_probability(self, transcript: Transcript) -> float | None:
+        return await self.inner.last_word_probability(transcript)  # the end of turn asks it
+
 
 # ---------------------------------------------------------------- frames -> VoiceSession -> recorded outcome
 class BenchServices:
