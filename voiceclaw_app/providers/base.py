@@ -458,8 +458,9 @@ class STT(abc.ABC):
 
     async def last_word_probability(self, transcript: Transcript) -> float | None:
         """How sure the recognizer is of ``transcript``'s last word (``None``: it cannot
-        tell). Asked only where it matters, an end-of-turn verdict about to end a turn,
-        so a recognizer may work it out then rather than for every transcription."""
+        tell). Asked only where it matters (a pause's transcript, for the end-of-turn
+        verdict), so a recognizer may work it out then rather than for every
+        transcription."""
         return transcript.last_word_probability
 
     async def aclose(self) -> None:

@@ -184,11 +184,11 @@ class LocalWhisperSTT(STT):
     async def last_word_probability(self, transcript: Transcript) -> float | None:
         """Whisper's probability of its own last word: each text token scored by the
         decoder given the ones before it (ctranslate2's ``align``, what faster-whisper's
-        word timestamps use; one decoder pass over the tokens, ~20-40 ms on 2 cores),
-        on the encoder output the short path kept. Worked out only when asked (an
-        end-of-turn verdict about to end a turn), so the reply, which starts from the
-        same transcript, never waits for it. ``None`` when it cannot tell (the
-        standard path, or an older runtime)."""
+        word timestamps use; one decoder pass over the tokens, ~5-20 ms on 2 cores),
+        on the encoder output the short path kept. Worked out only when asked (the
+        listener's pause transcription, for its end-of-turn verdict), so other
+        transcriptions never pay for it. ``None`` when it cannot tell (the standard
+        path, or an older runtime)."""
         if not isinstance(transcript.scoring, _Scoring):
             return transcript.last_word_probability
         return await asyncio.to_thread(self._score_last_word, transcript.scoring)
