@@ -278,7 +278,7 @@ class LocalListener(Listener):
                         if self.judge.words_may_end(text, words):
                             # a last word Whisper itself doubts is most likely one it made
                             # up to complete a fragment: judge the words without it
-                            trusted = self.judge.trusted_words(text, await (await self._engine()).last_word_probability(heard))
+                            trusted = self.judge.trusted_words(text, heard.last_word_probability)  # asked in _preliminary
                             if trusted != text:
                                 text, doubted = trusted, True
                                 words = await (await self._text_analyzer()).score(text) if text else None
