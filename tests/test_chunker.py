@@ -238,5 +238,26 @@ def test_the_chunk_after_a_deadline_cut_is_cut_early_too():
     # and a clause boundary after the deadline cut ends the next chunk there
     ch = SpeechChunker(4)
     ch.push("Sure thing, I can")
-    ch.cut_first_now()
-    assert [c.text for c in ch.push(" set that up for you, and remind you tomorrow.") + ch.flush()] == ["can set that up for you,", "and remind you tomorrow."]
+    assert [c.text for c in ch.cut_first_now()] == ["Sure thing,"]
+    assert [c.text for c in ch.push(" set that up for you, and remind you tomorrow.") + ch.flush()] == ["I can set that up for you,", "and remind you tomorrow."]
+
+
+def test_a_deadline_cut_ends_at_a_boundary_that_came_before_enough_words():
+    """"No," alone is too short for a first chunk by the word count, but when the
+    deadline passes it is where the voice pauses anyway: cut there, not mid-phrase
+    ("No, I'm not" | "sure ..."), and sooner (no wait for three words)."""
+    ch = SpeechChunker(4)
+    assert ch.push("No,") == [] and ch.push(" I'm") == []
+    assert [c.text for c in ch.cut_first_now()] == ["No,"]
+    assert [c.text for c in ch.push(" not sure about that, sorry.") + ch.flush()] == ["I'm not sure about that,", "sorry."]
+    # the latest boundary wins; a sentence end counts too
+    ch = SpeechChunker(4)
+    ch.push("Yes. Well, it")
+    assert [c.text for c in ch.cut_first_now()] == ["Yes. Well,"]
+    # without the deadline nothing changes: the boundary waits for min_first_words
+    assert [c.text for c in chunk_text("No, I'm not sure about that, sorry.")] == ["No, I'm not sure about that,", "sorry."]
+    # a boundary inside a chunk already cut is not reused
+    ch = SpeechChunker(2)
+    ch.push("Hi, there it is.")
+    ch.push(" Here")
+    assert ch.cut_first_now() == []

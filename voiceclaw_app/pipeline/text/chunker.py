@@ -99,6 +99,10 @@ class SpeechChunker:
         #: the first chunk was cut by the deadline (a few words): the next is cut like a
         #: first one, so it is ready before those few words have been spoken
         self._short_next = False
+        #: (end, consume) of the latest clause or sentence boundary in the pending first
+        #: chunk that came before ``min_first_words`` words ("No," "Sure thing,"): where
+        #: a deadline cut ends it, rather than mid-phrase
+        self._early_end: tuple[int, bool] | None = None
 
     @property
     def _opening(self) -> bool:
@@ -173,13 +177,22 @@ class SpeechChunker:
         return self._seq == 0
 
     def cut_first_now(self) -> list[Chunk]:
-        """A deadline passed with no first chunk: cut at the last word boundary now.
+        """A deadline passed with no first chunk: cut it now.
 
-        Only when there are ``DEADLINE_MIN_WORDS`` words before it, outside a code
-        block or a link's text; the rest stays pending. (A time-based cut depends on
-        when tokens arrived, so it is outside the split-invariance the property tests
-        check; every other cut is not.)"""
-        if self._seq != 0 or self._in_fence or self._brackets or self._last_space <= self._start:
+        At the latest clause or sentence boundary it already has, however few words
+        precede it ("No," of "No, I'm not"): a pause the voice makes anyway. Else at the
+        last word boundary, when there are ``DEADLINE_MIN_WORDS`` words before it. Never
+        inside a code block or a link's text; the rest stays pending. (A time-based cut
+        depends on when tokens arrived, so it is outside the split-invariance the
+        property tests check; every other cut is not.)"""
+        if self._seq != 0 or self._in_fence or self._brackets:
+            return []
+        if self._early_end is not None:
+            end, consume = self._early_end
+            chunk = self._emit(end, len(self._text) - 1, consume=consume)
+            self._short_next = chunk is not None
+            return [chunk] if chunk is not None else []
+        if self._last_space <= self._start:
             return []
         head = self._text[self._start : self._last_space]
         if len(head.split()) < self.DEADLINE_MIN_WORDS:
@@ -246,6 +259,7 @@ class SpeechChunker:
         pending = self._text[self._start : i + 1]
         if len(pending.split()) >= self.min_first_words:
             return self._emit(i + 1, i, consume=False)
+        self._early_end = (i + 1, False)
         return None
 
     def _decide(self, i: int, kind: Boundary) -> Chunk | None:
@@ -257,6 +271,7 @@ class SpeechChunker:
         if self._opening:
             if len(pending.split()) >= self.min_first_words:
                 return self._emit(i, i)
+            self._early_end = (i, True)
             return None
         if kind == "clause":
             self._clauses.append(i)
@@ -279,6 +294,7 @@ class SpeechChunker:
         start = self._start
         self._start = end + 1 if consume and end < len(self._text) else end
         self._clauses = [c for c in self._clauses if c > end]
+        self._early_end = None  # it was in the text just cut
         if not raw.strip():
             return None
         at_line_start = start == 0 or self._text[start - 1] == "\n"
