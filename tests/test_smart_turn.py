@@ -55,6 +55,11 @@ def test_pause_judge_lets_clear_words_lead_and_the_sound_break_ties():
     assert judge.complete(yes, "Yes.", words(0.05)) and not judge.complete(no, "Yes.", words(0.05))  # unclear words: the sound
     assert not judge.complete(yes, "", None) and not judge.complete(yes, "call me", None)
     assert PauseJudge(use_words=False).complete(yes, "Set a timer for")
+    # the sound is only scored where it decides: between the clear words' bounds, no doubt
+    assert judge.needs_sound("Yes.", words(0.05)) and not judge.needs_sound("Yes.", words(0.05), doubted=True)
+    assert not judge.needs_sound("What time is it in Tokyo?", words(0.9)) and not judge.needs_sound("Remind me to buy.", words(0.005))
+    assert not judge.needs_sound("Set a timer for", words(0.9)) and PauseJudge(use_words=False).needs_sound()
+    assert not judge.complete(None, "Yes.", words(0.05)) and judge.complete(None, "What time is it in Tokyo?", words(0.9))
 
 
 def test_a_doubted_last_word_is_left_out_of_the_judged_words():
@@ -245,7 +250,11 @@ class _MadeUpEnding(STT):
 
 
 class _SureSound(TurnAnalyzer):
+    def __init__(self) -> None:
+        self.scored = 0
+
     async def score(self, pcm16):
+        self.scored += 1
         return TurnVerdict(True, 0.9, 1.0)
 
 
@@ -262,10 +271,29 @@ async def test_the_listener_leaves_a_doubted_last_word_out_of_its_verdict(last_w
     utt = _utt("c_africa")  # any speech: the fake recognizer says what it says
     stt = _MadeUpEnding(last_word_p)
     settings = VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000)
-    listener = LocalListener(settings=settings, stt=stt, turn_analyzer=_SureSound(), text_analyzer=_Words())
+    sound = _SureSound()
+    listener = LocalListener(settings=settings, stt=stt, turn_analyzer=sound, text_analyzer=_Words())
     # 1.2 s of silence after the speech: far short of the 3 s ceiling
     got, t0 = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 1200, expect=1 if ends_at_the_pause else 0)
     assert len(got) == (1 if ends_at_the_pause else 0)
+    # clear words (0.5) or a doubted last word: the sound decided nothing, so it was never scored
+    assert sound.scored == 0
     if got:
         assert got[0].text == "Turn on the lights in there."  # the transcript keeps every word
     assert stt.asked >= 1  # asked right after the pause's transcription, for the verdict
+
+
+class _UnclearWords(TextTurnAnalyzer):
+    """Words that leave the verdict open ("Yes", "Hello"): between WORDS_NO and WORDS_YES."""
+
+    async def score(self, text):
+        return TurnVerdict(False, 0.05, 1.0)
+
+
+async def test_the_listener_asks_the_sound_only_when_the_words_leave_it_open():
+    utt = _utt("c_africa")
+    stt = _MadeUpEnding(0.95)  # a last word it is sure of: no doubt
+    sound = _SureSound()
+    listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000), stt=stt, turn_analyzer=sound, text_analyzer=_UnclearWords())
+    got, _ = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 1200, expect=1)
+    assert len(got) == 1 and sound.scored >= 1  # the sound broke the tie, at the pause (1.2 s < the 3 s ceiling)

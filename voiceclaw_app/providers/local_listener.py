@@ -258,34 +258,33 @@ class LocalListener(Listener):
         return heard
 
     async def _judge_pause(self, ev: sv.ShortPause, gen: int, spec: _Speculation) -> None:
-        """smart_turn: score the pause, its sound (Smart Turn) and its words (the pause's
-        transcript, then the words' model); "complete" ends the turn now, "incomplete"
-        leaves it to the user or the ``turn_max_wait_ms`` ceiling.
+        """smart_turn: score the pause, its words (the pause's transcript, then the
+        words' model) and, where they leave it open, its sound (Smart Turn); "complete"
+        ends the turn now, "incomplete" leaves it to the user or the
+        ``turn_max_wait_ms`` ceiling.
 
-        The sound is scored while Whisper transcribes; the words are always waited
-        for (up to the ceiling, where silence ends the turn anyway): without them the
-        sound alone cuts off most hesitations (see :class:`.smart_turn.PauseJudge`).
+        The words are always waited for (up to the ceiling, where silence ends the turn
+        anyway): without them the sound alone cuts off most hesitations (see
+        :class:`.smart_turn.PauseJudge`). The sound is scored only when the verdict
+        depends on it (:meth:`.PauseJudge.needs_sound`), after the words: scored at
+        every pause beside Whisper, it slowed the transcription the reply starts from.
         A verdict that comes after the user spoke again (``gen`` moved on) is dropped."""
         try:
-            sound_task = asyncio.ensure_future((await self._turn_analyzer()).score(ev.pcm))
-            text, words, doubted = "", None, False
-            try:
-                if self.judge.use_words:
-                    heard = await asyncio.shield(spec.task)
-                    text = heard.text.strip()
-                    if text and gen == self._pause_gen:
-                        words = await (await self._text_analyzer()).score(text)
-                        if self.judge.words_may_end(text, words):
-                            # a last word Whisper itself doubts is most likely one it made
-                            # up to complete a fragment: judge the words without it
-                            trusted = self.judge.trusted_words(text, heard.last_word_probability)  # asked in _preliminary
-                            if trusted != text:
-                                text, doubted = trusted, True
-                                words = await (await self._text_analyzer()).score(text) if text else None
-                sound = await sound_task
-            finally:
-                if not sound_task.done():
-                    sound_task.cancel()
+            text, words, doubted, sound = "", None, False, None
+            if self.judge.use_words:
+                heard = await asyncio.shield(spec.task)
+                text = heard.text.strip()
+                if text and gen == self._pause_gen:
+                    words = await (await self._text_analyzer()).score(text)
+                    if self.judge.words_may_end(text, words):
+                        # a last word Whisper itself doubts is most likely one it made
+                        # up to complete a fragment: judge the words without it
+                        trusted = self.judge.trusted_words(text, heard.last_word_probability)  # asked in _preliminary
+                        if trusted != text:
+                            text, doubted = trusted, True
+                            words = await (await self._text_analyzer()).score(text) if text else None
+            if gen == self._pause_gen and self.judge.needs_sound(text, words, doubted=doubted):
+                sound = await (await self._turn_analyzer()).score(ev.pcm)
         except ProviderError as exc:
             self._judge_error(exc)
             return
@@ -295,7 +294,7 @@ class LocalListener(Listener):
             self._judge_error(EngineUnavailable(f"The end-of-turn model failed: {exc}", detail=repr(exc)))
             return
         complete = self.judge.complete(sound, text, words, doubted=doubted)
-        log.debug("pause verdict sound p=%.2f (%.0f ms) words=%r%s p=%s -> %s", sound.probability, sound.ms, text[-40:], " (last word doubted)" if doubted else "", "-" if words is None else f"{words.probability:.3f}", "complete" if complete else "incomplete")
+        log.debug("pause verdict sound %s words=%r%s p=%s -> %s", "not needed" if sound is None else f"p={sound.probability:.2f} ({sound.ms:.0f} ms)", text[-40:], " (last word doubted)" if doubted else "", "-" if words is None else f"{words.probability:.3f}", "complete" if complete else "incomplete")
         if not complete or gen != self._pause_gen or self._closed:
             return
         try:

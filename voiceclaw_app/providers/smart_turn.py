@@ -187,13 +187,25 @@ class PauseJudge:
         """The words alone do not keep the turn open (so its last word is worth checking)."""
         return bool(text.strip()) and not ends_dangling(text) and words is not None and words.probability >= self.WORDS_NO
 
-    def complete(self, sound: TurnVerdict, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False) -> bool:
-        """``doubted``: the transcript's last word was left out (:meth:`trusted_words`):
-        the recognizer was completing a fragment, so only clear words end the turn (the
-        sound, near random on voices it does not know, does not break that tie)."""
+    def needs_sound(self, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False) -> bool:
+        """Whether the verdict depends on the sound: without the words, or where they
+        leave it open (between :data:`WORDS_NO` and :data:`WORDS_YES`, no doubted last
+        word). Elsewhere the sound is not scored at all: Smart Turn's ~60-100 ms on a
+        core would only slow the pause's transcription beside it."""
         if not self.use_words:
-            return sound.complete
+            return True
+        return self.words_may_end(text, words) and words is not None and words.probability < self.WORDS_YES and not doubted
+
+    def complete(self, sound: TurnVerdict | None, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False) -> bool:
+        """``sound``: Smart Turn's verdict, ``None`` when :meth:`needs_sound` said it was
+        not needed (then it does not count). ``doubted``: the transcript's last word was
+        left out (:meth:`trusted_words`): the recognizer was completing a fragment, so
+        only clear words end the turn (the sound, near random on voices it does not
+        know, does not break that tie)."""
+        heard_complete = sound is not None and sound.complete
+        if not self.use_words:
+            return heard_complete
         if not self.words_may_end(text, words):
             return False
         assert words is not None
-        return words.probability >= self.WORDS_YES or (sound.complete and not doubted)
+        return words.probability >= self.WORDS_YES or (heard_complete and not doubted)

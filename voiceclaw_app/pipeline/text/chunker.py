@@ -5,10 +5,11 @@ sentence end) once it has ``min_first_words`` words, so speech starts before the
 first sentence is complete; when no boundary has come by ``first_max_words`` words
 (default 8), it is cut at the space after that word (or the next one, if that word is
 "the", "for", "and"... which no phrase ends on). And the turn loop may cut it sooner,
-at the last word boundary, when a deadline passes after the first token
-(:meth:`SpeechChunker.cut_first_now`): the voice never waits for a clause that comes
-late. A chunk cut that way is only a few words (~1 s of speech), so the one after it
-is cut like a first chunk (clause boundary after ``min_first_words`` words, or
+when a deadline passes after the first token (:meth:`SpeechChunker.cut_first_now`): at
+a clause or sentence boundary it already has however few words precede it ("No,"),
+else at the last word boundary: the voice never waits for a clause that comes late.
+A chunk cut that way is only a few words (~1 s of speech), so the one after it is cut
+like a first chunk (clause boundary after ``min_first_words`` words, or
 ``first_max_words`` words) and is ready before they have been spoken. Later chunks
 end at sentence ends or line breaks, with a clause fallback for very long sentences.
 
