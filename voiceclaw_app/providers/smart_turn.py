@@ -37,7 +37,7 @@ from types import ModuleType
 
 import numpy as np
 
-from ..pipeline.text.words import ends_dangling
+from ..pipeline.text.words import STRANDABLE, ends_unfinished, last_word
 from .base import EngineUnavailable, TurnAnalyzer, TurnVerdict
 
 SAMPLE_RATE = 16000
@@ -148,10 +148,11 @@ class PauseJudge:
     a language it knows less) gets near-random scores: on the unseen set it called
     15 of 16 unfinished fragments complete. The words of the same pause are
     transcribed anyway (the preemptive turn needs them), so: a transcript that ends
-    on a word no sentence ends on ("for", "the") is unfinished; otherwise the words'
+    on a word no sentence ends on ("the", "and") is unfinished; otherwise the words'
     model decides where it is clear (below :data:`WORDS_NO`: unfinished, from
     :data:`WORDS_YES`: finished) and the sound decides in between ("Yes", "Hello",
-    where only the voice says whether more is coming). Whisper's closing ``.``/``?``
+    where only the voice says whether more is coming), except on a preposition
+    ("...leave from?") or after a doubted last word, where only clear words end it. Whisper's closing ``.``/``?``
     is not trusted: it follows the same sound, so a fragment spoken with a falling
     pitch comes back as "Remind me to buy."
     With ``use_words=False`` the sound decides alone (``bench turns`` measures both).
@@ -185,7 +186,14 @@ class PauseJudge:
 
     def words_may_end(self, text: str, words: TurnVerdict | None) -> bool:
         """The words alone do not keep the turn open (so its last word is worth checking)."""
-        return bool(text.strip()) and not ends_dangling(text) and words is not None and words.probability >= self.WORDS_NO
+        return bool(text.strip()) and not ends_unfinished(text) and words is not None and words.probability >= self.WORDS_NO
+
+    @staticmethod
+    def clear_words_only(text: str, doubted: bool = False) -> bool:
+        """Only clear words (from :data:`WORDS_YES`) end the turn, the sound breaks no tie:
+        after a doubted last word, or on a preposition a question may end on ("Where
+        is it from?" ends; "Find me a recipe for" does not: its words score ~0.001)."""
+        return doubted or last_word(text) in STRANDABLE
 
     def needs_sound(self, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False) -> bool:
         """Whether the verdict depends on the sound: without the words, or where they
@@ -194,7 +202,7 @@ class PauseJudge:
         core would only slow the pause's transcription beside it."""
         if not self.use_words:
             return True
-        return self.words_may_end(text, words) and words is not None and words.probability < self.WORDS_YES and not doubted
+        return self.words_may_end(text, words) and words is not None and words.probability < self.WORDS_YES and not self.clear_words_only(text, doubted)
 
     def complete(self, sound: TurnVerdict | None, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False) -> bool:
         """``sound``: Smart Turn's verdict, ``None`` when :meth:`needs_sound` said it was
@@ -208,4 +216,4 @@ class PauseJudge:
         if not self.words_may_end(text, words):
             return False
         assert words is not None
-        return words.probability >= self.WORDS_YES or (heard_complete and not doubted)
+        return words.probability >= self.WORDS_YES or (heard_complete and not self.clear_words_only(text, doubted))

@@ -1,7 +1,8 @@
 """Words an English sentence (or a first spoken chunk) does not end on.
 
-Two users: the end-of-turn judge (a transcript that stops on "for" or "the" is an
-unfinished sentence, whatever the voice's intonation) and the chunker (a first chunk
+Two users: the end-of-turn judge (a transcript that stops on "the" or "and" is an
+unfinished sentence, whatever the voice's intonation; one that stops on "for" or
+"from" is finished only if its words clearly are: "Where is it from?") and the chunker (a first chunk
 cut without punctuation should not end on one either: "set a timer for | ten minutes"
 reads worse than "set a timer | for ten minutes"). Kept short on purpose: words that
 often end real sentences ("that", "me", "it", "on", "is", "so") are not in it.
@@ -18,7 +19,13 @@ and or but nor because if when while although though whether unless
 i we they he she
 """.split())
 
-_WORDS = re.compile(r"[a-z']+")
+#: the prepositions of :data:`DANGLING` that English leaves at the end of a question
+#: ("Where is it from?", "What gate does it leave from?", "What is it for?"): a sentence
+#: may end on them, so the end-of-turn judge lets clear words decide there
+STRANDABLE = frozenset("to of in at for with by from into onto through under until between without".split())
+
+#: a word, numbers included ("at 10" ends on "10", not on "at")
+_WORDS = re.compile(r"[a-z0-9']+")
 
 
 def last_word(text: str) -> str:
@@ -27,5 +34,12 @@ def last_word(text: str) -> str:
 
 
 def ends_dangling(text: str) -> bool:
-    """True when ``text`` stops on a word no sentence ends on."""
+    """True when ``text`` stops on a word a sentence seldom ends on."""
     return last_word(text) in DANGLING
+
+
+def ends_unfinished(text: str) -> bool:
+    """True when ``text`` stops on a word no sentence ends on ("the", "and", "my"): the
+    dangling words less the prepositions a question may leave at its end."""
+    word = last_word(text)
+    return word in DANGLING and word not in STRANDABLE
