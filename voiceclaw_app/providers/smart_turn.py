@@ -152,9 +152,9 @@ class PauseJudge:
     model decides where it is clear (below :data:`WORDS_NO`: unfinished, from
     :data:`WORDS_YES`: finished) and the sound decides in between ("Yes", "Hello",
     where only the voice says whether more is coming), except on a preposition
-    ("...leave from?") or after a doubted last word, where only clear words end it. Whisper's closing ``.``/``?``
-    is not trusted: it follows the same sound, so a fragment spoken with a falling
-    pitch comes back as "Remind me to buy."
+    ("...leave from?") or after a doubted last word, where only clear words end it.
+    Whisper's closing ``.``/``?`` is not trusted: it follows the same sound, so a
+    fragment spoken with a falling pitch comes back as "Remind me to buy."
     With ``use_words=False`` the sound decides alone (``bench turns`` measures both).
     """
 

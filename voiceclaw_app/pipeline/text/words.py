@@ -2,10 +2,11 @@
 
 Two users: the end-of-turn judge (a transcript that stops on "the" or "and" is an
 unfinished sentence, whatever the voice's intonation; one that stops on "for" or
-"from" is finished only if its words clearly are: "Where is it from?") and the chunker (a first chunk
-cut without punctuation should not end on one either: "set a timer for | ten minutes"
-reads worse than "set a timer | for ten minutes"). Kept short on purpose: words that
-often end real sentences ("that", "me", "it", "on", "is", "so") are not in it.
+"from" is finished only if its words clearly are: "Where is it from?") and the
+chunker (a first chunk cut without punctuation should not end on one either: "set a
+timer for | ten minutes" reads worse than "set a timer | for ten minutes"). Kept
+short on purpose: words that often end real sentences ("that", "me", "it", "on",
+"is", "so") are not in it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ _WORDS = re.compile(r"[a-z0-9']+")
 def last_word(text: str) -> str:
     words = _WORDS.findall(text.lower())
     return words[-1] if words else ""
-
-
-def ends_dangling(text: str) -> bool:
-    """True when ``text`` stops on a word a sentence seldom ends on."""
-    return last_word(text) in DANGLING
 
 
 def ends_unfinished(text: str) -> bool:
