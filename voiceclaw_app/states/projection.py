@@ -83,15 +83,10 @@ class Projection:
         elif isinstance(e, ev.TurnStarted):
             await self._turn_started(e)
         elif isinstance(e, ev.ReplyAudio):
-            # the words so far and the chunk's URL in one state write: one delta, one
-            # render, and the URL (which the first audio waits for) is not queued
-            # behind a separate write of the tokens
+            await self.flush()
             url = audio_url(e.url, e.audio_id, self.user_id)
-            window = self._take_pending()
 
             def add(stream, chat) -> None:
-                if window is not None:
-                    window(stream, chat)
                 if stream.audio_turn == e.turn_id:
                     stream.audio_urls = stream.audio_urls + [url]
 
@@ -169,14 +164,19 @@ class Projection:
     async def _turn_started(self, e: ev.TurnStarted) -> None:
         await self._stop_flusher()
         self.turn_id, self.segments, self.pending = e.turn_id, [], ""
+        try:
+            convs = await asyncio.to_thread(repo.list_conversations, self.user_id, "", 50)
+        except Exception:
+            log.exception("could not list conversations")
+            convs = None
 
-        # the conversation list is not read here: a turn starts while its first audio is
-        # being made, on the same cores; it is refreshed when the turn finishes
         def begin(stream, chat) -> None:
             chat.conversation_id = e.conversation_id
             chat.messages = chat.messages + [_msg_row({"id": e.user_message_id, "role": "user", "content": e.user_text})]
             chat.notice = ""
             chat.error = ""
+            if convs is not None:
+                chat.conversations = [_conv_row(c) for c in convs]
             stream.user_interim = ""
             stream.reset_turn(e.turn_id)
 
@@ -190,15 +190,8 @@ class Projection:
                 await self.flush()
 
     async def flush(self) -> None:
-        window = self._take_pending()
-        if window is not None:
-            await self.apply(window)
-
-    def _take_pending(self) -> Callable[[Any, Any], None] | None:
-        """The tokens collected since the last write as a new segment, and the change that
-        shows it (``None`` when there are none)."""
         if not self.pending:
-            return None
+            return
         self.segments.append(self.pending)
         self.pending = ""
         segs, turn_id = list(self.segments), self.turn_id
@@ -211,7 +204,7 @@ class Projection:
             stream.seg_tail = segs[base:]
             stream._segments = segs
 
-        return window
+        await self.apply(window)
 
     async def _stop_flusher(self) -> None:
         if self._flusher is not None:
@@ -225,15 +218,8 @@ class Projection:
         if e.turn_id == self.turn_id:
             await self.flush()
             self.turn_id = ""
-        try:
-            convs = await asyncio.to_thread(repo.list_conversations, self.user_id, "", 50)
-        except Exception:
-            log.exception("could not list conversations")
-            convs = None
 
         def finish(stream, chat) -> None:
-            if convs is not None:
-                chat.conversations = [_conv_row(c) for c in convs]  # its title, its place at the top
             shown = chat.conversation_id == e.conversation_id  # not after "new conversation" or picking another one
             row = _msg_row({"id": e.message_id, "role": "assistant", "content": e.content, "interrupted": e.interrupted, "error": e.error})
             if shown and (e.content or e.error or e.interrupted):
