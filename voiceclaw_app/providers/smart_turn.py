@@ -210,10 +210,5 @@ class PauseJudge:
         left out (:meth:`trusted_words`): the recognizer was completing a fragment, so
         only clear words end the turn (the sound, near random on voices it does not
         know, does not break that tie)."""
-        heard_complete = sound is not None and sound.complete
-        if not self.use_words:
-            return heard_complete
-        if not self.words_may_end(text, words):
-            return False
-        assert words is not None
-        return words.probability >= self.WORDS_YES or (heard_complete and not self.clear_words_only(text, doubted))
+        words_end = self.use_words and self.words_may_end(text, words) and words is not None and words.probability >= self.WORDS_YES
+        return words_end or (self.needs_sound(text, words, doubted=doubted) and sound is not None and sound.complete)

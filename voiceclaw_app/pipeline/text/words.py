@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import re
 
-DANGLING = frozenset("""
+#: the prepositions English leaves at the end of a question ("Where is it from?", "What
+#: gate does it leave from?", "What is it for?"): a sentence may end on them, so the
+#: end-of-turn judge lets clear words decide there
+STRANDABLE = frozenset("to of in at for with by from into onto through under until between without".split())
+
+DANGLING = STRANDABLE | frozenset("""
 a an the my your our their its every each
-to of in at for with by from into onto than through under until between without
+than
 and or but nor because if when while although though whether unless
 i we they he she
 """.split())
-
-#: the prepositions of :data:`DANGLING` that English leaves at the end of a question
-#: ("Where is it from?", "What gate does it leave from?", "What is it for?"): a sentence
-#: may end on them, so the end-of-turn judge lets clear words decide there
-STRANDABLE = frozenset("to of in at for with by from into onto through under until between without".split())
 
 #: a word, numbers included ("at 10" ends on "10", not on "at")
 _WORDS = re.compile(r"[a-z0-9']+")
