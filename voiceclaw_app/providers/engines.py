@@ -21,8 +21,8 @@ several Granian workers each worker holds its own copy, stated in the README.
   text chat works without TTS, and the error names the package to reinstall.
 
 Thread split on 2 cores (each runtime defaults to *all* cores and they would fight):
-STT 1 thread (measured faster than 2 here: ~125 vs ~140 ms, and it cannot stall
-on a core llama.cpp holds), LLM 2 threads (prefill and the first clause are the
+STT 1 thread (its decoder steps are too small for two: see ``local_stt``; the
+other core stays with llama.cpp), LLM 2 threads (prefill and the first clause are the
 critical path), TTS 1 thread (it runs while llama.cpp keeps generating), and the
 VAD helper process pinned to one core. ``VOICECLAW_STT_THREADS``,
 ``VOICECLAW_LLM_THREADS``, ``VOICECLAW_TTS_THREADS`` override.

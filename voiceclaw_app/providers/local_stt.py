@@ -16,12 +16,16 @@ standard ``transcribe()`` when a repetition, a low log-probability or an unfinis
 decode still shows (see :meth:`LocalWhisperSTT._decode_short`). ``bench stt``
 measures both paths on the unseen set (``tests/fixtures/unseen``).
 
-Threads: ``cpu_threads`` (``VOICECLAW_STT_THREADS``, default 2, at most the core
-count). Measured on the quiet 2-core machine on 2026-12-02, ``bench local``: p50
-1,219 ms with 2 threads against 1,385 ms with 1 (Whisper 464 vs 578 ms per
-utterance): at the pause where the transcription runs, nothing else needs the
-cores. One worker runs one call at a time, so a speculative transcription can delay
-a real one by at most one short call.
+Threads: ``cpu_threads`` (``VOICECLAW_STT_THREADS``, default 1). Measured on the
+third 2-core host (Intel Xeon, 2026-12-06), a 3.7 s question in the 8 s window:
+the encoder 43 ms with 2 threads, 58 with 1, but the decoder (one step per token,
+each a few small matrix products) 206-281 ms with 2 threads against 75 with 1:
+CTranslate2's OpenMP threads meet at a barrier at every step, and on these
+machines that costs more than the second core gives (``OMP_WAIT_POLICY`` does
+not change it). ``bench stt``: short path p50 146 ms with 1 thread, 264 with 2.
+The second core stays free for the words' model and the reply's prefill, which run
+beside the transcription at a pause. (On the first host in 2026-12-02, with the
+30 s window the encoder dominated and 2 threads were faster: 464 vs 578 ms.)
 Every model call runs in a worker thread (``asyncio.to_thread``), never on the
 event loop.
 """
@@ -111,7 +115,7 @@ class LocalWhisperSTT(STT):
     capabilities = STTCapabilities(streaming=False, interim_results=False)
 
     def __init__(self, *, cpu_threads: int | None = None, model_dir: Path | None = None, data_base: Path | None = None) -> None:
-        self.cpu_threads = cpu_threads or env_threads("VOICECLAW_STT_THREADS", min(2, os.cpu_count() or 1))
+        self.cpu_threads = cpu_threads or env_threads("VOICECLAW_STT_THREADS", 1)
         self._model_dir = model_dir
         self._data_base = data_base
         self._model = None
