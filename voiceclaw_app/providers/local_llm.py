@@ -22,22 +22,18 @@ evaluates the history-bearing prompt while the user is still speaking, so the
 turn itself only evaluates the new user line.
 
 Threads: llama.cpp defaults to every core; ``n_threads`` caps it (default 2,
-``VOICECLAW_LLM_THREADS``). Every call into the model runs on the process's one
-llama.cpp thread (:mod:`.llama_thread`: one OpenMP team; a thread per reply made
-each token ~1.5x slower). A reply is advanced one piece of text per job on that
-thread, so the words' end-of-turn model can score a pause between two tokens; the
-reply owns the model's context from its first step to its end, and a newer reply
-takes it over (the older one's consumer has gone). The cancel token is checked at
-every token.
+``VOICECLAW_LLM_THREADS``). The model is not thread-safe: every call into it holds
+one lock. Generation runs in a worker thread and streams text back through an
+asyncio queue; the cancel token is checked at every token.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator
 
-from . import llama_thread
 from .base import LLM, CancelToken, ChatMessage, EngineUnavailable, LLMCapabilities, LLMRequest, ProviderError
 from .local_models import GEMMA_PACKAGE, LOCAL_GGUF_ENV, gemma_gguf_path
 from .local_stt import env_threads
@@ -221,15 +217,10 @@ class LocalLlamaLLM(LLM):
         self._warmed = False
         self._last_name = ""  # the latest request's assistant_name (prefill has only messages)
         self._load_lock = threading.Lock()
-        #: the reply that owns the model's context (read and set on the llama thread only)
-        self._live: _Generation | None = None
+        self._lock = threading.Lock()  # every call into the model
 
     # ------------------------------------------------------------ lifecycle
     def load(self) -> None:
-        if self._llm is None:
-            llama_thread.call(self._load)
-
-    def _load(self) -> None:
         with self._load_lock:
             if self._llm is not None:
                 return
@@ -272,7 +263,7 @@ class LocalLlamaLLM(LLM):
         """
         if self._warmed:
             return
-        await llama_thread.run(self._warm_sync)
+        await asyncio.to_thread(self._warm_sync)
 
     def _warm_sync(self) -> None:
         self.load()
@@ -290,35 +281,30 @@ class LocalLlamaLLM(LLM):
         only the new user line. ``assistant_name``: the request's (default: the
         latest request's, else the constructor's). A no-op for chat-template models.
         """
-        await llama_thread.run(self._prefill, messages, assistant_name)
+        await asyncio.to_thread(self.prefill_sync, messages, assistant_name)
 
     def prefill_sync(self, messages: list[ChatMessage], assistant_name: str = "") -> int:
         """Blocking prefill; returns how many new tokens were evaluated."""
-        return llama_thread.call(self._prefill, messages, assistant_name)
-
-    def _prefill(self, messages: list[ChatMessage], assistant_name: str = "") -> int:
-        """On the llama thread. Skipped (0) while a reply owns the context: it is
-        still being generated (the user talks over it), and the next reply then
-        evaluates its own prompt."""
         self.load()
-        if self._chat or self._live is not None:
+        if self._chat:
             return 0
         prompt = self._dialogue(messages, assistant_name or self._last_name).for_prefill(self._recent([m for m in messages if m.role != "system"]))
-        llm = self._llm
-        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
-        if len(tokens) > self.n_ctx - DEFAULT_MAX_TOKENS - 64:
-            return 0  # too long to keep; stream() trims the history itself
-        common = 0
-        for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
-            if a != b:
-                break
-            common += 1
-        if common == len(tokens):
-            return 0
-        llm.n_tokens = common
-        llm.eval(tokens[common:])
-        llm._requires_eval = True  # sample from a fresh decode, not these logits
-        return len(tokens) - common
+        with self._lock:
+            llm = self._llm
+            tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+            if len(tokens) > self.n_ctx - DEFAULT_MAX_TOKENS - 64:
+                return 0  # too long to keep; stream() trims the history itself
+            common = 0
+            for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
+                if a != b:
+                    break
+                common += 1
+            if common == len(tokens):
+                return 0
+            llm.n_tokens = common
+            llm.eval(tokens[common:])
+            llm._requires_eval = True  # sample from a fresh decode, not these logits
+            return len(tokens) - common
 
     # ------------------------------------------------------------ generation
     def _dialogue(self, messages: list[ChatMessage], assistant_name: str = "") -> DialoguePrompt:
@@ -369,119 +355,91 @@ class LocalLlamaLLM(LLM):
             convo = convo[1:]
 
     def generate_sync(self, request: LLMRequest, cancel: CancelToken) -> Iterator[str]:
-        """Blocking token stream (tests, the CLI): each piece is made on the llama thread."""
-        generation = _Generation(self, self._generate(request, cancel))
-        try:
-            while (text := llama_thread.call(generation.advance)) is not None:
-                yield text
-        finally:
-            llama_thread.call(generation.close)
-
-    def _generate(self, request: LLMRequest, cancel: CancelToken) -> Iterator[str]:
-        """The token stream itself; advanced only on the llama thread (:class:`_Generation`)."""
+        """Blocking token stream (holds the model lock for its whole life)."""
         self.load()
         max_tokens = request.max_tokens or DEFAULT_MAX_TOKENS
         temperature = self.temperature if request.temperature is None else request.temperature
-        if self._chat:
-            msgs = self.chat_messages(request, max_tokens)
-            stream = self._llm.create_chat_completion(msgs, max_tokens=max_tokens, temperature=temperature, top_p=0.9, stream=True)
-            for chunk in stream:
-                if cancel.cancelled:
-                    stream.close()
-                    return
-                text = chunk["choices"][0]["delta"].get("content") or ""
-                if text:
-                    yield text
-            return
-        if request.assistant_name.strip():
-            self._last_name = request.assistant_name.strip()
-        dialogue = self.dialogue_for(request)
-        prompt = self._fit(dialogue.for_reply, request.messages, max_tokens)
-        # The base model sometimes samples a stop sequence (the next speaker's name)
-        # as its very first token: an empty reply, nothing said, a person left
-        # waiting (seen in the browser suite). Sample again, up to EMPTY_RETRIES
-        # times; the prompt is the same, so llama.cpp reuses its evaluated prefix.
-        for _attempt in range(1 + EMPTY_RETRIES):
-            stream = self._llm.create_completion(
-                prompt, max_tokens=max_tokens, temperature=temperature, top_p=0.9, top_k=40,
-                repeat_penalty=1.15, stream=True,
-            )
-            scanner = StopScanner(dialogue.stops())
-            first = True
-            stopped = False
-            for chunk in stream:
-                if cancel.cancelled:
-                    stream.close()
-                    return
-                text, stopped = scanner.feed(chunk["choices"][0]["text"])
-                if first:
-                    text = text.lstrip()
-                if text:
-                    first = False
-                    yield text
-                if stopped:
-                    stream.close()
-                    break
-            if not stopped:
-                text = scanner.flush()
-                text = text.lstrip() if first else text
-                if text:
-                    first = False
-                    yield text
-            if not first:
+        with self._lock:
+            if self._chat:
+                msgs = self.chat_messages(request, max_tokens)
+                stream = self._llm.create_chat_completion(msgs, max_tokens=max_tokens, temperature=temperature, top_p=0.9, stream=True)
+                for chunk in stream:
+                    if cancel.cancelled:
+                        stream.close()
+                        return
+                    text = chunk["choices"][0]["delta"].get("content") or ""
+                    if text:
+                        yield text
                 return
+            if request.assistant_name.strip():
+                self._last_name = request.assistant_name.strip()
+            dialogue = self.dialogue_for(request)
+            prompt = self._fit(dialogue.for_reply, request.messages, max_tokens)
+            # The base model sometimes samples a stop sequence (the next speaker's name)
+            # as its very first token: an empty reply, nothing said, a person left
+            # waiting (seen in the browser suite). Sample again, up to EMPTY_RETRIES
+            # times; the prompt is the same, so llama.cpp reuses its evaluated prefix.
+            for _attempt in range(1 + EMPTY_RETRIES):
+                stream = self._llm.create_completion(
+                    prompt, max_tokens=max_tokens, temperature=temperature, top_p=0.9, top_k=40,
+                    repeat_penalty=1.15, stream=True,
+                )
+                scanner = StopScanner(dialogue.stops())
+                first = True
+                stopped = False
+                for chunk in stream:
+                    if cancel.cancelled:
+                        stream.close()
+                        return
+                    text, stopped = scanner.feed(chunk["choices"][0]["text"])
+                    if first:
+                        text = text.lstrip()
+                    if text:
+                        first = False
+                        yield text
+                    if stopped:
+                        stream.close()
+                        break
+                if not stopped:
+                    text = scanner.flush()
+                    text = text.lstrip() if first else text
+                    if text:
+                        first = False
+                        yield text
+                if not first:
+                    return
 
     async def stream(self, request: LLMRequest, cancel: CancelToken) -> AsyncIterator[str]:
-        generation = _Generation(self, self._generate(request, cancel))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+        inner = CancelToken()  # also stops the thread when the consumer walks away
+
+        def worker() -> None:
+            try:
+                for text in self.generate_sync(request, _Either(cancel, inner)):
+                    loop.call_soon_threadsafe(queue.put_nowait, text)
+            except ProviderError as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            except Exception as exc:  # llama.cpp failures (context full, decode error)
+                loop.call_soon_threadsafe(queue.put_nowait, EngineUnavailable("The local language model failed while answering.", detail=repr(exc)))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        thread = threading.Thread(target=worker, name="llama-generate", daemon=True)
+        thread.start()
         try:
             while True:
-                try:
-                    text = await llama_thread.run(generation.advance)
-                except ProviderError:
-                    raise
-                except Exception as exc:  # llama.cpp failures (context full, decode error)
-                    raise EngineUnavailable("The local language model failed while answering.", detail=repr(exc)) from exc
-                if text is None or cancel.cancelled:
+                item = await queue.get()
+                if item is done:
                     return
-                yield text
+                if isinstance(item, BaseException):
+                    raise item
+                if cancel.cancelled:
+                    return
+                yield item
         finally:
-            # queued behind a step still running: the generator is closed on its thread
-            llama_thread.submit(generation.close)
-
-
-class _Generation:
-    """One reply's token stream, advanced one piece per job on the llama thread.
-
-    Its first step takes the model's context (``LocalLlamaLLM._live``); it gives it
-    back when the stream ends or is closed. A newer reply's first step takes it
-    over: the older one then ends at its next step, without touching the model
-    (its consumer has gone or been cancelled, and its close may still be queued)."""
-
-    def __init__(self, model: "LocalLlamaLLM", steps: Iterator[str]) -> None:
-        self.model = model
-        self.steps = steps
-        self.started = False
-
-    def advance(self) -> str | None:
-        """The next piece of text, ``None`` at the end. On the llama thread."""
-        if self.model._live is not self:
-            if self.started:
-                return None  # a newer reply owns the context
-            self.model._live, self.started = self, True
-        try:
-            text = next(self.steps, None)
-        except BaseException:
-            self.close()
-            raise
-        if text is None:
-            self.close()
-        return text
-
-    def close(self) -> None:
-        """On the llama thread."""
-        self.steps.close()
-        if self.model._live is self:
-            self.model._live = None
+            inner.cancel()
 
 
 def _chat_formatter(llm, template: str):
@@ -498,3 +456,15 @@ def _chat_formatter(llm, template: str):
         return Jinja2ChatFormatter(template=template, eos_token=piece(llm.token_eos()), bos_token=piece(llm.token_bos()))
     except Exception:
         return None
+
+
+class _Either(CancelToken):
+    """Cancelled when either token is: the caller's, or the stream's own."""
+
+    def __init__(self, a: CancelToken, b: CancelToken) -> None:
+        super().__init__()
+        self._a, self._b = a, b
+
+    @property
+    def cancelled(self) -> bool:
+        return self._a.cancelled or self._b.cancelled

@@ -15,14 +15,15 @@ of text). Measured on the unseen set's texts: every unfinished fragment scores
 
 Its own small llama.cpp context (128 tokens; the weights are the same memory-mapped
 file the reply model uses, so they are not loaded twice), so scoring never
-disturbs the reply model's prefilled conversation. It runs on the process's one
-llama.cpp thread (:mod:`.llama_thread`, shared with the reply model: one OpenMP
-team, ~65 ms per score instead of ~100), never the event loop. The fixed prompt head is evaluated once and kept in the KV cache; a
+disturbs the reply model's prefilled conversation; its own worker thread, never the
+event loop. The fixed prompt head is evaluated once and kept in the KV cache; a
 call evaluates only the words (~10-20 tokens).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import re
 import threading
 import time
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import llama_thread
 from .base import EngineUnavailable, TextTurnAnalyzer, TurnVerdict
 from .local_models import GEMMA_PACKAGE, gemma_gguf_path
 from .local_stt import env_threads
@@ -65,12 +65,9 @@ class GemmaTextTurn(TextTurnAnalyzer):
         self._head: list[int] = []
         self._ends: np.ndarray | None = None
         self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     def load(self) -> None:
-        if self._llm is None:
-            llama_thread.call(self._load)
-
-    def _load(self) -> None:
         with self._lock:
             if self._llm is not None:
                 return
@@ -96,13 +93,6 @@ class GemmaTextTurn(TextTurnAnalyzer):
 
     def score_sync(self, text: str) -> TurnVerdict:
         """Blocking: how likely ``text`` is a whole request (``complete`` above the threshold)."""
-        return llama_thread.call(self._score, text)
-
-    async def score(self, text: str) -> TurnVerdict:
-        return await llama_thread.run(self._score, text)
-
-    def _score(self, text: str) -> TurnVerdict:
-        """On the llama thread."""
         self.load()
         words = words_for_scoring(text)
         if not words:
@@ -117,6 +107,11 @@ class GemmaTextTurn(TextTurnAnalyzer):
         probs = np.exp(logits - logits.max())
         p = float(probs[self._ends].sum() / probs.sum())
         return TurnVerdict(complete=p >= self.threshold, probability=p, ms=(time.perf_counter() - t0) * 1000.0)
+
+    async def score(self, text: str) -> TurnVerdict:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-turn")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.score_sync, text)
 
 
 def closing_tokens(llm) -> set[int]:
