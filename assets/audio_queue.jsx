@@ -257,16 +257,12 @@ export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, voiceRe
     report({ event: "mounted", turn: turnId || "" });
   }, []);
 
-  // new turn -> new queue; a turn an earlier queue of this tab played stays silent,
-  // and so does a reply whose audio was already complete when this queue first saw
-  // it (a reloaded or reopened page: a live page sees every reply start, with its
-  // audio not done yet; a replay of the last answer comes complete under its own id)
+  // new turn -> new queue; a turn an earlier queue of this tab played stays silent
   useEffect(() => {
     if (st.current && st.current.turn !== turnId) stopAll(false);
     if (!st.current || st.current.turn !== turnId) {
       const s = fresh(turnId);
       if (turnId && typeof window !== "undefined" && playedTurns().includes(turnId)) s.stopped = true;
-      if (turnId && doneRef.current && !turnId.startsWith("replay-")) s.stopped = true;
       st.current = s;
       setCount(0);
       setAttr("data-state", "idle");
