@@ -7,7 +7,7 @@
 // opens when the mic starts or a typed message is sent, never on mount: a page that
 // is merely open holds no session and takes no one's mic. Everything the session
 // needs travels on it: frames, controls, the conversation id and mute ("context",
-// on every change), typed text ("text", when saySeq changes), the audio queue's
+// on every change), typed text ("text", once per message id and tab), the audio queue's
 // playback reports ("playback").
 // Playback control from the server (pause / resume / barge_in) is re-dispatched as
 // window events for the audio queue. The socket carries the login cookie; a refusal
@@ -51,7 +51,23 @@ function wsURL() {
   return u.toString();
 }
 
-export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversationId, muted, saySeq, sayText, ...rest }) {
+const SAID_KEY = "voiceclaw:said-ids";
+function saidIds() {
+  if (!window.__voiceclawSaidIds) {
+    let saved = [];
+    try { saved = JSON.parse(window.sessionStorage.getItem(SAID_KEY) || "[]"); } catch (e) {}
+    window.__voiceclawSaidIds = Array.isArray(saved) ? saved : [];
+  }
+  return window.__voiceclawSaidIds;
+}
+function markSaid(id) {
+  const list = saidIds();
+  list.push(id);
+  while (list.length > 50) list.shift();
+  try { window.sessionStorage.setItem(SAID_KEY, JSON.stringify(list)); } catch (e) {}
+}
+
+export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversationId, muted, sayId, sayText, ...rest }) {
   const wsRef = useRef(null);
   const lastWsRef = useRef(null); // the socket being closed on unmount (still takes the last reports)
   const capRef = useRef(null); // {ctx, stream, node, src}
@@ -340,12 +356,16 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversatio
     if (wsRef.current && wsRef.current.readyState === 1) sendCtl({ type: "context", ...contextRef.current });
   }, [conversationId, muted]);
 
-  // a typed message: the session runs the turn (the socket opens for it if needed)
-  const firstSay = useRef(true);
+  // a typed message: the session runs the turn (the socket opens for it if needed).
+  // Each message has its own id and a tab sends an id once: a reloaded page renders
+  // first with the default state, then gets the last message back with its state, and
+  // keying on a counter that went 0 -> N there sent the last typed message again (a
+  // second turn, its reply played again: seen in test_typed_turn_streams_and_plays)
   useEffect(() => {
-    if (firstSay.current) { firstSay.current = false; return; }
-    if (sayText) sendCtl({ type: "text", text: sayText });
-  }, [saySeq]);
+    if (!sayId || !sayText || saidIds().includes(sayId)) return;
+    markSaid(sayId);
+    sendCtl({ type: "text", text: sayText });
+  }, [sayId]);
 
   // a mode switch stops the capture cleanly: push-to-talk keeps the capture open
   // between presses and hands-free sends every frame, so a capture carried over would

@@ -98,6 +98,10 @@ def test_typed_turn_streams_and_plays(app_server, launch_browser):
     wait_ready(page)
     page.wait_for_timeout(3000)
     assert _played(page) == 0, "the last answer was replayed after a reload"
+    # the reloaded page got the last typed message back with its state: it must not
+    # send it again (it did when the hand-off keyed on a counter: a second turn)
+    asked = page.locator('#transcript [data-role="user"]', has_text="capital of France")
+    assert asked.count() == 1, f"the typed message was sent again after the reload ({asked.count()} times in the transcript)"
 
 
 def test_settings_validation_save_and_keys_never_leak(app_server, launch_browser):

@@ -14,8 +14,8 @@ class MicCapture(rx.NoSSRComponent):
     #: the session's context, sent on the voice socket at every change
     conversation_id: rx.Var[str]
     muted: rx.Var[bool]
-    #: a typed message to hand to the session (sent when say_seq changes)
-    say_seq: rx.Var[int]
+    #: a typed message to hand to the session (sent once per id and tab)
+    say_id: rx.Var[str]
     say_text: rx.Var[str]
     on_event: rx.EventHandler[rx.event.passthrough_event_spec(str)]
 

@@ -93,7 +93,7 @@ def dashboard() -> rx.Component:
                 busy=(ChatState.status == "thinking") | (ChatState.status == "speaking"),
                 conversation_id=ChatState.conversation_id,
                 muted=ChatState.muted,
-                say_seq=ChatState.say_seq,
+                say_id=ChatState.say_id,
                 say_text=ChatState.say_text,
                 on_event=ChatState.on_mic_event,
             ),

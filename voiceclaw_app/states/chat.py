@@ -60,7 +60,9 @@ class ChatState(rx.State):
     last_audio_ids: list[str] = []
     engines: dict[str, str] = {}
     #: bumped when a typed message is handed to the page's voice socket
-    say_seq: int = 0
+    #: the last typed message and its own id: the page's mic component sends an id once
+    #: per tab (a reloaded page gets both back with the state and must not send it again)
+    say_id: str = ""
     say_text: str = ""
 
     @rx.var
@@ -134,7 +136,7 @@ class ChatState(rx.State):
             return
         self.draft = ""
         self.say_text = text
-        self.say_seq += 1
+        self.say_id = secrets.token_hex(8)
 
     @rx.event
     async def stop(self):
