@@ -18,6 +18,7 @@
 // left and reopened, or reloaded) is never played again.
 // data-played-count: chunks that started playing in this turn.
 import React, { useEffect, useRef } from "react";
+import { tabList, remember } from "./tab_memory.js";
 
 function clientNow() { return performance.timeOrigin + performance.now(); }
 
@@ -84,22 +85,8 @@ function unlockOnGesture() {
 }
 
 const PLAYED_KEY = "voiceclaw:played-turns";
-function playedTurns() {
-  if (!window.__voiceclawPlayedTurns) {
-    let saved = [];
-    try { saved = JSON.parse(window.sessionStorage.getItem(PLAYED_KEY) || "[]"); } catch (e) {}
-    window.__voiceclawPlayedTurns = Array.isArray(saved) ? saved : [];
-  }
-  return window.__voiceclawPlayedTurns;
-}
-function markPlayed(turn) {
-  if (!turn) return;
-  const list = playedTurns();
-  if (list.includes(turn)) return;
-  list.push(turn);
-  while (list.length > 50) list.shift();
-  try { window.sessionStorage.setItem(PLAYED_KEY, JSON.stringify(list)); } catch (e) {}
-}
+const playedTurns = () => tabList(PLAYED_KEY);
+const markPlayed = (turn) => remember(PLAYED_KEY, turn);
 
 export function AudioQueue({ urls, turnId, done, stopSeq, cue, onReport, voiceReports, ...rest }) {
   const el = useRef(null);

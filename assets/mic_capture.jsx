@@ -20,6 +20,7 @@
 import React, { useEffect, useRef, useState } from "react";
 import { getBackendURL, getToken } from "$/utils/state";
 import env from "$/env.json";
+import { tabList, remember } from "./tab_memory.js";
 
 function cue(kind) {
   try {
@@ -52,20 +53,6 @@ function wsURL() {
 }
 
 const SAID_KEY = "voiceclaw:said-ids";
-function saidIds() {
-  if (!window.__voiceclawSaidIds) {
-    let saved = [];
-    try { saved = JSON.parse(window.sessionStorage.getItem(SAID_KEY) || "[]"); } catch (e) {}
-    window.__voiceclawSaidIds = Array.isArray(saved) ? saved : [];
-  }
-  return window.__voiceclawSaidIds;
-}
-function markSaid(id) {
-  const list = saidIds();
-  list.push(id);
-  while (list.length > 50) list.shift();
-  try { window.sessionStorage.setItem(SAID_KEY, JSON.stringify(list)); } catch (e) {}
-}
 
 export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversationId, muted, sayId, sayText, ...rest }) {
   const wsRef = useRef(null);
@@ -362,8 +349,8 @@ export function MicCapture({ mode, stopSeq, disabled, busy, onEvent, conversatio
   // keying on a counter that went 0 -> N there sent the last typed message again (a
   // second turn, its reply played again: seen in test_typed_turn_streams_and_plays)
   useEffect(() => {
-    if (!sayId || !sayText || saidIds().includes(sayId)) return;
-    markSaid(sayId);
+    if (!sayId || !sayText || tabList(SAID_KEY).includes(sayId)) return;
+    remember(SAID_KEY, sayId);
     sendCtl({ type: "text", text: sayText });
   }, [sayId]);
 
