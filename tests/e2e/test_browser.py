@@ -421,7 +421,10 @@ def test_leaving_mid_reply_does_not_leave_the_status_speaking(app_server, launch
         page.fill("#text-input", "Tell me three facts about the Moon.")
         page.click("#send-button")
         assert _poll(lambda: _played(page) >= 1, 90), "no audio chunk played"
-        assert (page.text_content("#voice-status") or "").strip() == "speaking"
+        # the page counts a chunk the moment it starts; "speaking" needs the page's report
+        # to reach the session and the status to come back (a fresh clone once read
+        # "thinking" right after the first chunk)
+        assert _poll(lambda: (page.text_content("#voice-status") or "").strip() == "speaking", 10), (page.text_content("#voice-status") or "").strip()
         page.click("#nav-history")
         page.wait_for_selector("#conversation-list", timeout=15000)
         page.click("#nav-talk")
