@@ -59,7 +59,6 @@ class ChatState(rx.State):
     taken_over: bool = False
     last_audio_ids: list[str] = []
     engines: dict[str, str] = {}
-    #: bumped when a typed message is handed to the page's voice socket
     #: the last typed message and its own id: the page's mic component sends an id once
     #: per tab (a reloaded page gets both back with the state and must not send it again)
     say_id: str = ""
