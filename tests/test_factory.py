@@ -85,7 +85,7 @@ async def test_local_listener_vad_then_whisper_engine():
     from voiceclaw_app.providers.base import STT, EndOfTurn, SpeechStarted, Transcript
 
     class LengthSTT(STT):
-        async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None):
+        async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None, score_words=False):
             return Transcript(text=f"{len(pcm16) // 32} ms of speech")
 
     fx = Path(__file__).parent / "fixtures" / "q_capital"

@@ -28,7 +28,7 @@ class LengthSTT(STT):
         self.calls = 0
         self.fail = fail
 
-    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None):
+    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None, score_words=False):
         self.calls += 1
         await asyncio.sleep(0.02)
         if self.fail:

@@ -69,15 +69,21 @@ def test_pause_judge_lets_clear_words_lead_and_the_sound_break_ties():
 
 def test_a_doubted_last_word_is_left_out_of_the_judged_words():
     judge = PauseJudge()
-    assert judge.trusted_words("Turn on the lights in there.", 0.47) == "Turn on the lights in"
-    assert judge.trusted_words("What is the tallest mountain in Africa?", 0.98) == "What is the tallest mountain in Africa?"
-    assert judge.trusted_words("Kanata", 0.2) == ""  # nothing left: unfinished
+    assert judge.trusted_words("Turn on the lights in there.", (0.9, 0.95, 0.9, 0.24, 0.9, 0.47)) == "Turn on the lights in"
+    assert judge.trusted_words("What is the tallest mountain in Africa?", (0.99,) * 6 + (0.98,)) == "What is the tallest mountain in Africa?"
+    assert judge.trusted_words("Kanata", (0.2,)) == ""  # nothing left: unfinished
     assert judge.trusted_words("Find me a recipe for it.", None) == "Find me a recipe for it."  # not known: as it is
+    # a made-up ending of several words goes whole, and never a word before a trusted one
+    assert judge.trusted_words("What is the Papiore shohan?", (0.9, 0.9, 0.9, 0.3, 0.16)) == "What is the"
+    assert judge.trusted_words("Who wrote Pride and Prejudice?", (0.9, 0.9, 0.4, 0.9, 0.39)) == "Who wrote Pride and"
+    # the recognizer's word split may differ at the start: the end is what is read
+    assert judge.trusted_words("I paid $15 in there", (0.9, 0.9, 0.3)) == "I paid $15 in"
+    assert judge.trusted_words("Turn it on", (0.1, 0.2, 0.3, 0.4)) == ""
     yes = TurnVerdict(True, 0.9, 10.0)
     # what that does to the verdict: the made-up "there" no longer finishes the sentence
     # (the words' model gives "Turn on the lights in" ~0.001: below, on the real model)
-    assert not judge.complete(yes, judge.trusted_words("Turn on the lights in there.", 0.47), TurnVerdict(False, 0.001, 5.0))
-    assert not judge.complete(yes, judge.trusted_words("Turn on the lights in there.", 0.47), TurnVerdict(False, 0.05, 5.0))  # nor the sound
+    assert not judge.complete(yes, judge.trusted_words("Turn on the lights in there.", (0.9, 0.95, 0.9, 0.24, 0.9, 0.47)), TurnVerdict(False, 0.001, 5.0))
+    assert not judge.complete(yes, judge.trusted_words("Turn on the lights in there.", (0.9, 0.95, 0.9, 0.24, 0.9, 0.47)), TurnVerdict(False, 0.05, 5.0))  # nor the sound
     # unclear words after a doubted last word: the sound no longer breaks the tie
     assert judge.complete(yes, "Send a message to my sister saying", TurnVerdict(False, 0.05, 5.0))
     assert not judge.complete(yes, "Send a message to my sister saying", TurnVerdict(False, 0.05, 5.0), doubted=True)
@@ -248,12 +254,12 @@ class _MadeUpEnding(STT):
         self.last_word_p = last_word_p
         self.asked = 0
 
-    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None):
+    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None, score_words=False):
         return Transcript("Turn on the lights in there.")
 
-    async def last_word_probability(self, transcript):
+    async def word_probabilities(self, transcript):
         self.asked += 1
-        return self.last_word_p
+        return (0.9, 0.95, 0.9, 0.24, 0.9, self.last_word_p)
 
 
 class _SureSound(TurnAnalyzer):

@@ -16,7 +16,7 @@ from voiceclaw_app.bench.local import word_error_rate
 from voiceclaw_app.bench.unseen import load_unseen
 from voiceclaw_app.providers import local_stt
 from voiceclaw_app.providers.smart_turn import PauseJudge
-from voiceclaw_app.providers.local_stt import LocalWhisperSTT, last_word_probability, looks_repeated, tokens_within
+from voiceclaw_app.providers.local_stt import LocalWhisperSTT, looks_repeated, tokens_within, word_probabilities
 
 EOT, TS = 50257, 50364  # Whisper base's end token and first timestamp token
 
@@ -87,12 +87,13 @@ def test_guard_trips_to_the_standard_path(stt, monkeypatch):
     assert word_error_rate(utt.text, text) <= 0.2, text
 
 
-def test_last_word_probability_is_the_weakest_token_of_the_last_word():
-    assert last_word_probability([(" Turn", 0.9), (" on", 0.95), (" the", 0.9), (" lights", 0.24), (" in", 0.43), (" there", 0.47), (".", 0.69)]) == 0.47
-    assert last_word_probability([(" the", 0.9), (" Lag", 0.6), ("range", 0.7), (" Ser", 0.15), ("lin", 0.41), (".", 0.9)]) == 0.15
-    assert last_word_probability([(" is", 0.9), (" $", 0.8), ("15", 0.5), ("?", 0.9)]) == 0.5  # "$" does not join "is"
-    assert last_word_probability([(" it", 0.9), ("'s", 0.3), ("...", 0.2)]) == 0.3
-    assert last_word_probability([(".", 0.5)]) is None and last_word_probability([]) is None
+def test_each_word_scores_as_its_weakest_token():
+    assert word_probabilities([(" Turn", 0.9), (" on", 0.95), (" the", 0.9), (" lights", 0.24), (" in", 0.43), (" there", 0.47), (".", 0.69)]) == [0.9, 0.95, 0.9, 0.24, 0.43, 0.47]
+    assert word_probabilities([(" the", 0.9), (" Lag", 0.6), ("range", 0.7), (" Ser", 0.15), ("lin", 0.41), (".", 0.9)]) == [0.9, 0.6, 0.15]
+    assert word_probabilities([(" is", 0.9), (" $", 0.8), ("15", 0.5), ("?", 0.9)]) == [0.9, 0.5]  # "$" does not join "is"
+    assert word_probabilities([(" it", 0.9), ("'s", 0.3), ("...", 0.2)]) == [0.3]
+    assert word_probabilities([(" well", 0.9), ("-", 0.1), ("known", 0.8)]) == [0.8]  # one word, as the text has it
+    assert word_probabilities([(".", 0.5)]) == [] and word_probabilities([]) == []
 
 
 @pytest.mark.slow
@@ -106,10 +107,11 @@ def test_whisper_doubts_the_ending_it_makes_up_at_a_pause(stt):
     fragment = np.frombuffer(hes.pcm[: 2 * (silent_from + 16000 * 235 // 1000)], dtype="<i2").astype(np.float32) / 32768.0
     cut = stt.transcribe_array(fragment)
     done = stt.transcribe_array(whole.speech())
-    cut_p = asyncio.run(stt.last_word_probability(cut))
-    done_p = asyncio.run(stt.last_word_probability(done))
-    assert done_p is not None and done_p >= 0.8, (done, done_p)
-    assert cut_p is not None, cut
+    cut_ps = asyncio.run(stt.word_probabilities(cut))
+    done_ps = asyncio.run(stt.word_probabilities(done))
+    assert done_ps is not None and len(done_ps) == len(done.text.split()) and done_ps[-1] >= 0.8, (done, done_ps)
+    assert cut_ps is not None, cut
+    cut_p = cut_ps[-1]
     words = cut.text.lower().strip(" .?!").split()
     # either Whisper stopped on the fragment's true last word ("in"), or it doubts its ending
     assert words[-1] == "in" or cut_p < PauseJudge.LAST_WORD_MIN_P, (cut, cut_p)

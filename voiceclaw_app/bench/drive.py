@@ -105,15 +105,15 @@ class TimedSTT(STT):
         self.capabilities = inner.capabilities
         self.durations: list[float] = []
 
-    async def transcribe(self, pcm16: bytes, *, sample_rate: int = SAMPLE_RATE, language: str = "en", cancel=None) -> Transcript:
+    async def transcribe(self, pcm16: bytes, *, sample_rate: int = SAMPLE_RATE, language: str = "en", cancel=None, score_words: bool = False) -> Transcript:
         t0 = now_ms()
-        result = await self.inner.transcribe(pcm16, sample_rate=sample_rate, language=language, cancel=cancel)
+        result = await self.inner.transcribe(pcm16, sample_rate=sample_rate, language=language, cancel=cancel, score_words=score_words)
         if cancel is None or not cancel.cancelled:
             self.durations.append(now_ms() - t0)
         return result
 
-    async def last_word_probability(self, transcript: Transcript) -> float | None:
-        return await self.inner.last_word_probability(transcript)  # the end of turn asks it
+    async def word_probabilities(self, transcript: Transcript) -> tuple[float, ...] | None:
+        return await self.inner.word_probabilities(transcript)  # the end of turn asks it
 
 
 # ---------------------------------------------------------------- frames -> VoiceSession -> recorded outcome

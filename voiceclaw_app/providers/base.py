@@ -428,12 +428,13 @@ class Transcript:
     #: monotonic ms of the last voiced audio when the STT knows it (None: unknown)
     speech_end_ms: float | None = None
     language: str | None = None
-    #: the recognizer's own probability of its last word (the lowest of its tokens'),
-    #: when it knows it: at a mid-sentence pause Whisper completes the fragment with a
-    #: word that was never said ("Turn on the lights in *there*."), and scores it low
-    last_word_probability: float | None = None
-    #: what the recognizer needs to work that probability out later, if it can
-    #: (:meth:`STT.last_word_probability`); opaque to everyone else
+    #: the recognizer's own probability of each word, in order (each the lowest of
+    #: its tokens'), when it knows them: at a mid-sentence pause Whisper completes the
+    #: fragment with words that were never said ("Turn on the lights in *there*."),
+    #: and scores them low
+    word_probabilities: tuple[float, ...] | None = None
+    #: what the recognizer needs to work those probabilities out later, if it can
+    #: (:meth:`STT.word_probabilities`); opaque to everyone else
     scoring: Any = field(default=None, repr=False, compare=False)
 
 
@@ -450,18 +451,20 @@ class STT(abc.ABC):
     capabilities = STTCapabilities()
 
     @abc.abstractmethod
-    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None) -> Transcript:
-        """Transcribe a whole utterance."""
+    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None, score_words: bool = False) -> Transcript:
+        """Transcribe a whole utterance. ``score_words``: the caller will ask
+        :meth:`word_probabilities` for it (a pause's transcript), so a recognizer may
+        prepare them alongside the transcription."""
 
     async def warm(self) -> None:
         """Load the model or open the connection."""
 
-    async def last_word_probability(self, transcript: Transcript) -> float | None:
-        """How sure the recognizer is of ``transcript``'s last word (``None``: it cannot
-        tell). Asked only where it matters (a pause's transcript, for the end-of-turn
-        verdict), so a recognizer may work it out then rather than for every
-        transcription."""
-        return transcript.last_word_probability
+    async def word_probabilities(self, transcript: Transcript) -> tuple[float, ...] | None:
+        """How sure the recognizer is of each of ``transcript``'s words, in order
+        (``None``: it cannot tell). Asked only where it matters (a pause's transcript,
+        for the end-of-turn verdict, which reads the last ones), so a recognizer may
+        work it out then rather than for every transcription."""
+        return transcript.word_probabilities
 
     async def aclose(self) -> None:
         """Release resources."""

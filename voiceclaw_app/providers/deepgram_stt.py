@@ -907,7 +907,7 @@ class DeepgramSTT(STT):
     def from_settings(cls, settings, keys, **kw) -> "DeepgramSTT":
         return cls(api_key=keys.deepgram_api_key, **kw)
 
-    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None) -> Transcript:
+    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None, score_words: bool = False) -> Transcript:
         if not self._api_key and urlsplit(self.url).netloc.endswith("deepgram.com"):
             raise AuthError("No Deepgram API key is set: add it on the settings page or set DEEPGRAM_API_KEY.")
         if self._dg is None:

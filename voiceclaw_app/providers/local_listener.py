@@ -182,9 +182,9 @@ class LocalListener(Listener):
             self._text = await engines.aget_engine("text_turn")  # type: ignore[assignment]
         return self._text
 
-    async def _transcribe(self, pcm: bytes, cancel: CancelToken | None = None) -> Transcript:
+    async def _transcribe(self, pcm: bytes, cancel: CancelToken | None = None, *, score_words: bool = False) -> Transcript:
         stt = await self._engine()
-        return await stt.transcribe(pcm, sample_rate=sv.SAMPLE_RATE, language=self.settings.stt_language or "en", cancel=cancel)
+        return await stt.transcribe(pcm, sample_rate=sv.SAMPLE_RATE, language=self.settings.stt_language or "en", cancel=cancel, score_words=score_words)
 
     def _drop_speculation(self) -> None:
         if self._spec is not None:
@@ -240,15 +240,16 @@ class LocalListener(Listener):
                 self._last_final = self._spawn(self._final(ev, reuse, self._last_final))
 
     async def _preliminary(self, ev: sv.ShortPause, cancel: CancelToken) -> Transcript:
+        judging = self.smart_turn and self.hands_free
         try:
-            heard = await self._transcribe(ev.pcm, cancel)
-            if self.smart_turn and self.hands_free and heard.text.strip() and not cancel.cancelled:
-                # the pause's verdict will ask how sure Whisper is of its last word: ask
+            heard = await self._transcribe(ev.pcm, cancel, score_words=judging)
+            if judging and heard.text.strip() and not cancel.cancelled:
+                # the pause's verdict will ask how sure Whisper is of its last words: ask
                 # now, while the encoder output is fresh and nothing else runs (~5-20 ms;
                 # asked later it waited behind the reply's work: the verdict came
                 # ~150 ms later, bench local)
                 stt = await self._engine()
-                heard = dataclasses.replace(heard, last_word_probability=await stt.last_word_probability(heard), scoring=None)
+                heard = dataclasses.replace(heard, word_probabilities=await stt.word_probabilities(heard), scoring=None)
         except ProviderError as exc:
             log.warning("speculative transcription failed: %s", exc.user_message)
             return Transcript("")
@@ -277,9 +278,9 @@ class LocalListener(Listener):
                 if text and gen == self._pause_gen:
                     words = await (await self._text_analyzer()).score(text)
                     if self.judge.words_may_end(text, words):
-                        # a last word Whisper itself doubts is most likely one it made
-                        # up to complete a fragment: judge the words without it
-                        trusted = self.judge.trusted_words(text, heard.last_word_probability)  # asked in _preliminary
+                        # last words Whisper itself doubts are most likely ones it made
+                        # up to complete a fragment: judge the words without them
+                        trusted = self.judge.trusted_words(text, heard.word_probabilities)  # asked in _preliminary
                         if trusted != text:
                             text, doubted = trusted, True
                             words = await (await self._text_analyzer()).score(text) if text else None

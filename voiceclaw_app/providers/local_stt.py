@@ -3,9 +3,11 @@
 Speed: Whisper normally pads every utterance to a 30 s window, which costs a fixed
 ~0.5 s of encoder time here however short the utterance. CTranslate2's encoder
 accepts a shorter mel window, so utterances under ~25 s are encoded in a window of
-``max(8 s, length + 2 s)``: on the 2026-12-01 host 56 ms instead of 460 ms for the
+``max(5 s, length + 2 s)``: on the 2026-12-01 host 56 ms instead of 460 ms for the
 encoder (on this project's 2026-12-02 host ~200 ms for a 10 s window), and a beam of
 3 (:data:`BEAM_SIZE`). Longer audio goes through faster-whisper's normal path.
+The end of turn reads Whisper's confidence in its last words in an 8 s window
+(:data:`JUDGE_WINDOW_S`), encoded beside the decode.
 
 Right before fast: the short window is padded with silence, and decoding without
 timestamps let Whisper run on into that padding and repeat the sentence (a slow
@@ -33,6 +35,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import os
@@ -50,13 +53,18 @@ from .local_models import WHISPER_PART1, WHISPER_PART2, whisper_model_dir
 log = logging.getLogger("voiceclaw.stt")
 
 SAMPLE_RATE = 16000
-#: shortest encoder window. Measured on the unseen set (46 utterances as the listener
-#: hands them over, ``bench stt``, quiet machine, 2026-12-02), beam 3: an 8 s floor
-#: 17.7 % WER at 0.31x the standard path's time (faster-whisper's standard
-#: ``transcribe()``: 18.1 %); a 5 s floor 17.3 % at 0.26x, but it makes up endings
-#: for the short fragments a pause leaves ("What is the population of" -> "What is the
-#: papiore shohan?"), which the end of turn reads. Greedy in a 10 s window was 21.2 %.
-MIN_WINDOW_S = 8
+#: shortest encoder window. ``bench stt`` on the unseen set (46 utterances as the
+#: listener hands them over, third host, 2026-12-06, 1 thread, beam 3): a 5 s floor
+#: 18.31 % WER at 0.18x the standard path's time (faster-whisper's standard
+#: ``transcribe()``: 18.11 %), a 7 s floor 19.75 %, an 8 s floor (until 2026-12-06)
+#: 20.99 %. Greedy in a 10 s window was 21.2 % (2026-12-02).
+MIN_WINDOW_S = 5
+#: window in which the words are scored for the end of turn
+#: (:meth:`LocalWhisperSTT.word_probabilities`). At a mid-sentence pause the 5 s window
+#: completes the fragment more confidently ("Find me a recipe for *it*": 0.72, above the
+#: doubt threshold; 0.54 in 8 s): the same words scored on an 8 s encoding keep the 8 s
+#: window's doubt (``bench turns``: 2 of 16 hesitations cut off, as with 8 s for both)
+JUDGE_WINDOW_S = 8
 #: beam width of the short path: beam 3 buys back greedy's 4 WER points for ~5 % more time
 BEAM_SIZE = 3
 #: beyond this the short-window path is not worth it: use faster-whisper's own loop
@@ -121,6 +129,7 @@ class LocalWhisperSTT(STT):
         self._model = None
         self._load_lock = threading.Lock()
         self._call_lock = threading.Lock()
+        self._judge_executor: concurrent.futures.ThreadPoolExecutor | None = None
         #: short-window decodes the repetition guard sent to the standard path
         self.fallbacks = 0
 
@@ -135,7 +144,8 @@ class LocalWhisperSTT(STT):
             model_dir = self._model_dir or whisper_model_dir(self._data_base)
 
             def build():
-                return WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=self.cpu_threads, num_workers=1, local_files_only=True)
+                # two workers: the judging window is encoded beside a decode (``_decode_short``)
+                return WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=self.cpu_threads, num_workers=2, local_files_only=True)
 
             try:
                 try:
@@ -169,51 +179,55 @@ class LocalWhisperSTT(STT):
         self._decode(tone, "en", None)
 
     # ------------------------------------------------------------ transcription
-    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None) -> Transcript:
-        return await asyncio.to_thread(self.transcribe_sync, pcm16, sample_rate=sample_rate, language=language, cancel=cancel)
+    async def transcribe(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None, score_words: bool = False) -> Transcript:
+        return await asyncio.to_thread(self.transcribe_sync, pcm16, sample_rate=sample_rate, language=language, cancel=cancel, score_words=score_words)
 
-    def transcribe_sync(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None) -> Transcript:
+    def transcribe_sync(self, pcm16: bytes, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None, score_words: bool = False) -> Transcript:
         """Blocking transcription of PCM16 mono at any sample rate."""
-        return self.transcribe_array(pcm16_to_float(pcm16), sample_rate=sample_rate, language=language, cancel=cancel)
+        return self.transcribe_array(pcm16_to_float(pcm16), sample_rate=sample_rate, language=language, cancel=cancel, score_words=score_words)
 
-    def transcribe_array(self, audio: np.ndarray, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None) -> Transcript:
+    def transcribe_array(self, audio: np.ndarray, *, sample_rate: int = 16000, language: str = "en", cancel: CancelToken | None = None, score_words: bool = False) -> Transcript:
         audio = resample(clean_audio(audio), int(sample_rate), SAMPLE_RATE)
         lang = (language or "").strip().lower() or None
         if audio.size < SAMPLE_RATE // 10 or float(np.sqrt(np.mean(audio**2))) < SILENCE_RMS:
             return Transcript(text="", is_final=True, language=lang)
         self.load()
-        text, scoring = self._decode(audio, lang, cancel)
+        text, scoring = self._decode(audio, lang, cancel, score_words)
         return Transcript(text=text, is_final=True, language=lang, scoring=scoring)
 
-    async def last_word_probability(self, transcript: Transcript) -> float | None:
-        """Whisper's probability of its own last word: each text token scored by the
+    async def word_probabilities(self, transcript: Transcript) -> tuple[float, ...] | None:
+        """Whisper's probability of each of its own words: each text token scored by the
         decoder given the ones before it (ctranslate2's ``align``, what faster-whisper's
-        word timestamps use; one decoder pass over the tokens, ~5-20 ms on 2 cores),
-        on the encoder output the short path kept. Worked out only when asked (the
-        listener's pause transcription, for its end-of-turn verdict), so other
-        transcriptions never pay for it. ``None`` when it cannot tell (the standard
-        path, or an older runtime)."""
+        word timestamps use; one decoder pass over the tokens), on the audio the short
+        path kept, encoded in a :data:`JUDGE_WINDOW_S` window. Worked out only when
+        asked (the listener's pause transcription, for its end-of-turn verdict), so
+        other transcriptions never pay for it. ``None`` when it cannot tell (the
+        standard path, or an older runtime)."""
         if not isinstance(transcript.scoring, _Scoring):
-            return transcript.last_word_probability
-        return await asyncio.to_thread(self._score_last_word, transcript.scoring)
+            return transcript.word_probabilities
+        return await asyncio.to_thread(self._score_words, transcript.scoring)
 
-    def _score_last_word(self, scoring: "_Scoring") -> float | None:
+    def _score_words(self, scoring: "_Scoring") -> tuple[float, ...] | None:
         with self._call_lock:
             try:
-                result = self._model.model.align(scoring.encoded, scoring.prompt, [scoring.tokens], max(1, int(scoring.duration_s * 100)))[0]
+                if scoring.window_s >= JUDGE_WINDOW_S:
+                    encoded = scoring.encoded
+                else:
+                    encoded = scoring.judge.result() if scoring.judge is not None else self._encode(scoring.audio, JUDGE_WINDOW_S)
+                result = self._model.model.align(encoded, scoring.prompt, [scoring.tokens], max(1, int(scoring.duration_s * 100)))[0]
             except Exception as exc:  # an older runtime without align: no confidence, same text
                 log.debug("align failed: %r", exc)
                 return None
-        return last_word_probability([(scoring.tokenizer.decode([t]), float(p)) for t, p in zip(scoring.tokens, result.text_token_probs)])
+        return tuple(word_probabilities([(scoring.tokenizer.decode([t]), float(p)) for t, p in zip(scoring.tokens, result.text_token_probs)])) or None
 
-    def _decode(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None) -> tuple[str, "_Scoring | None"]:
+    def _decode(self, audio: np.ndarray, language: str | None, cancel: CancelToken | None, score_words: bool = False) -> tuple[str, "_Scoring | None"]:
         """(text, what scores its last word later where the short path decoded it)."""
         duration = audio.size / SAMPLE_RATE
         with self._call_lock:
             if cancel is not None and cancel.cancelled:
                 return "", None
             if duration <= SHORT_PATH_MAX_S and language:
-                short = self._decode_short(audio, language, cancel)
+                short = self._decode_short(audio, language, cancel, score_words)
                 if short is not None:
                     return short
                 self.fallbacks += 1  # the guard tripped: faster-whisper's own loop decides
@@ -239,7 +253,7 @@ class LocalWhisperSTT(STT):
             parts.append(seg.text)
         return " ".join(p.strip() for p in parts if p.strip())
 
-    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None) -> tuple[str, "_Scoring | None"] | None:
+    def _decode_short(self, audio: np.ndarray, language: str, cancel: CancelToken | None, score_words: bool = False) -> tuple[str, "_Scoring | None"] | None:
         """Encode in a window just longer than the audio, decode (beam 3) *with timestamps*.
 
         Why timestamps: without them (the old ``no_timestamps`` prompt) nothing tells the
@@ -262,12 +276,14 @@ class LocalWhisperSTT(STT):
         model = self._model
         duration = audio.size / SAMPLE_RATE
         window_s = min(30, max(MIN_WINDOW_S, math.ceil(duration + 2)))
-        padded = np.zeros(window_s * SAMPLE_RATE, dtype=np.float32)
-        padded[: audio.size] = audio
-        features = model.feature_extractor(padded)[:, : window_s * 100]
         tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language)
-        encoded = model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])), to_cpu=False)
+        # the words will be scored in the judging window: encode it on the other core
+        # (CTranslate2's second worker) while this window is encoded and decoded
+        judge = self._judge_pool().submit(self._encode, audio, JUDGE_WINDOW_S) if score_words and window_s < JUDGE_WINDOW_S else None
+        encoded = self._encode(audio, window_s)
         if cancel is not None and cancel.cancelled:
+            if judge is not None:
+                judge.cancel()
             return "", None
         prompt = list(tokenizer.sot_sequence)
         budget = max_tokens(duration)
@@ -287,6 +303,8 @@ class LocalWhisperSTT(STT):
         # ctranslate2's score is already the mean log-probability per token
         avg_logprob = result.scores[0] if result.scores else 0.0
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
+            if judge is not None:
+                judge.cancel()
             return "", None  # Whisper's own "this was not speech" rule
         text = tokenizer.decode(text_tokens).strip()
         # an unlikely decode (mean log-prob < -1, faster-whisper's own threshold) goes
@@ -296,13 +314,35 @@ class LocalWhisperSTT(STT):
         unlikely = avg_logprob < -1.0
         if not finished or unlikely or looks_repeated(text):
             log.info("short decode not trusted (%s, %d ids of %d, log-prob %.2f): the standard path decides", "unfinished" if not finished else ("unlikely" if unlikely else "repeated"), len(ids), budget, avg_logprob)
+            if judge is not None:
+                judge.cancel()
             return None
-        return text, (_Scoring(encoded, prompt, text_tokens, tokenizer, duration) if text_tokens else None)
+        if not text_tokens:
+            if judge is not None:
+                judge.cancel()
+            return text, None
+        return text, _Scoring(encoded, prompt, text_tokens, tokenizer, duration, window_s, audio, judge)
+
+    def _judge_pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._judge_executor is None:
+            self._judge_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper-judge")
+        return self._judge_executor
+
+    def _encode(self, audio: np.ndarray, window_s: int):
+        """Whisper's encoder output for ``audio`` zero-padded to ``window_s`` seconds."""
+        import ctranslate2
+
+        model = self._model
+        window_s = min(30, max(window_s, math.ceil(audio.size / SAMPLE_RATE + 2)))
+        padded = np.zeros(window_s * SAMPLE_RATE, dtype=np.float32)
+        padded[: audio.size] = audio
+        features = model.feature_extractor(padded)[:, : window_s * 100]
+        return model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features[None])), to_cpu=False)
 
 
 @dataclass(frozen=True)
 class _Scoring:
-    """A short-path decode kept for :meth:`LocalWhisperSTT.last_word_probability`: its
+    """A short-path decode kept for :meth:`LocalWhisperSTT.word_probabilities`: its
     encoder output (~0.8 MB for an 8 s window), prompt and text tokens."""
 
     encoded: Any
@@ -310,6 +350,10 @@ class _Scoring:
     tokens: list[int]
     tokenizer: Any
     duration_s: float
+    window_s: int
+    audio: Any
+    #: the judging window's encoder output, being worked out beside the decode
+    judge: "concurrent.futures.Future | None" = None
 
 
 #: tokens per second of speech the cap allows: ~3-4 text tokens/s at 190 wpm, plus
@@ -353,25 +397,25 @@ def tokens_within(ids: list[int], eot: int, timestamp_begin: int, duration_s: fl
 _WORD = re.compile(r"[\w']+")
 
 
-def last_word_probability(pieces: list[tuple[str, float]]) -> float | None:
-    """The lowest probability among the last word's tokens.
+def word_probabilities(pieces: list[tuple[str, float]]) -> list[float]:
+    """Each word's probability, in order: the lowest among its tokens'.
 
     ``pieces`` are (token text, probability) in order; a token that begins with a space
     begins a word, one with no letter or digit (``.`` ``?`` ``,``) is not part of one."""
-    word: list[float] = []
+    words: list[float] = []
     fresh = True  # the next letters begin a word
     for text, p in pieces:
         begins = text[:1].isspace()
         if not any(c.isalnum() for c in text):
             if begins:
-                word, fresh = [], True  # " $" before "15": the digits begin the word
+                fresh = True  # " $" before "15": the digits begin the word
             continue
         if begins or fresh:
-            word = [p]
+            words.append(p)
         else:
-            word.append(p)
+            words[-1] = min(words[-1], p)
         fresh = False
-    return min(word) if word else None
+    return words
 
 
 def looks_repeated(text: str, min_words: int = 3) -> bool:

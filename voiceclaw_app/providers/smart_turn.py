@@ -168,8 +168,8 @@ class PauseJudge:
     def __init__(self, *, use_words: bool = True) -> None:
         self.use_words = use_words
 
-    def trusted_words(self, text: str, last_word_probability: float | None) -> str:
-        """The pause's transcript without a last word the recognizer doubts.
+    def trusted_words(self, text: str, word_probabilities: tuple[float, ...] | None) -> str:
+        """The pause's transcript without the last words the recognizer doubts.
 
         Cut at a mid-sentence pause, Whisper completes the fragment with a word that
         was never said ("Turn on the lights in *there*.", "Find me a recipe for *it*.")
@@ -178,11 +178,19 @@ class PauseJudge:
         the unseen set: 0.15-0.54 for the made-up words; 0.83-1.0 for the last words
         of 20 of 24 complete questions, the other 4 garbled anyway), so below
         :data:`LAST_WORD_MIN_P` the words are judged without it: "Turn on the lights
-        in" is unfinished. ``None`` (not known) keeps the text as it is."""
-        if last_word_probability is None or last_word_probability >= self.LAST_WORD_MIN_P:
-            return text
-        head, _, _last = text.rstrip().rpartition(" ")
-        return head
+        in" is unfinished. A made-up ending may be several words, each doubted
+        ("What is the *Papiore shohan*?" for "What is the population of"): the whole
+        trailing run below the threshold is left out, never a word before a trusted
+        one. ``word_probabilities`` are the recognizer's, one per word of ``text``
+        from the end (its word split may differ at the start: only the end is read);
+        ``None`` (not known) keeps the text as it is."""
+        words = text.split()
+        drop = 0
+        for p in reversed(word_probabilities or ()):
+            if drop >= len(words) or p >= self.LAST_WORD_MIN_P:
+                break
+            drop += 1
+        return " ".join(words[: len(words) - drop]) if drop else text
 
     def words_may_end(self, text: str, words: TurnVerdict | None) -> bool:
         """The words alone do not keep the turn open (so its last word is worth checking)."""
