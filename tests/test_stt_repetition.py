@@ -115,3 +115,27 @@ def test_whisper_doubts_the_ending_it_makes_up_at_a_pause(stt):
     words = cut.text.lower().strip(" .?!").split()
     # either Whisper stopped on the fragment's true last word ("in"), or it doubts its ending
     assert words[-1] == "in" or cut_p < PauseJudge.LAST_WORD_MIN_P, (cut, cut_p)
+
+
+@pytest.mark.slow
+def test_the_words_are_judged_in_the_longer_window_prepared_beside_the_decode(stt):
+    """The text comes from the short window; the words' probabilities from an 8 s
+    encoding of the same audio, made on the other worker while the text is decoded
+    when the caller says it will ask (a pause's transcription), else made when asked:
+    the same probabilities either way."""
+    (hes,) = [u for u in load_unseen("hesitation") if u.name == "h_curry"]
+    silent_from = hes.pauses[0][0]
+    fragment = np.frombuffer(hes.pcm[: 2 * (silent_from + 16000 * 235 // 1000)], dtype="<i2").astype(np.float32) / 32768.0
+    prepared = stt.transcribe_array(fragment, score_words=True)
+    asked = stt.transcribe_array(fragment)
+    assert prepared.text == asked.text and prepared.text
+    assert prepared.scoring.window_s == local_stt.MIN_WINDOW_S < local_stt.JUDGE_WINDOW_S
+    assert prepared.scoring.judge is not None and asked.scoring.judge is None
+    p_prepared = asyncio.run(stt.word_probabilities(prepared))
+    p_asked = asyncio.run(stt.word_probabilities(asked))
+    assert p_prepared is not None and p_asked is not None and len(p_prepared) == len(prepared.text.split())
+    assert p_prepared == pytest.approx(p_asked, abs=1e-4)
+    # and it is the longer window's verdict, not the decoding window's own
+    own = stt._model.model.align(prepared.scoring.encoded, prepared.scoring.prompt, [prepared.scoring.tokens], int(prepared.scoring.duration_s * 100))[0]
+    own_last = local_stt.word_probabilities([(prepared.scoring.tokenizer.decode([t]), float(p)) for t, p in zip(prepared.scoring.tokens, own.text_token_probs)])[-1]
+    assert own_last != pytest.approx(p_prepared[-1], abs=1e-3)
