@@ -310,3 +310,26 @@ async def test_the_listener_asks_the_sound_only_when_the_words_leave_it_open():
     listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000), stt=stt, turn_analyzer=sound, text_analyzer=_UnclearWords())
     got, _ = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 1200, expect=1)
     assert len(got) == 1 and sound.scored >= 1  # the sound broke the tie, at the pause (1.2 s < the 3 s ceiling)
+
+
+@pytest.mark.slow
+def test_the_words_model_evaluates_only_what_it_has_not_seen(words_model):
+    """Scored words stay in the KV cache: the next call evaluates only the tokens after
+    what the two share (a pause's words then the same without a doubted ending, or the
+    sentence's next pause), with the probability a fresh evaluation gives."""
+    fragment, whole = "Remind me to call Dr. Rauber and at 3 in", "Remind me to call Dr. Rauber and at 3 in the afternoon"
+    words_model.score_sync("What gate does flight 249 leave from")  # nothing shared with what follows
+    fresh = words_model.score_sync(whole)
+    n = words_model.evaluated
+    assert n >= 10
+    words_model.score_sync(fragment)
+    assert words_model.evaluated == 1  # a prefix of the last words: only its last token, for the logits
+    again = words_model.score_sync(whole)
+    assert 1 <= words_model.evaluated <= 3 < n
+    assert again.probability == pytest.approx(fresh.probability, abs=0.01) and again.complete == fresh.complete
+    # the doubted-ending case, end to end: same verdicts either way
+    cut = words_model.score_sync("Turn on the lights in there")
+    trusted = words_model.score_sync("Turn on the lights in")
+    assert words_model.evaluated == 1 and cut.complete and not trusted.complete
+    words_model.score_sync("What gate does flight 249 leave from")
+    assert not words_model.score_sync("Turn on the lights in").complete

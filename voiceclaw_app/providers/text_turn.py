@@ -17,7 +17,8 @@ Its own small llama.cpp context (128 tokens; the weights are the same memory-map
 file the reply model uses, so they are not loaded twice), so scoring never
 disturbs the reply model's prefilled conversation; its own worker thread, never the
 event loop. The fixed prompt head is evaluated once and kept in the KV cache; a
-call evaluates only the words (~10-20 tokens).
+call evaluates only the words (~10-20 tokens, ~60 ms on 2 threads), and of those only
+the ones after what it shares with the last call's words (~25 ms for one or two).
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class GemmaTextTurn(TextTurnAnalyzer):
         self.threshold = threshold
         self._llm = None
         self._head: list[int] = []
+        #: the words' tokens after the head in the KV cache (the last call's)
+        self._words: list[int] = []
+        #: tokens the last call evaluated (the rest came from the cache)
+        self.evaluated = 0
         self._ends: np.ndarray | None = None
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -81,6 +86,7 @@ class GemmaTextTurn(TextTurnAnalyzer):
             self._ends = np.array(sorted(closing_tokens(llm)), dtype=np.int64)
             self._head = llm.tokenize(PROMPT_HEAD.encode(), add_bos=True)
             llm.eval(self._head)
+            self._words = []
             self._llm = llm
 
     @property
@@ -101,8 +107,15 @@ class GemmaTextTurn(TextTurnAnalyzer):
         llm = self._llm
         with self._lock:
             tokens = llm.tokenize(words.encode(), add_bos=False)[: llm.n_ctx() - len(self._head) - 1]  # type: ignore[union-attr]
-            llm.n_tokens = len(self._head)  # type: ignore[union-attr]  # keep the head's KV cache, drop the last words'
-            llm.eval(tokens)  # type: ignore[union-attr]
+            # keep the KV cache of the head and of the words the last call shares with
+            # this one (a pause's words, then the same without a doubted ending; the
+            # next pause of the same sentence): only the rest is evaluated, and at least
+            # the last token, whose logits are read
+            kept = min(common_prefix(self._words, tokens), len(tokens) - 1)
+            llm.n_tokens = len(self._head) + kept  # type: ignore[union-attr]
+            llm.eval(tokens[kept:])  # type: ignore[union-attr]
+            self._words = tokens
+            self.evaluated = len(tokens) - kept
             logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).astype(np.float64)  # type: ignore[union-attr]
         probs = np.exp(logits - logits.max())
         p = float(probs[self._ends].sum() / probs.sum())
@@ -112,6 +125,16 @@ class GemmaTextTurn(TextTurnAnalyzer):
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-turn")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.score_sync, text)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def closing_tokens(llm) -> set[int]:
