@@ -294,11 +294,7 @@ class LocalLlamaLLM(LLM):
             tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
             if len(tokens) > self.n_ctx - DEFAULT_MAX_TOKENS - 64:
                 return 0  # too long to keep; stream() trims the history itself
-            common = 0
-            for a, b in zip(llm._input_ids[: llm.n_tokens], tokens):
-                if a != b:
-                    break
-                common += 1
+            common = llm.longest_token_prefix(llm._input_ids[: llm.n_tokens], tokens)
             if common == len(tokens):
                 return 0
             llm.n_tokens = common

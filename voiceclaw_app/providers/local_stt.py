@@ -41,7 +41,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +210,11 @@ class LocalWhisperSTT(STT):
     def _score_words(self, scoring: "_Scoring") -> tuple[float, ...] | None:
         with self._call_lock:
             try:
-                if scoring.window_s >= JUDGE_WINDOW_S:
+                judge_s = window_for(scoring.duration_s, JUDGE_WINDOW_S)
+                if judge_s <= scoring.window_s:
                     encoded = scoring.encoded
                 else:
-                    encoded = scoring.judge.result() if scoring.judge is not None else self._encode(scoring.audio, JUDGE_WINDOW_S)
+                    encoded = scoring.judge.result() if scoring.judge is not None else self._encode(scoring.audio, judge_s)
                 result = self._model.model.align(encoded, scoring.prompt, [scoring.tokens], max(1, int(scoring.duration_s * 100)))[0]
             except Exception as exc:  # an older runtime without align: no confidence, same text
                 log.debug("align failed: %r", exc)
@@ -269,21 +270,30 @@ class LocalWhisperSTT(STT):
         Returns (the text, what scores its last word later: :class:`_Scoring`), ``""``
         for no speech, ``None`` when the guard tripped.
         """
-        import ctranslate2
+        duration = audio.size / SAMPLE_RATE
+        window_s = window_for(duration, MIN_WINDOW_S)
+        judge_s = window_for(duration, JUDGE_WINDOW_S)
+        # the words will be scored in the judging window: encode it on the other core
+        # (CTranslate2's second worker) while this window is encoded and decoded
+        judge = self._judge_pool().submit(self._encode, audio, judge_s) if score_words and judge_s > window_s else None
+        decoded = self._decode_window(audio, language, cancel, window_s)
+        if decoded is None or decoded[1] is None:
+            if judge is not None:
+                judge.cancel()  # nothing will be scored
+            return decoded
+        text, scoring = decoded
+        return text, replace(scoring, judge=judge)
+
+    def _decode_window(self, audio: np.ndarray, language: str, cancel: CancelToken | None, window_s: int) -> tuple[str, "_Scoring | None"] | None:
+        """:meth:`_decode_short`'s decode in a ``window_s`` window."""
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
 
         model = self._model
         duration = audio.size / SAMPLE_RATE
-        window_s = min(30, max(MIN_WINDOW_S, math.ceil(duration + 2)))
         tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe", language=language)
-        # the words will be scored in the judging window: encode it on the other core
-        # (CTranslate2's second worker) while this window is encoded and decoded
-        judge = self._judge_pool().submit(self._encode, audio, JUDGE_WINDOW_S) if score_words and window_s < JUDGE_WINDOW_S else None
         encoded = self._encode(audio, window_s)
         if cancel is not None and cancel.cancelled:
-            if judge is not None:
-                judge.cancel()
             return "", None
         prompt = list(tokenizer.sot_sequence)
         budget = max_tokens(duration)
@@ -303,8 +313,6 @@ class LocalWhisperSTT(STT):
         # ctranslate2's score is already the mean log-probability per token
         avg_logprob = result.scores[0] if result.scores else 0.0
         if result.no_speech_prob > 0.6 and avg_logprob < -1.0:
-            if judge is not None:
-                judge.cancel()
             return "", None  # Whisper's own "this was not speech" rule
         text = tokenizer.decode(text_tokens).strip()
         # an unlikely decode (mean log-prob < -1, faster-whisper's own threshold) goes
@@ -314,14 +322,8 @@ class LocalWhisperSTT(STT):
         unlikely = avg_logprob < -1.0
         if not finished or unlikely or looks_repeated(text):
             log.info("short decode not trusted (%s, %d ids of %d, log-prob %.2f): the standard path decides", "unfinished" if not finished else ("unlikely" if unlikely else "repeated"), len(ids), budget, avg_logprob)
-            if judge is not None:
-                judge.cancel()
             return None
-        if not text_tokens:
-            if judge is not None:
-                judge.cancel()
-            return text, None
-        return text, _Scoring(encoded, prompt, text_tokens, tokenizer, duration, window_s, audio, judge)
+        return text, (_Scoring(encoded, prompt, text_tokens, tokenizer, duration, window_s, audio) if text_tokens else None)
 
     def _judge_pool(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._judge_executor is None:
@@ -329,11 +331,11 @@ class LocalWhisperSTT(STT):
         return self._judge_executor
 
     def _encode(self, audio: np.ndarray, window_s: int):
-        """Whisper's encoder output for ``audio`` zero-padded to ``window_s`` seconds."""
+        """Whisper's encoder output for ``audio`` zero-padded to ``window_s`` seconds
+        (:func:`window_for`)."""
         import ctranslate2
 
         model = self._model
-        window_s = min(30, max(window_s, math.ceil(audio.size / SAMPLE_RATE + 2)))
         padded = np.zeros(window_s * SAMPLE_RATE, dtype=np.float32)
         padded[: audio.size] = audio
         features = model.feature_extractor(padded)[:, : window_s * 100]
@@ -361,6 +363,12 @@ class _Scoring:
 TOKENS_PER_S = 7
 #: faster-whisper's own threshold for "this decode repeats itself"
 COMPRESSION_RATIO_MAX = 2.4
+
+
+def window_for(duration_s: float, floor_s: int) -> int:
+    """The encoder window (whole seconds) for ``duration_s`` of audio: 2 s longer than
+    the audio, at least ``floor_s``, at most Whisper's 30."""
+    return min(30, max(floor_s, math.ceil(duration_s + 2)))
 
 
 def max_tokens(duration_s: float) -> int:

@@ -86,7 +86,6 @@ class GemmaTextTurn(TextTurnAnalyzer):
             self._ends = np.array(sorted(closing_tokens(llm)), dtype=np.int64)
             self._head = llm.tokenize(PROMPT_HEAD.encode(), add_bos=True)
             llm.eval(self._head)
-            self._words = []
             self._llm = llm
 
     @property
@@ -111,7 +110,7 @@ class GemmaTextTurn(TextTurnAnalyzer):
             # this one (a pause's words, then the same without a doubted ending; the
             # next pause of the same sentence): only the rest is evaluated, and at least
             # the last token, whose logits are read
-            kept = min(common_prefix(self._words, tokens), len(tokens) - 1)
+            kept = min(llm.longest_token_prefix(self._words, tokens), len(tokens) - 1)  # type: ignore[union-attr]
             llm.n_tokens = len(self._head) + kept  # type: ignore[union-attr]
             llm.eval(tokens[kept:])  # type: ignore[union-attr]
             self._words = tokens
@@ -125,16 +124,6 @@ class GemmaTextTurn(TextTurnAnalyzer):
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="text-turn")
         return await asyncio.get_running_loop().run_in_executor(self._executor, self.score_sync, text)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def closing_tokens(llm) -> set[int]:
