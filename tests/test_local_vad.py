@@ -230,3 +230,48 @@ def test_silero_gate_answers_silence_without_the_model_and_still_hears_speech():
         assert gate.model_windows < gate.skipped_windows + len(speech_only("q_time")) // 1024 + 2
     finally:
         gate.close()
+
+
+def test_pause_begins_early_with_the_pcm_the_pause_and_the_end_of_turn_carry():
+    """smart_turn's early transcription: PauseBegins one window into the pause, with
+    byte-identical PCM to the ShortPause and EndOfTurn that follow (so its transcript is
+    reused); a breath shorter than the short pause gives PauseAborted, not SpeechResumed."""
+    d = SileroTurnDetector(silence_ms=2000, min_speech_ms=200, short_pause_ms=96, early_pause_ms=32)
+    try:
+        events = feed(d, silence(300) + speech_only("q_joke") + silence(2100))
+        k = kinds(events)
+        assert k[:2] == ["VoiceOnset", "SpeechStart"] and k[-3:] == ["PauseBegins", "ShortPause", "EndOfTurn"]
+        assert "ShortPause" not in k[:-2]  # dips between words at most begin a pause (below)
+        begins, pause, eot = events[-3:]
+        assert begins.pcm == pause.pcm == eot.pcm
+        assert begins.speech_end_ms == pause.speech_end_ms == eot.speech_end_ms
+        assert 20 <= begins.t_ms - begins.speech_end_ms <= 64 < pause.t_ms - pause.speech_end_ms
+    finally:
+        d.close()
+    # gaps between words: a gap of a silent window or two gives PauseBegins, then
+    # PauseAborted when the voice comes back (the transcription is dropped, no turn
+    # restarts); a pause's events come in order: PauseBegins, [ShortPause, SpeechResumed]
+    # or PauseAborted
+    a, b = speech_only("q_joke"), speech_only("q_time")
+    aborted = 0
+    for gap_ms in (96, 128, 160):
+        d = SileroTurnDetector(silence_ms=2000, min_speech_ms=200, short_pause_ms=96, early_pause_ms=32)
+        try:
+            k = kinds(feed(d, silence(300) + a + bytes(2 * RATE * gap_ms // 1000) + b + silence(2100)))
+        finally:
+            d.close()
+        assert k.count("EndOfTurn") == 1 and k[-3:] == ["PauseBegins", "ShortPause", "EndOfTurn"]
+        opened = False  # a PauseBegins whose pause has not ended
+        for kind in k:
+            if kind == "PauseBegins":
+                assert not opened
+                opened = True
+            elif kind == "ShortPause":
+                assert opened
+            elif kind in ("PauseAborted", "SpeechResumed"):
+                assert opened
+                opened = False
+        aborted += k.count("PauseAborted")
+        if "PauseAborted" in k:
+            assert "SpeechResumed" not in k[: k.index("PauseAborted")]
+    assert aborted >= 1

@@ -13,7 +13,7 @@ from voiceclaw_app.bench.drive import dither, paced
 from voiceclaw_app.bench.unseen import load_unseen
 from voiceclaw_app.config import SettingsError, VoiceSettings
 from voiceclaw_app.pipeline.timing import now_ms
-from voiceclaw_app.providers.base import STT, EndOfTurn, TextTurnAnalyzer, Transcript, TurnAnalyzer, TurnVerdict
+from voiceclaw_app.providers.base import STT, EndOfTurn, PreliminaryTranscript, TextTurnAnalyzer, Transcript, TurnAnalyzer, TurnVerdict
 from voiceclaw_app.providers.local_listener import LocalListener
 from voiceclaw_app.providers.local_stt import LocalWhisperSTT
 from voiceclaw_app.providers.smart_turn import PauseJudge, SmartTurnV3, last_window
@@ -192,7 +192,9 @@ async def test_a_hesitation_is_not_cut_off(analyzer, stt, words_model):
     # the words' model) keep the turn open; they are waited for however slow Whisper is
     settings = VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=2500)
     listener = LocalListener(settings=settings, stt=stt, turn_analyzer=analyzer, text_analyzer=words_model)
-    got, t0 = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 2500)
+    # fed past the ceiling (counted from silero's last voiced window, up to ~100 ms
+    # after the last voiced sample): a doubted last word may leave the turn to it
+    got, t0 = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 2500 + 400)
     assert len(got) == 1, [e.text for e in got]
     text = got[0].text.lower()
     # both halves in one turn (Whisper spells the first one variously: "adanapointmentwin",
@@ -333,3 +335,56 @@ def test_the_words_model_evaluates_only_what_it_has_not_seen(words_model):
     assert words_model.evaluated == 1 and cut.complete and not trusted.complete
     words_model.score_sync("What gate does flight 249 leave from")
     assert not words_model.score_sync("Turn on the lights in").complete
+
+
+class _TimedRecognizer(_MadeUpEnding):
+    """Records the stream time (the last pushed frame's) of each transcription it is asked for."""
+
+    def __init__(self) -> None:
+        super().__init__(0.95)
+        self.started_at: list[float] = []
+        self.clock = 0.0
+
+    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None, score_words=False):
+        self.started_at.append(self.clock)
+        return await super().transcribe(pcm16, sample_rate=sample_rate, language=language, cancel=cancel, score_words=score_words)
+
+
+async def test_the_pause_is_transcribed_from_its_first_window_and_announced_at_the_pause():
+    """smart_turn: Whisper starts one silent window into a pause, before the 96 ms pause
+    is judged; the preliminary transcript (the preemptive turn) comes only at 96 ms, and
+    the end of turn reuses that one transcription."""
+    utt = _utt("c_africa")
+    stt = _TimedRecognizer()
+    listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000), stt=stt, turn_analyzer=_SureSound(), text_analyzer=_Words())
+    events: list = []
+    seen_at: list[float] = []  # the stream time each event was seen at
+    reader = asyncio.create_task(_collect(listener, events, lambda: seen_at.append(stt.clock)))
+    pcm = utt.pcm[: 2 * (utt.last_voiced_sample + 1)] + bytes(2 * 16000)  # then a second of digital silence
+    for k in range(0, len(pcm), 640):
+        stt.clock = 1000.0 * (k + 640) / 2 / 16000
+        await listener.push(pcm[k : k + 640], stt.clock)
+        await asyncio.sleep(0)
+    for _ in range(100):
+        if any(isinstance(e, EndOfTurn) for e in events):
+            break
+        await asyncio.sleep(0.02)
+    await listener.aclose()
+    await asyncio.wait_for(reader, 5)
+    pre = [e for e in events if isinstance(e, PreliminaryTranscript)]
+    eots = [e for e in events if isinstance(e, EndOfTurn)]
+    assert len(pre) == 1 and len(eots) == 1 and eots[0].text == pre[0].text
+    # the final pause: one transcription, started within two windows of silero's last voiced one
+    last = stt.started_at[-1]
+    assert 0 < last - pre[0].speech_end_ms <= 64 + 20, (last, pre[0].speech_end_ms)
+    assert stt.started_at.count(last) == 1 and all(t <= last for t in stt.started_at)
+    # announced at the 96 ms pause (not at 32 ms), before the end of turn
+    assert seen_at[events.index(pre[0])] - pre[0].speech_end_ms >= 96 - 20
+    assert pre[0].speech_end_ms == eots[0].speech_end_ms
+    assert events.index(pre[0]) < events.index(eots[0])
+
+
+async def _collect(listener: LocalListener, into: list, seen) -> None:
+    async for ev in listener.events():
+        into.append(ev)
+        seen()

@@ -9,7 +9,8 @@ frames; :meth:`events` yields the :mod:`.base` listen events:
   barge-in cancels the reply), or :class:`SpeechDiscarded` when the onset was a
   cough or a click that never became speech (resume playback);
 * :class:`PreliminaryTranscript` when the utterance so far was transcribed at a
-  short pause (~200 ms): the turn may start preemptively;
+  short pause (~200 ms; with ``smart_turn`` 96 ms, the transcription itself started
+  after the pause's first 32 ms): the turn may start preemptively;
 * :class:`EndOfTurn` after ``vad_silence_ms`` of silence (``turn_detection="silence"``),
   or, with ``turn_detection="smart_turn"`` (the default), at the short pause itself
   when the pause's words (:mod:`.text_turn`, on its transcript) and its sound
@@ -57,11 +58,25 @@ NOTHING_HEARD = "I didn't hear anything. Hold the button while you speak, then r
 SMART_TURN_PAUSE_MS = 96
 
 
+#: with smart_turn, the silence after which the utterance so far starts being
+#: transcribed (one silero window): the transcript is then nearly ready when the
+#: :data:`SMART_TURN_PAUSE_MS` pause is judged; it is announced (the preemptive turn
+#: starts) only at that pause, so a breath between words starts no reply
+SMART_TURN_TRANSCRIBE_MS = 32
+
+
 class _Speculation:
-    def __init__(self, pcm: bytes, task: asyncio.Task, cancel: CancelToken) -> None:
+    """One pause's transcription, started at :class:`.silero_vad.PauseBegins` or
+    :class:`.silero_vad.ShortPause`, announced once the pause is reached and it is done."""
+
+    def __init__(self, pcm: bytes, speech_end_ms: float) -> None:
         self.pcm = pcm
-        self.task = task
-        self.cancel = cancel
+        self.speech_end_ms = speech_end_ms
+        self.cancel = CancelToken()
+        self.task: asyncio.Task  # set by LocalListener._speculate, right after
+        self.heard: Transcript | None = None
+        self.paused = False  # the ShortPause came: its transcript may be announced
+        self.announced = False
 
 
 class LocalListener(Listener):
@@ -82,6 +97,7 @@ class LocalListener(Listener):
             min_speech_ms=settings.vad_min_speech_ms,
             max_utterance_s=settings.max_utterance_s,
             short_pause_ms=SMART_TURN_PAUSE_MS if self.smart_turn else 200,
+            early_pause_ms=SMART_TURN_TRANSCRIBE_MS if self.smart_turn else None,
         )
         self.judge = PauseJudge(use_words=use_words)
         self._pause_gen = 0  # bumped whenever a pause's verdict would be stale
@@ -214,13 +230,18 @@ class LocalListener(Listener):
             elif isinstance(ev, sv.OnsetDiscarded):
                 self._tentative = False
                 self._q.put_nowait(SpeechDiscarded(t_ms=ev.t_ms))
-            elif isinstance(ev, sv.ShortPause) and (self.settings.speculative or self.smart_turn):
+            elif isinstance(ev, sv.PauseBegins):
+                self._speculate(ev.pcm, ev.speech_end_ms)
+            elif isinstance(ev, sv.PauseAborted):
                 self._drop_speculation()
-                cancel = CancelToken()
-                self._spec = _Speculation(ev.pcm, self._spawn(self._preliminary(ev, cancel)), cancel)
+            elif isinstance(ev, sv.ShortPause) and (self.settings.speculative or self.smart_turn):
+                # the transcription PauseBegins started, if nobody spoke since
+                spec = self._spec if self._spec is not None and self._spec.pcm == ev.pcm else self._speculate(ev.pcm, ev.speech_end_ms)
+                spec.paused = True
+                self._announce(spec)
                 if self.smart_turn and self.hands_free:
                     self._pause_gen += 1
-                    self._spawn(self._judge_pause(ev, self._pause_gen, self._spec))
+                    self._spawn(self._judge_pause(ev, self._pause_gen, spec))
             elif isinstance(ev, sv.SpeechResumed):
                 self._pause_gen += 1
                 self._drop_speculation()
@@ -239,10 +260,28 @@ class LocalListener(Listener):
                     spec.cancel.cancel()
                 self._last_final = self._spawn(self._final(ev, reuse, self._last_final))
 
-    async def _preliminary(self, ev: sv.ShortPause, cancel: CancelToken) -> Transcript:
+    def _speculate(self, pcm: bytes, speech_end_ms: float) -> _Speculation:
+        """Start transcribing the utterance so far (the pause may end the turn)."""
+        self._drop_speculation()
+        spec = _Speculation(pcm, speech_end_ms)
+        spec.task = self._spawn(self._preliminary(spec))
+        self._spec = spec
+        return spec
+
+    def _announce(self, spec: _Speculation) -> None:
+        """The pause's transcript, once it is done and the pause reached: the preemptive turn may start."""
+        if spec.announced or not spec.paused or spec.heard is None or spec is not self._spec or spec.cancel.cancelled:
+            return
+        spec.announced = True
+        text = spec.heard.text.strip()
+        if text and self.settings.speculative:
+            self._q.put_nowait(PreliminaryTranscript(text, speech_end_ms=spec.speech_end_ms))
+
+    async def _preliminary(self, spec: _Speculation) -> Transcript:
         judging = self.smart_turn and self.hands_free
+        cancel = spec.cancel
         try:
-            heard = await self._transcribe(ev.pcm, cancel, score_words=judging)
+            heard = await self._transcribe(spec.pcm, cancel, score_words=judging)
             if judging and heard.text.strip() and not cancel.cancelled:
                 # the pause's verdict will ask how sure Whisper is of its last words: ask
                 # now, while the encoder output is fresh and nothing else runs (~5-20 ms;
@@ -252,10 +291,9 @@ class LocalListener(Listener):
                 heard = dataclasses.replace(heard, word_probabilities=await stt.word_probabilities(heard), scoring=None)
         except ProviderError as exc:
             log.warning("speculative transcription failed: %s", exc.user_message)
-            return Transcript("")
-        text = heard.text.strip()
-        if text and self.settings.speculative and not cancel.cancelled and self._spec is not None and self._spec.cancel is cancel:
-            self._q.put_nowait(PreliminaryTranscript(text, speech_end_ms=ev.speech_end_ms))
+            heard = Transcript("")
+        spec.heard = heard
+        self._announce(spec)
         return heard
 
     async def _judge_pause(self, ev: sv.ShortPause, gen: int, spec: _Speculation) -> None:

@@ -16,8 +16,13 @@ Why these events:
   clicks or coughs shorter than that never become turns.
 * :class:`OnsetDiscarded` when a segment that had a :class:`VoiceOnset` is dropped
   before it was confirmed (a cough, a click): playback resumes.
+* :class:`PauseBegins` (only with ``early_pause_ms``) after the first silent windows
+  of a pause, carrying the utterance so far: transcribing it can start here, ~64 ms
+  before the :class:`ShortPause` that judges the pause needs the transcript;
+  :class:`PauseAborted` when voice comes back before that :class:`ShortPause`.
 * :class:`ShortPause` after ~200 ms of silence, carrying the utterance so far: the
-  speculative transcription starts here while the real silence wait still runs.
+  speculative transcription starts here (unless a :class:`PauseBegins` started it)
+  while the real silence wait still runs.
 * :class:`EndOfTurn` after ``vad_silence_ms`` of silence, with ``speech_end_ms`` (the
   end of the last voiced window, the contract's ``speech_end``) and the PCM.
   Its PCM is byte-identical to the last :class:`ShortPause`'s when nobody spoke in
@@ -279,6 +284,23 @@ class SpeechResumed:
 
 
 @dataclass(frozen=True)
+class PauseBegins:
+    """The first ``early_pause_ms`` of a pause: its PCM is the one the :class:`ShortPause`
+    and :class:`EndOfTurn` of this pause will carry, so transcribing can start now."""
+
+    t_ms: float
+    speech_end_ms: float
+    pcm: bytes
+
+
+@dataclass(frozen=True)
+class PauseAborted:
+    """Voice came back after a :class:`PauseBegins` and before its :class:`ShortPause`."""
+
+    t_ms: float
+
+
+@dataclass(frozen=True)
 class ShortPause:
     t_ms: float
     speech_end_ms: float
@@ -303,7 +325,7 @@ class MaxLengthCut:
     message: str
 
 
-VADEvent = Union[VoiceOnset, OnsetDiscarded, SpeechStart, SpeechResumed, ShortPause, EndOfTurn, MaxLengthCut]
+VADEvent = Union[VoiceOnset, OnsetDiscarded, SpeechStart, SpeechResumed, PauseBegins, PauseAborted, ShortPause, EndOfTurn, MaxLengthCut]
 
 
 def to_pcm16(frame: Frame) -> bytes:
@@ -335,6 +357,7 @@ class SileroTurnDetector:
         min_speech_ms: int = 200,
         max_utterance_s: float = 30.0,
         short_pause_ms: int = 200,
+        early_pause_ms: int | None = None,
         threshold: float = 0.5,
         neg_threshold: float = 0.35,
         pre_roll_ms: int = 320,
@@ -357,6 +380,12 @@ class SileroTurnDetector:
             # the post-roll must already be there when the short pause fires, or the
             # short-pause and end-of-turn PCM would differ and speculation be wasted
             self.post_roll_windows = min(self.post_roll_windows, int(self.short_pause_ms // WINDOW_MS))
+        #: silence after which :class:`PauseBegins` is given (None: never); at most the short pause
+        self.early_pause_ms = None
+        if early_pause_ms is not None and self.short_pause_ms is not None:
+            self.early_pause_ms = max(int(WINDOW_MS), min(int(early_pause_ms), self.short_pause_ms))
+            # the same PCM at PauseBegins, ShortPause and EndOfTurn: a post-roll that is there by then
+            self.post_roll_windows = min(self.post_roll_windows, int(self.early_pause_ms // WINDOW_MS))
         self._vad = _RemoteSilero()
         self._pre_roll: deque[bytes] = deque(maxlen=max(1, round(pre_roll_ms / WINDOW_MS)))
         self._pending = bytearray()  # samples not yet a full window (and an odd byte)
@@ -380,6 +409,7 @@ class SileroTurnDetector:
         self._last_voiced_end_ms = 0.0
         self._silence_run_ms = 0.0
         self._paused = False
+        self._pause_begun = False
 
     def close(self) -> None:
         """Free this stream's context in the helper process."""
@@ -489,6 +519,9 @@ class SileroTurnDetector:
             if self._paused:
                 self._paused = False
                 events.append(SpeechResumed(w_end))
+            elif self._pause_begun:
+                events.append(PauseAborted(w_end))
+            self._pause_begun = False
             if not self._onset and self._voiced_ms >= min(self.onset_ms, max(self.min_speech_ms, WINDOW_MS)):
                 self._onset = True
                 events.append(VoiceOnset(w_end, self._start_ms))
@@ -497,6 +530,9 @@ class SileroTurnDetector:
                 events.append(SpeechStart(w_end, self._start_ms))
         else:
             self._silence_run_ms += WINDOW_MS
+            if self._confirmed and not self._pause_begun and self.early_pause_ms is not None and self._silence_run_ms >= self.early_pause_ms:
+                self._pause_begun = True
+                events.append(PauseBegins(w_end, self._last_voiced_end_ms, self._utterance_pcm()))
             if self._confirmed and not self._paused and self.short_pause_ms is not None and self._silence_run_ms >= self.short_pause_ms:
                 self._paused = True
                 events.append(ShortPause(w_end, self._last_voiced_end_ms, self._utterance_pcm()))
@@ -534,6 +570,7 @@ class SileroTurnDetector:
         self._confirmed = False
         self._onset = False
         self._paused = False
+        self._pause_begun = False
         self._silence_run_ms = 0.0
         self._voiced_ms = 0.0
 
