@@ -88,6 +88,12 @@ def test_a_doubted_last_word_is_left_out_of_the_judged_words():
     assert judge.complete(yes, "Send a message to my sister saying", TurnVerdict(False, 0.05, 5.0))
     assert not judge.complete(yes, "Send a message to my sister saying", TurnVerdict(False, 0.05, 5.0), doubted=True)
     assert judge.complete(yes, "What was the final score", TurnVerdict(True, 0.4, 5.0), doubted=True)  # clear words still end it
+    # ... if the words with the doubted ending read finished too: it may have been said
+    # ("Send a message to my sister *saying hard*." 0.027; without it 0.17: cut off)
+    sure, unclear = TurnVerdict(True, 0.17, 5.0), TurnVerdict(False, 0.027, 5.0)
+    assert not judge.complete(yes, "Send a message to my sister", sure, doubted=True, untrimmed=unclear)
+    assert judge.complete(yes, "How much is $15", sure, doubted=True, untrimmed=TurnVerdict(True, 0.475, 5.0))
+    assert judge.complete(yes, "Send a message to my sister", sure, doubted=True)  # not known: the trimmed words decide
 
 
 async def test_words_model_separates_fragments_from_requests(words_model):
@@ -388,3 +394,30 @@ async def _collect(listener: LocalListener, into: list, seen) -> None:
     async for ev in listener.events():
         into.append(ev)
         seen()
+
+
+class _SaidEnding(_MadeUpEnding):
+    """A doubted ending that was said: "...my sister *saying*", heard as "saying hard."."""
+
+    async def transcribe(self, pcm16, *, sample_rate=16000, language="en", cancel=None, score_words=False):
+        return Transcript("Send a message to my sister saying hard.")
+
+    async def word_probabilities(self, transcript):
+        self.asked += 1
+        return (0.9, 0.95, 0.9, 0.9, 0.9, 0.9, 0.4, 0.3)
+
+
+class _SisterWords(TextTurnAnalyzer):
+    """The words' model on that pause (2026-12-07): unclear with the ending, finished without."""
+
+    async def score(self, text):
+        p = 0.17 if text == "Send a message to my sister" else 0.027
+        return TurnVerdict(p >= 0.1, p, 1.0)
+
+
+async def test_the_listener_keeps_listening_when_only_the_trimmed_words_read_finished():
+    utt = _utt("c_africa")
+    stt = _SaidEnding(0.3)
+    listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000), stt=stt, turn_analyzer=_SureSound(), text_analyzer=_SisterWords())
+    got, _ = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 1200, expect=0)
+    assert got == [] and stt.asked >= 1  # the pause (1.2 s, short of the 3 s ceiling) did not end the turn

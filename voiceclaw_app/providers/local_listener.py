@@ -309,7 +309,7 @@ class LocalListener(Listener):
         every pause beside Whisper, it slowed the transcription the reply starts from.
         A verdict that comes after the user spoke again (``gen`` moved on) is dropped."""
         try:
-            text, words, doubted, sound = "", None, False, None
+            text, words, doubted, sound, untrimmed = "", None, False, None, None
             if self.judge.use_words:
                 heard = await asyncio.shield(spec.task)
                 text = heard.text.strip()
@@ -320,7 +320,7 @@ class LocalListener(Listener):
                         # up to complete a fragment: judge the words without them
                         trusted = self.judge.trusted_words(text, heard.word_probabilities)  # asked in _preliminary
                         if trusted != text:
-                            text, doubted = trusted, True
+                            text, doubted, untrimmed = trusted, True, words
                             words = await (await self._text_analyzer()).score(text) if text else None
             if gen == self._pause_gen and self.judge.needs_sound(text, words, doubted=doubted):
                 sound = await (await self._turn_analyzer()).score(ev.pcm)
@@ -332,7 +332,7 @@ class LocalListener(Listener):
         except Exception as exc:  # a runtime's own error: silence at the ceiling still ends turns
             self._judge_error(EngineUnavailable(f"The end-of-turn model failed: {exc}", detail=repr(exc)))
             return
-        complete = self.judge.complete(sound, text, words, doubted=doubted)
+        complete = self.judge.complete(sound, text, words, doubted=doubted, untrimmed=untrimmed)
         log.debug("pause verdict sound %s words=%r%s p=%s -> %s", "not needed" if sound is None else f"p={sound.probability:.2f} ({sound.ms:.0f} ms)", text[-40:], " (last word doubted)" if doubted else "", "-" if words is None else f"{words.probability:.3f}", "complete" if complete else "incomplete")
         if not complete or gen != self._pause_gen or self._closed:
             return

@@ -212,11 +212,18 @@ class PauseJudge:
             return True
         return self.words_may_end(text, words) and words is not None and words.probability < self.WORDS_YES and not self.clear_words_only(text, doubted)
 
-    def complete(self, sound: TurnVerdict | None, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False) -> bool:
+    def complete(self, sound: TurnVerdict | None, text: str = "", words: TurnVerdict | None = None, *, doubted: bool = False, untrimmed: TurnVerdict | None = None) -> bool:
         """``sound``: Smart Turn's verdict, ``None`` when :meth:`needs_sound` said it was
         not needed (then it does not count). ``doubted``: the transcript's last word was
         left out (:meth:`trusted_words`): the recognizer was completing a fragment, so
         only clear words end the turn (the sound, near random on voices it does not
-        know, does not break that tie)."""
+        know, does not break that tie). ``untrimmed``: the words' verdict *with* the
+        doubted ending; it must be clear too. A doubted word is either made up (then
+        the words without it decide) or said (then the words with it do): only a
+        request finished both ways ends the turn. "Send a message to my sister
+        *saying hard*." (0.027) without its doubted ending read finished (0.17) and
+        the rest of the sentence became a turn of its own (``bench turns``, 2026-12-07)."""
+        if doubted and untrimmed is not None and untrimmed.probability < self.WORDS_YES:
+            return False
         words_end = self.use_words and self.words_may_end(text, words) and words is not None and words.probability >= self.WORDS_YES
         return words_end or (self.needs_sound(text, words, doubted=doubted) and sound is not None and sound.complete)
