@@ -20,7 +20,8 @@ as in ``cloud --via-ws``); ``overhead`` = that minus the ideal critical path of 
 reply (is_final delay + first token + the first chunk's remaining tokens + TTS first
 byte + the transfer of the first playable piece); ``stages_ms``: each stored mark of
 :data:`STAGE_MARKS` (ms after speech end), to see which stage a busy box delays.
-``rss_mb_start`` / ``rss_mb_end``:
+``error_log``: user, time (UTC) and problem of the first 50 errors, to find them in the
+workers' logs (``VOICECLAW_LOAD_DIR`` keeps those). ``rss_mb_start`` / ``rss_mb_end``:
 resident memory of all worker processes together, after warm-up and at the end.
 
 Logging in: each simulated user is an account of its own (``load-<index>``, created
@@ -103,6 +104,8 @@ class UserStats:
     answered: int = 0
     errors: int = 0
     problems: list[str] = field(default_factory=list)
+    #: (wall-clock time, problem) of each: to find the turn in the workers' logs
+    incidents: list[tuple[float, str]] = field(default_factory=list)
 
 
 class PageState:
@@ -316,7 +319,9 @@ class SimulatedUser:
             self.stats.answered += 1
             return True
         self.stats.errors += 1
-        self.stats.problems.append(self.page.error or self.mic_closed or f"no answer within {timeout_s:.0f} s (status {self.page.status!r})")
+        problem = self.page.error or self.mic_closed or f"no answer within {timeout_s:.0f} s (status {self.page.status!r})"
+        self.stats.problems.append(problem)
+        self.stats.incidents.append((time.time(), problem))
         return False
 
     async def close(self) -> None:
@@ -458,6 +463,11 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
         "stages_ms": per_stage,
         "errors": turn_errors + connect_errors + sum(1 for r in rows if r["first_audio_ready"] is None),
         "error_kinds": problems,
+        # who and when (UTC, when the turn was given up), the first 50: grep the workers' logs there
+        "error_log": [
+            {"user": f"load-{u.index}", "utc": time.strftime("%H:%M:%S", time.gmtime(t)), "problem": p}
+            for t, u, p in sorted(((t, u, p) for u in users for t, p in u.stats.incidents), key=lambda x: x[0])[:50]
+        ],
         "warmup_errors": sum(1 for w in warm if w is not True),
         "rss_mb_start": round(rss_start, 1),
         "rss_mb_end": round(rss_end, 1),
