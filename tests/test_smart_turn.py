@@ -13,7 +13,7 @@ from voiceclaw_app.bench.drive import dither, paced
 from voiceclaw_app.bench.unseen import load_unseen
 from voiceclaw_app.config import SettingsError, VoiceSettings
 from voiceclaw_app.pipeline.timing import now_ms
-from voiceclaw_app.providers.base import STT, EndOfTurn, PreliminaryTranscript, TextTurnAnalyzer, Transcript, TurnAnalyzer, TurnVerdict
+from voiceclaw_app.providers.base import STT, EndOfTurn, EngineUnavailable, PreliminaryTranscript, TextTurnAnalyzer, Transcript, TurnAnalyzer, TurnVerdict
 from voiceclaw_app.providers.local_listener import LocalListener
 from voiceclaw_app.providers.local_stt import LocalWhisperSTT
 from voiceclaw_app.providers.smart_turn import PauseJudge, SmartTurnV3, last_window
@@ -421,3 +421,22 @@ async def test_the_listener_keeps_listening_when_only_the_trimmed_words_read_fin
     listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000), stt=stt, turn_analyzer=_SureSound(), text_analyzer=_SisterWords())
     got, _ = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 1200, expect=0)
     assert got == [] and stt.asked >= 1  # the pause (1.2 s, short of the 3 s ceiling) did not end the turn
+
+
+class _UnscoredWords(_MadeUpEnding):
+    """Whisper transcribes, but scoring its words fails."""
+
+    async def word_probabilities(self, transcript):
+        self.asked += 1
+        raise EngineUnavailable("scoring failed", detail="test")
+
+
+async def test_a_failed_word_scoring_keeps_the_pause_transcript():
+    """The transcript was announced before its words were scored: a failure there keeps
+    it (judged as it is), and the turn the pause ends carries the same words."""
+    utt = _utt("c_africa")
+    stt = _UnscoredWords(0.95)
+    listener = LocalListener(settings=VoiceSettings(turn_detection="smart_turn", turn_max_wait_ms=3000), stt=stt, turn_analyzer=_SureSound(), text_analyzer=_Words())
+    got, _ = await _feed(listener, utt.pcm, 1000.0 * utt.last_voiced_sample / 16000 + 1200, expect=1)
+    assert stt.asked >= 1
+    assert len(got) == 1 and got[0].text == "Turn on the lights in there."

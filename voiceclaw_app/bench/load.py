@@ -103,9 +103,12 @@ class UserStats:
     turns: int = 0
     answered: int = 0
     errors: int = 0
-    problems: list[str] = field(default_factory=list)
-    #: (wall-clock time, problem) of each: to find the turn in the workers' logs
+    #: (wall-clock time, problem) of each error: the time finds the turn in the workers' logs
     incidents: list[tuple[float, str]] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return [problem for _, problem in self.incidents]
 
 
 class PageState:
@@ -320,7 +323,6 @@ class SimulatedUser:
             return True
         self.stats.errors += 1
         problem = self.page.error or self.mic_closed or f"no answer within {timeout_s:.0f} s (status {self.page.status!r})"
-        self.stats.problems.append(problem)
         self.stats.incidents.append((time.time(), problem))
         return False
 

@@ -279,25 +279,27 @@ class LocalListener(Listener):
 
     async def _preliminary(self, spec: _Speculation) -> Transcript:
         judging = self.smart_turn and self.hands_free
-        cancel = spec.cancel
         try:
-            heard = await self._transcribe(spec.pcm, cancel, score_words=judging)
-            # the reply starts from the text: announce it before its words are scored
-            # (bench local, three alternating runs: first audio p50 955-1,024 vs 965-1,064 ms)
-            spec.heard = heard
-            self._announce(spec)
-            if judging and heard.text.strip() and not cancel.cancelled:
-                # the pause's verdict will ask how sure Whisper is of its last words: ask
-                # now, while the encoder output is fresh (~5-20 ms; asked at the verdict
-                # it waited behind the reply's work: the verdict came ~150 ms later,
-                # bench local)
-                stt = await self._engine()
-                heard = dataclasses.replace(heard, word_probabilities=await stt.word_probabilities(heard), scoring=None)
+            heard = await self._transcribe(spec.pcm, spec.cancel, score_words=judging)
         except ProviderError as exc:
             log.warning("speculative transcription failed: %s", exc.user_message)
             heard = Transcript("")
+        # the reply starts from the text: announce it before its words are scored
+        # (bench local, three alternating runs: first audio p50 955-1,024 vs 965-1,064 ms)
         spec.heard = heard
         self._announce(spec)
+        if judging and heard.text.strip() and not spec.cancel.cancelled:
+            # the pause's verdict will ask how sure Whisper is of its last words: ask
+            # now, while the encoder output is fresh (~5-20 ms; asked at the verdict
+            # it waited behind the reply's work: the verdict came ~150 ms later,
+            # bench local). Not known (a failure): the words are judged as they are.
+            stt = await self._engine()
+            try:
+                probabilities = await stt.word_probabilities(heard)
+            except ProviderError as exc:
+                log.warning("scoring the transcript's words failed: %s", exc.user_message)
+                probabilities = None
+            heard = dataclasses.replace(heard, word_probabilities=probabilities, scoring=None)
         return heard
 
     async def _judge_pause(self, ev: sv.ShortPause, gen: int, spec: _Speculation) -> None:
