@@ -527,3 +527,14 @@ async def test_push_to_talk_drop_mid_utterance_then_release():
         assert isinstance(events[-1], EndOfTurn) and events[-1].text == "Turn it up."
         assert lst.stats["reconnects"] == 1 and srv.sessions[-1].finalizes >= 1
         await lst.aclose()
+
+
+async def test_the_sdk_client_is_built_once_per_loop_key_and_address():
+    """Building the SDK client builds an httpx client and its SSL context (the CA bundle
+    read, on the event loop): once per key and address, not at every listener start."""
+    from voiceclaw_app.providers.deepgram_stt import _client
+
+    a = _client("key-a", "ws://127.0.0.1:9")
+    assert _client("key-a", "ws://127.0.0.1:9") is a
+    assert _client("key-b", "ws://127.0.0.1:9") is not a  # a key only goes where it was saved for
+    assert _client("key-a", "ws://127.0.0.1:10") is not a

@@ -275,3 +275,22 @@ def test_pause_begins_early_with_the_pcm_the_pause_and_the_end_of_turn_carry():
         if "PauseAborted" in k:
             assert "SpeechResumed" not in k[: k.index("PauseAborted")]
     assert aborted >= 1
+
+
+def test_a_gate_asks_the_vad_helper_nothing_until_it_scores_a_window(monkeypatch):
+    """A listener is built on the event loop: its gate must not wait there for the helper
+    (a round trip queued behind every session's windows); the context comes with the
+    first window scored, off the loop."""
+    from voiceclaw_app.providers import silero_vad
+
+    proc = silero_vad.vad_process()
+    real = proc.call
+    ops: list[bytes] = []
+    monkeypatch.setattr(proc, "call", lambda op, ctx, payload, size: (ops.append(op), real(op, ctx, payload, size))[1])
+    gate = silero_vad.SileroGate()
+    assert ops == []
+    voice = speech_only("q_joke")[: 2 * RATE]  # a second of speech: windows above the floor
+    assert gate(voice) in (True, False)
+    assert ops[0] == b"N" and b"P" in ops and gate.model_windows > 0
+    gate.close()
+    assert ops[-1] == b"D"

@@ -385,3 +385,38 @@ async def test_fallback_voice_takes_over_when_the_stream_cannot_open(service, ch
     assert len(audio) == len([e for e in events if isinstance(e, ChunkText)])  # every chunk spoken by the embedded voice
     assert isinstance(events[-1], TurnDone)
     await tts.aclose()
+
+
+class ThreadRecordingStore(AudioStore):
+    """An audio store that notes the thread of every file write."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.writers: list[int] = []
+
+    def save(self, clip, audio_id=None):
+        import threading
+
+        self.writers.append(threading.get_ident())
+        return super().save(clip, audio_id)
+
+
+async def test_reply_audio_is_written_off_the_event_loop(service, chat, tmp_path):
+    """Clips and cache hits are files: written on the store's thread, never on the loop
+    (a write there held a loaded worker's every microphone for 130-270 ms)."""
+    import threading
+
+    from voiceclaw_app.providers.openai_llm import OpenAICompatLLM
+
+    tts = service.tts()
+    store = ThreadRecordingStore(tmp_path / "audio")
+    settings = VoiceSettings(llm_base_url=chat.base_url, llm_model_voice="m", tts_provider="deepgram")
+    runner = TurnRunner(llm=OpenAICompatLLM(chat.base_url), tts=tts, audio_store=store, settings=settings)
+    try:
+        first = await run_turn(runner, conv="a")
+        again = await run_turn(runner, conv="b")  # chunks from the cache: copied into the store
+        assert heard(runner, again).replace(" ", "") == REPLY.replace(" ", "")
+        assert len(store.writers) >= len([e for e in first + again if isinstance(e, AudioReady)]) > 0
+        assert threading.get_ident() not in store.writers
+    finally:
+        await tts.aclose()

@@ -21,7 +21,7 @@ from .pages.dashboard import dashboard
 from .pages.history import history
 from .pages.login import login_page
 from .pages.settings import settings_page
-from .server import auth, mic_bus, reflex_tokens
+from .server import auth, loop_watch, mic_bus, reflex_tokens
 from .server.audio import audio_route
 from .server.hub import SessionHub
 from .server.persistence import DbConversationStore
@@ -113,6 +113,10 @@ async def startup() -> None:
     loop.create_task(prune_audio_forever())
     loop.create_task(reflex_tokens.keep_alive(app))  # with Redis: a crashed worker's tabs keep their tokens
     loop.create_task(mic_bus.follow_claims(app, hub))  # with Redis: one mic per account across workers
+    watch_ms = loop_watch.threshold_ms_from_env()
+    if watch_ms:  # logs where a held loop is, and slow garbage collections
+        loop_watch.LoopWatch(watch_ms).start()
+        loop_watch.GcWatch(watch_ms).start()
 
 
 async def prune_audio_forever() -> None:

@@ -10,14 +10,18 @@ also keeps every clip in the database, so any box can serve it (see
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from ..providers.base import AudioClip
+
+T = TypeVar("T")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
@@ -40,6 +44,23 @@ class AudioStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.url_prefix = url_prefix.rstrip("/")
+        self._io: concurrent.futures.ThreadPoolExecutor | None = None
+
+    async def run_io(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on this store's file thread, off the event loop.
+
+        Why: a clip written on the event loop held a loaded worker's loop 130-270 ms
+        (the disk busy with PostgreSQL and the other workers; ``VOICECLAW_LOOP_WATCH_MS``
+        caught it), and with it every session's microphone on that worker. One thread,
+        so the store's (and its cache's) writes never race each other, and no turn's
+        audio waits behind the database calls in the default executor."""
+        if self._io is None:
+            self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="audio-io")
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
+    async def save_async(self, clip: AudioClip, audio_id: str | None = None) -> StoredAudio:
+        """:meth:`save` on the store's file thread (what a turn calls)."""
+        return await self.run_io(self.save, clip, audio_id)
 
     def url_for(self, audio_id: str) -> str:
         return f"{self.url_prefix}/{audio_id}.wav"

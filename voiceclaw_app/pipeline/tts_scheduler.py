@@ -93,6 +93,14 @@ class TTSCache:
             return None  # pruned meanwhile by another worker, or damaged: synthesize again
         return stored
 
+    async def aget(self, identity: tuple, text: str) -> StoredAudio | None:
+        """:meth:`get` on the store's file thread (a turn's path: never on the event loop)."""
+        return await self.store.run_io(self.get, identity, text)
+
+    async def aput(self, identity: tuple, text: str, clip: AudioClip) -> None:
+        """:meth:`put` on the store's file thread."""
+        await self.store.run_io(self.put, identity, text, clip)
+
     def put(self, identity: tuple, text: str, clip: AudioClip) -> None:
         """Remember a phrase's audio (atomic write), then keep the cache under its cap.
         A cache that cannot be written (disk full) only costs a later synthesis."""
@@ -151,15 +159,15 @@ async def synthesize_cached(tts: TTS, cache: TTSCache | None, store: AudioStore,
     ``None`` if cancelled before it was stored."""
     identity = tts.cache_identity(voice, speed)
     if cache is not None:
-        hit = cache.get(identity, text)
+        hit = await cache.aget(identity, text)
         if hit is not None:
             return hit
     clip = await tts.synthesize(text, voice=voice, speed=speed, cancel=cancel)
     if cancel.cancelled:
         return None
-    stored = store.save(clip)
+    stored = await store.save_async(clip)
     if cache is not None:
-        cache.put(identity, text, clip)
+        await cache.aput(identity, text, clip)
     return stored
 
 
@@ -297,7 +305,7 @@ class TTSScheduler:
             return
         identity = self.tts.cache_identity(self.voice, self.speed)
         if self.cache is not None:
-            hit = self.cache.get(identity, chunk.speech)
+            hit = await self.cache.aget(identity, chunk.speech)
             if hit is not None:
                 out.put_nowait(ChunkAudio(chunk, hit))
                 return
@@ -305,12 +313,12 @@ class TTSScheduler:
         async for clip in self.tts.synthesize_stream(chunk.speech, voice=self.voice, speed=self.speed, cancel=self.cancel):
             if self.cancel.cancelled:
                 return
-            out.put_nowait(ChunkAudio(chunk, self.store.save(clip), part=len(clips)))
+            out.put_nowait(ChunkAudio(chunk, await self.store.save_async(clip), part=len(clips)))
             clips.append(clip)
         if clips and self.cache is not None and not self.cancel.cancelled:
             # the whole chunk, joined, so a repeat of this phrase is instant
             whole = b"".join(c.pcm16() for c in clips)
-            self.cache.put(identity, chunk.speech, AudioClip.from_pcm16(whole, clips[0].sample_rate))
+            await self.cache.aput(identity, chunk.speech, AudioClip.from_pcm16(whole, clips[0].sample_rate))
 
 
 # ---------------------------------------------------------------- streamed text in
@@ -493,7 +501,7 @@ class StreamedReply:
         s = self.sched
         assert self._reply is not None
         identity = s.tts.cache_identity(s.voice, s.speed)
-        hit = s.cache.get(identity, chunk.speech) if s.cache is not None else None
+        hit = await s.cache.aget(identity, chunk.speech) if s.cache is not None else None
         if hit is not None:
             if self._pending:  # the group before it must not play after it
                 while self._reply.flushes.left() <= 0 and not s.cancel.cancelled:
@@ -534,18 +542,18 @@ class StreamedReply:
                     if group is not None:
                         group.pcm += ev.pcm16
                         if len(group.pcm) >= 2 * reply.sample_rate * group.piece_ms / 1000:
-                            self._piece(group, reply.sample_rate)
+                            await self._piece(group, reply.sample_rate)
                             group.piece_ms *= 2
                 elif isinstance(ev, ReplyFlushed):
                     group = self._group(ev.flush_id)
                     if group is None:
                         continue
                     if group.pcm:
-                        self._piece(group, reply.sample_rate)
+                        await self._piece(group, reply.sample_rate)
                     self._groups.popleft()
                     if len(group.members) == 1 and group.clips and s.cache is not None and not s.cancel.cancelled:
                         whole = b"".join(c.pcm16() for c in group.clips)
-                        s.cache.put(s.tts.cache_identity(s.voice, s.speed), group.chunk.speech, AudioClip.from_pcm16(whole, reply.sample_rate))
+                        await s.cache.aput(s.tts.cache_identity(s.voice, s.speed), group.chunk.speech, AudioClip.from_pcm16(whole, reply.sample_rate))
                     group.done()
                     self._progress.set()
             if (self._groups or self._pending) and not s.cancel.cancelled:
@@ -581,14 +589,14 @@ class StreamedReply:
             self._groups.popleft().done()  # a flush the service never confirmed: end it
         return self._groups[0] if self._groups and self._groups[0].flush_id == flush_id else None
 
-    def _piece(self, group: _Group, rate: int) -> None:
+    async def _piece(self, group: _Group, rate: int) -> None:
         s = self.sched
         pcm = bytes(group.pcm[: len(group.pcm) & ~1])
         group.pcm = group.pcm[len(pcm):]
         if not pcm or s.cancel.cancelled:
             return
         clip = AudioClip.from_pcm16(pcm, rate)
-        group.out.put_nowait(ChunkAudio(group.chunk, s.store.save(clip), part=group.parts))
+        group.out.put_nowait(ChunkAudio(group.chunk, await s.store.save_async(clip), part=group.parts))
         group.parts += 1
         group.clips.append(clip)
         self._delivered_audio(clip.duration_ms)

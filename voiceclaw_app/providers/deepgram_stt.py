@@ -58,6 +58,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -197,10 +198,22 @@ class DeepgramOptions:
         }
 
 
+#: one SDK client per event loop and (key, URL), kept: building one builds an httpx
+#: client, whose SSL context loads the CA bundle, on the event loop; at every listener
+#: start that held a loaded worker's loop ~200 ms (``VOICECLAW_LOOP_WATCH_MS`` caught it)
+_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], Any]]" = weakref.WeakKeyDictionary()
+
+
 def _client(api_key: str, url: str):
+    """The Deepgram SDK client for this loop, key and URL (its httpx client is loop-bound)."""
     from deepgram import AsyncDeepgramClient
 
-    return AsyncDeepgramClient(api_key=api_key or "not-set", environment=deepgram_environment(url))
+    loop = asyncio.get_running_loop()
+    per_loop = _clients.setdefault(loop, {})
+    client = per_loop.get((api_key, url))
+    if client is None:
+        client = per_loop[(api_key, url)] = AsyncDeepgramClient(api_key=api_key or "not-set", environment=deepgram_environment(url))
+    return client
 
 
 def _as_dict(msg: Any) -> dict:

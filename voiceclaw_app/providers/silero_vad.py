@@ -144,8 +144,12 @@ class _RemoteSilero:
     """One silero context (recurrent state) in the helper process."""
 
     def __init__(self) -> None:
+        # the context is made on first use, off the event loop: made here it was a round
+        # trip to the helper, queued behind every other session's windows (~200 ms under
+        # load, on the loop, whenever someone's listener started; or the helper's start)
         self._proc = vad_process()
-        self._new()
+        self._ctx = 0
+        self._gen = -1  # no context yet: the first call makes one
 
     def _new(self) -> None:
         self._ctx = struct.unpack("<I", self._proc.call(b"N", 0, b"", 4))[0]
@@ -153,7 +157,8 @@ class _RemoteSilero:
 
     def reset(self) -> None:
         if self._gen != self._proc.generation:
-            self._new()
+            self._new()  # a fresh context is already reset
+            return
         self._proc.call(b"R", self._ctx, b"", 1)
 
     def probability(self, window: bytes) -> float:

@@ -1,0 +1,68 @@
+"""LoopWatch: a held event loop is logged with the stack that holds it, once per stall;
+a loop that keeps running is never reported."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from voiceclaw_app.server.loop_watch import GcWatch, LoopWatch, threshold_ms_from_env
+
+
+def _hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # synchronous work on the loop: what the watch is for
+
+
+async def test_a_held_loop_is_logged_with_the_code_holding_it(caplog):
+    caplog.set_level(logging.WARNING, logger="voiceclaw.loop")
+    watch = LoopWatch(threshold_ms=100).start()
+    try:
+        await asyncio.sleep(0.1)
+        _hold_the_loop(0.4)
+        await asyncio.sleep(0.1)
+    finally:
+        watch.stop()
+    assert watch.stalls == 1  # one stall, one report (not one per check)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "_hold_the_loop" in text and "event loop held for" in text
+
+
+async def test_a_loop_that_keeps_running_is_not_reported(caplog):
+    caplog.set_level(logging.WARNING, logger="voiceclaw.loop")
+    watch = LoopWatch(threshold_ms=150).start()
+    try:
+        for _ in range(20):
+            _hold_the_loop(0.02)  # short bits of work, each well under the threshold
+            await asyncio.sleep(0.01)
+    finally:
+        watch.stop()
+    assert watch.stalls == 0
+    assert not [r for r in caplog.records if r.name == "voiceclaw.loop"]
+
+
+@pytest.mark.parametrize("value, expected", [("", 0.0), ("250", 250.0), ("-5", 0.0), ("soon", 0.0)])
+def test_threshold_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("VOICECLAW_LOOP_WATCH_MS", value)
+    assert threshold_ms_from_env() == expected
+
+
+def test_a_slow_garbage_collection_is_logged(caplog):
+    import gc
+
+    caplog.set_level(logging.WARNING, logger="voiceclaw.loop")
+    watch = GcWatch(threshold_ms=0).start()  # every pass counts
+    try:
+        gc.collect(2)
+    finally:
+        watch.stop()
+    assert [g for g, _ms in watch.slow] == [2]
+    assert "garbage collection of generation 2 took" in caplog.text
+    fast = GcWatch(threshold_ms=60_000).start()
+    try:
+        gc.collect(0)
+    finally:
+        fast.stop()
+    assert fast.slow == []
