@@ -66,3 +66,18 @@ def test_a_slow_garbage_collection_is_logged(caplog):
     finally:
         fast.stop()
     assert fast.slow == []
+
+
+async def test_the_loop_lag_is_reported_per_period(caplog):
+    caplog.set_level(logging.INFO, logger="voiceclaw.loop")
+    watch = LoopWatch(threshold_ms=1000, report_every_s=0.3).start()
+    try:
+        await asyncio.sleep(0.1)
+        _hold_the_loop(0.12)  # one beat 100+ ms late, under the stall threshold
+        await asyncio.sleep(0.4)
+    finally:
+        watch.stop()
+    reports = [r.getMessage() for r in caplog.records if "event loop lag over" in r.getMessage()]
+    assert reports and watch.stalls == 0
+    worst = float(reports[0].split("max ")[1].split(" ms")[0])
+    assert 90 <= worst < 1000

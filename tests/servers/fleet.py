@@ -58,6 +58,10 @@ class CloudFleet:
         return self
 
     async def _start(self) -> None:
+        from voiceclaw_app.server.loop_watch import LoopWatch, threshold_ms_from_env
+
+        if threshold_ms_from_env():  # was the simulated cloud itself late? (its loop's lag, logged)
+            LoopWatch(threshold_ms_from_env()).start()
         self.dg = await FakeDeepgramServer(api_key=API_KEY, profile=self.profile).start()
         self.chat = await FakeChatServer(ChatBehavior(ttft_s=TTFT_S, tokens_per_s=TOKENS_PER_S), reply_fn=self.reply_fn, api_key=API_KEY).start()
         self.speech = await FakeSpeechServer(SpeechBehavior(ttfb_s=TTS_TTFB_S, realtime_factor=TTS_REALTIME), api_key=API_KEY).start()
@@ -101,6 +105,11 @@ def fleet_env(dg_url: str, chat_url: str, speech_url: str) -> dict[str, str]:
 
 
 def _child(conn, default_text: str) -> None:
+    import logging
+    import os
+
+    if os.environ.get("VOICECLAW_LOOP_WATCH_MS"):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s fleet %(levelname)s %(name)s: %(message)s")
     fleet = CloudFleet(default_text=default_text).start()
     conn.send(fleet.env())
     conn.recv()  # anything (or EOF): stop

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import secrets
@@ -52,6 +53,7 @@ import numpy as np
 
 from ..pipeline.text import chunk_text
 from ..pipeline.timing import now_ms
+from ..server.loop_watch import LoopWatch, threshold_ms_from_env
 from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE
 from .drive import Fixture, dither, load_fixtures
 from .pipeline import TOKENS_PER_S, TTFT_S, TTS_TTFB_S, first_chunk_tokens, transfer_s
@@ -431,7 +433,11 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
             since = time.time()
             t_start = now_ms()
             stop_at = time.monotonic() + minutes * 60
+            # the harness paces every microphone: when its own loop runs late, the audio
+            # (and so the recognizer's silence) reaches the app late, and that is measured
+            harness = LoopWatch(threshold_ms_from_env() or 60_000, report_every_s=math.inf).start()
             await asyncio.gather(*(_user_loop(u, fixtures, stop_at) for u in users), return_exceptions=True)
+            harness.stop()
             elapsed_s = (now_ms() - t_start) / 1000
             await asyncio.sleep(1.0)
             rss_end = rss_mb(pids())
@@ -471,6 +477,7 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
             for t, u, p in sorted(((t, u, p) for u in users for t, p in u.stats.incidents), key=lambda x: x[0])[:50]
         ],
         "warmup_errors": sum(1 for w in warm if w is not True),
+        "harness_loop_lag_ms": harness.lag_summary(),
         "rss_mb_start": round(rss_start, 1),
         "rss_mb_end": round(rss_end, 1),
         "rss_growth_pct": round(100.0 * (rss_end - rss_start) / rss_start, 1) if rss_start else None,

@@ -40,9 +40,13 @@ class LoopWatch:
     """Logs the stack of the thread running ``loop`` whenever ``loop`` has not run its
     heartbeat for ``threshold_ms``. Start it from a coroutine on that loop."""
 
-    def __init__(self, threshold_ms: float) -> None:
+    def __init__(self, threshold_ms: float, report_every_s: float = 60.0) -> None:
         self.threshold_s = threshold_ms / 1000.0
+        self.report_every_s = report_every_s
         self.stalls = 0
+        #: how late each heartbeat ran (ms) since the last report: the loop's lag
+        self.lags: list[float] = []
+        self._reported_at = time.monotonic()
         self._beat = time.monotonic()
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -59,9 +63,31 @@ class LoopWatch:
         self._stop.set()
 
     def _tick(self) -> None:
-        self._beat = time.monotonic()
+        now = time.monotonic()
+        if self._loop is not None:
+            self.lags.append(max(0.0, (now - self._beat - BEAT_S) * 1000))
+        self._beat = now
+        if now - self._reported_at >= self.report_every_s:
+            self._report(now)
         if not self._stop.is_set() and self._loop is not None:
             self._loop.call_later(BEAT_S, self._tick)
+
+    def lag_summary(self, reset: bool = False) -> dict[str, float] | None:
+        """How late the 20 ms heartbeat ran since the last report (ms): p50, p99, max."""
+        lags = sorted(self.lags)
+        if reset:
+            self.lags = []
+        if not lags:
+            return None
+        pick = lambda q: round(lags[min(len(lags) - 1, int(q * len(lags)))], 1)  # noqa: E731
+        return {"p50": pick(0.5), "p99": pick(0.99), "max": round(lags[-1], 1), "beats": len(lags)}
+
+    def _report(self, now: float) -> None:
+        """The loop's lag over the last period, logged."""
+        self._reported_at = now
+        lag = self.lag_summary(reset=True)
+        if lag:
+            log.info("event loop lag over %.0f s: p50 %.1f ms, p99 %.1f ms, max %.0f ms (%d beats)", self.report_every_s, lag["p50"], lag["p99"], lag["max"], lag["beats"])
 
     def _watch(self) -> None:
         reported = 0.0
