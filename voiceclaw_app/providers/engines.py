@@ -191,6 +191,16 @@ def start_warmup(names: tuple[str, ...] = ENGINE_NAMES, settings: VoiceSettings 
         return _warm_thread
 
 
+def wait_warmup(timeout_s: float) -> bool:
+    """Block (a worker thread, never the loop) until the warm-up thread is done, at most
+    ``timeout_s``; True when none is running any more."""
+    thread = _warm_thread
+    if thread is not None:
+        thread.join(timeout_s)
+        return not thread.is_alive()
+    return True
+
+
 def engine_status() -> dict[str, str]:
     """``{"stt": "ready", "llm": "warming", "turn": "off", "tts": "error: ..."}`` for the UI."""
     words = {"ready": "ready", "warming": "warming", "idle": "off"}

@@ -158,6 +158,15 @@ def engine_status() -> dict[str, str]:
         return {"engines": f"error: {exc}"}
 
 
+def wait_engine_warmup(timeout_s: float) -> None:
+    """Until the start-up warm-up of the embedded engines is done (blocking: a thread)."""
+    try:
+        from ..providers import engines
+    except ImportError:
+        return
+    engines.wait_warmup(timeout_s)
+
+
 def start_engine_warmup(settings: VoiceSettings | None = None) -> None:
     """Warm the embedded engines the deployment's settings (``settings``, else the
     stored ones) can use; ``VOICECLAW_WARM_ENGINES=all`` warms all of them."""
