@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--sessions", type=int, default=None, help="load: simulated users (default 50)")
     load.add_argument("--minutes", type=float, default=None, help="load: how long they talk (default 5)")
     load.add_argument("--workers", type=int, default=None, help="load: backend workers behind the proxy (default 3)")
+    load.add_argument("--harness-processes", type=int, default=None, help="load: processes the simulated users are spread over (default 1)")
     args = parser.parse_args(argv)
     s = args.scenario
-    load_flags = {k: v for k, v in {"sessions": args.sessions, "minutes": args.minutes, "workers": args.workers}.items() if v is not None}
-    _only(parser, bool(load_flags), s, ("load",), "--sessions, --minutes and --workers")
+    load_flags = {k: v for k, v in {"sessions": args.sessions, "minutes": args.minutes, "workers": args.workers, "harness_processes": args.harness_processes}.items() if v is not None}
+    _only(parser, bool(load_flags), s, ("load",), "--sessions, --minutes, --workers and --harness-processes")
     _only(parser, args.silence_ms is not None or args.no_speculative or args.no_prefill or args.turn_detection is not None, s, ("local",), "--silence-ms, --no-speculative, --no-prefill and --turn-detection")
     _only(parser, args.fixtures != "default", s, ("local", "browser"), "--fixtures")
     _only(parser, args.verbose, s, ("local", "stt", "turns"), "-v")

@@ -20,6 +20,12 @@ as in ``cloud --via-ws``); ``overhead`` = that minus the ideal critical path of 
 reply (is_final delay + first token + the first chunk's remaining tokens + TTS first
 byte + the transfer of the first playable piece); ``stages_ms``: each stored mark of
 :data:`STAGE_MARKS` (ms after speech end), to see which stage a busy box delays.
+The users run in a harness process (``--harness-processes`` spreads them over more);
+``harness_loop_lag_ms`` says how late its event loop ran while it paced the
+microphones: a microphone paced late delivers the silence that ends a turn late, and
+the app measures that as its own lateness, so when its p99 nears the overhead
+figures the harness, not the app, was the bottleneck (on 2 cores, at 50 sessions, it
+ran up to 9 s late; spread over 5 processes it took the cores from the app instead).
 ``error_log``: user, time (UTC) and problem of the first 50 errors, to find them in the
 workers' logs (``VOICECLAW_LOAD_DIR`` keeps those). ``rss_mb_start`` / ``rss_mb_end``:
 resident memory of all worker processes together, after warm-up and at the end.
@@ -396,7 +402,68 @@ async def _user_loop(user: SimulatedUser, fixtures: list[Fixture], stop_at: floa
         await asyncio.sleep(rnd.uniform(1.0, 3.0))  # the user listens, then thinks
 
 
-async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -> dict[str, Any]:
+def _fixtures() -> list[Fixture]:
+    return [f for f in load_fixtures() if f.name.startswith("q_")]
+
+
+def _harness_main(conn: Any, url: str, cafile: str, indices: list[int], database_url: str) -> None:
+    """A harness process (spawned): its users connect, take a warm-up turn, say "ready",
+    then talk for the seconds the "go" message gives and send back what happened."""
+    os.environ["VOICECLAW_DATABASE_URL"] = database_url  # login_headers: the cluster's accounts
+    asyncio.run(_harness(conn, url, cafile, indices))
+
+
+async def _harness(conn: Any, url: str, cafile: str, indices: list[int]) -> None:
+    fixtures = _fixtures()
+    users = [SimulatedUser(url, ssl.create_default_context(cafile=cafile), i) for i in indices]
+    connect_errors = 0
+    for chunk in range(0, len(users), 10):  # connect in groups: a page load is not a stampede
+        results = await asyncio.gather(*(u.connect() for u in users[chunk:chunk + 10]), return_exceptions=True)
+        connect_errors += sum(isinstance(r, BaseException) for r in results)
+    # one warm-up turn each (connections, runner, phrase audio), not measured
+    warm = await asyncio.gather(*(u.speak(fixtures[0]) for u in users), return_exceptions=True)
+    for u in users:
+        u.stats = UserStats()
+    conn.send(("ready", None))
+    _go, seconds = await asyncio.to_thread(conn.recv)
+    # the harness paces the microphones: when its loop runs late, their audio (and so
+    # the recognizer's silence) reaches the app late, and that is measured as the app's
+    watch = LoopWatch(threshold_ms_from_env() or 60_000, report_every_s=math.inf).start()
+    stop_at = time.monotonic() + seconds
+    await asyncio.gather(*(_user_loop(u, fixtures, stop_at) for u in users), return_exceptions=True)
+    watch.stop()
+    conn.send(("done", {
+        "connect_errors": connect_errors,
+        "warmup_errors": sum(1 for w in warm if w is not True),
+        "users": [(u.index, u.stats) for u in users],
+        "lags": watch.lags,
+    }))
+    await asyncio.gather(*(u.close() for u in users), return_exceptions=True)
+
+
+async def _receive(proc: Any, pipe: Any, timeout_s: float, what: str) -> Any:
+    """The harness process's next message; a clear error if it died or went quiet."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(pipe.poll, 1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"a load harness process exited (code {proc.exitcode}) before {what}: see its traceback above")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a load harness process did not report {what} within {timeout_s:.0f} s")
+    return pipe.recv()
+
+
+def _lag_summary(lags: list[float]) -> dict[str, float] | None:
+    lags = sorted(lags)
+    if not lags:
+        return None
+    pick = lambda q: round(lags[min(len(lags) - 1, int(q * len(lags)))], 1)  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(lags[-1], 1)}
+
+
+async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, harness_processes: int = 1) -> dict[str, Any]:
+    """See the module docstring. ``harness_processes``: the simulated users are spread
+    over that many processes (each its own event loop pacing its microphones)."""
+    import multiprocessing as mp
     import sys
 
     root = Path(__file__).resolve().parents[2]
@@ -405,7 +472,6 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
     from deploy.cluster import Cluster
     from tests.servers.fleet import fleet_process
 
-    fixtures = [f for f in load_fixtures() if f.name.startswith("q_")]
     keep = os.environ.get("VOICECLAW_LOAD_DIR")  # keep the cluster's logs there (debugging)
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
@@ -414,49 +480,47 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
         os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user
         cluster = Cluster(root=Path(tmp), workers=workers, first_port=FIRST_WORKER_PORT, https_port=HTTPS_PORT, redis_port=REDIS_PORT, pg_port=PG_PORT, extra_env=provider_env)
         await asyncio.to_thread(cluster.start, False)
-        previous_db = os.environ.get("VOICECLAW_DATABASE_URL")
-        os.environ["VOICECLAW_DATABASE_URL"] = cluster.postgres.url  # login_headers: the cluster's accounts
+        harnesses: list[tuple[Any, Any]] = []
         try:
-            ctx = cluster.ssl_context()
             pids = lambda: [p for i in range(workers) for p in cluster.worker_pids(i)]  # noqa: E731
-            users = [SimulatedUser(cluster.url, ctx, i) for i in range(sessions)]
-            connect_errors = 0
-            for chunk in range(0, sessions, 10):  # connect in groups: a page load is not a stampede
-                results = await asyncio.gather(*(u.connect() for u in users[chunk:chunk + 10]), return_exceptions=True)
-                connect_errors += sum(isinstance(r, BaseException) for r in results)
-            # one warm-up turn each (connections, runner, phrase audio), not measured
-            warm = await asyncio.gather(*(u.speak(fixtures[0]) for u in users), return_exceptions=True)
-            for u in users:
-                u.stats = UserStats()
+            spawn = mp.get_context("spawn")
+            for k in range(max(1, min(harness_processes, sessions))):
+                ours, theirs = spawn.Pipe()
+                indices = list(range(k, sessions, max(1, min(harness_processes, sessions))))
+                proc = spawn.Process(target=_harness_main, args=(theirs, cluster.url, str(cluster.ca_cert), indices, cluster.postgres.url), daemon=True)
+                proc.start()
+                harnesses.append((proc, ours))
+            for proc, pipe in harnesses:  # every user connected and warm
+                await _receive(proc, pipe, 600, "its users ready")
             await asyncio.sleep(2.0)
             rss_start = rss_mb(pids())
             since = time.time()
             t_start = now_ms()
-            stop_at = time.monotonic() + minutes * 60
-            # the harness paces every microphone: when its own loop runs late, the audio
-            # (and so the recognizer's silence) reaches the app late, and that is measured
-            harness = LoopWatch(threshold_ms_from_env() or 60_000, report_every_s=math.inf).start()
-            await asyncio.gather(*(_user_loop(u, fixtures, stop_at) for u in users), return_exceptions=True)
-            harness.stop()
+            for _proc, pipe in harnesses:
+                pipe.send(("go", minutes * 60))
+            reports = []
+            for proc, pipe in harnesses:
+                reports.append((await _receive(proc, pipe, minutes * 60 + 120, "its users' turns"))[1])
             elapsed_s = (now_ms() - t_start) / 1000
             await asyncio.sleep(1.0)
             rss_end = rss_mb(pids())
-            await asyncio.gather(*(u.close() for u in users), return_exceptions=True)
             rows = await asyncio.to_thread(stored_turns, cluster.postgres.url, since)
         finally:
+            for proc, _pipe in harnesses:
+                proc.join(10)
+                if proc.is_alive():
+                    proc.kill()
             await asyncio.to_thread(cluster.stop)
-            if previous_db is None:
-                os.environ.pop("VOICECLAW_DATABASE_URL", None)
-            else:
-                os.environ["VOICECLAW_DATABASE_URL"] = previous_db
+    users = [(index, stats) for rep in reports for index, stats in rep["users"]]
+    connect_errors = sum(rep["connect_errors"] for rep in reports)
     ttfa = [r["first_audio_ready"] for r in rows if r["first_audio_ready"] is not None]
     overhead = [r["first_audio_ready"] - ideal_ms(r["content"]) for r in rows if r["first_audio_ready"] is not None and r["content"]]
     per_stage = stages([{m: r[m] for m in STAGE_MARKS if r[m] is not None} for r in rows])
-    turns = sum(u.stats.turns for u in users)
-    turn_errors = sum(u.stats.errors for u in users)
+    turns = sum(st.turns for _, st in users)
+    turn_errors = sum(st.errors for _, st in users)
     problems: dict[str, int] = {}
-    for u in users:
-        for p in u.stats.problems:
+    for _, st in users:
+        for p in st.problems:
             problems[p] = problems.get(p, 0) + 1
     return {
         "scenario": "load",
@@ -473,11 +537,13 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3) -
         "error_kinds": problems,
         # who and when (UTC, when the turn was given up), the first 50: grep the workers' logs there
         "error_log": [
-            {"user": f"load-{u.index}", "utc": time.strftime("%H:%M:%S", time.gmtime(t)), "problem": p}
-            for t, u, p in sorted(((t, u, p) for u in users for t, p in u.stats.incidents), key=lambda x: x[0])[:50]
+            {"user": f"load-{index}", "utc": time.strftime("%H:%M:%S", time.gmtime(t)), "problem": p}
+            for t, index, p in sorted(((t, index, p) for index, st in users for t, p in st.incidents), key=lambda x: x[0])[:50]
         ],
-        "warmup_errors": sum(1 for w in warm if w is not True),
-        "harness_loop_lag_ms": harness.lag_summary(),
+        "warmup_errors": sum(rep["warmup_errors"] for rep in reports),
+        # how late the harness processes' loops ran while they paced the microphones
+        "harness_loop_lag_ms": _lag_summary([lag for rep in reports for lag in rep["lags"]]),
+        "harness_processes": len(reports),
         "rss_mb_start": round(rss_start, 1),
         "rss_mb_end": round(rss_end, 1),
         "rss_growth_pct": round(100.0 * (rss_end - rss_start) / rss_start, 1) if rss_start else None,
