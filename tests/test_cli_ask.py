@@ -78,10 +78,18 @@ async def test_ask_speak_writes_one_wav_per_chunk_and_nothing_else(tmp_path):
     # streamed in several pieces per chunk, but one file per chunk; no cache or phrase files.
     # (How many chunks depends on when the tokens came: the first chunk's deadline may
     # cut "Sure," off on its own. Each chunk is one speech request.)
+    # The chunks' requests run side by side and may reach the server in either order;
+    # the files must still be in the reply's order: each file holds its chunk's audio.
+    import wave
+
     names = sorted(p.name for p in (tmp_path / "audio").iterdir())
-    spoken = [b["input"] for b in speech.bodies]
+    spoken = sorted((b["input"] for b in speech.bodies), key=reply.index)
     assert names == [f"chunk-{i:02d}.wav" for i in range(1, len(spoken) + 1)], (names, spoken)
     assert " ".join(spoken) == reply and len(spoken) in (2, 3), spoken
+    for name, text in zip(names, spoken):
+        with wave.open(str(tmp_path / "audio" / name), "rb") as w:
+            pcm = w.readframes(w.getnframes())
+        assert pcm == speech.audio_for(text), (name, text)
 
 
 def test_ask_with_an_unavailable_engine_prints_the_reason_not_a_traceback(tmp_path, monkeypatch, capsys):

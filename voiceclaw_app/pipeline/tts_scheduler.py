@@ -94,7 +94,11 @@ class TTSCache:
         return stored
 
     async def aget(self, identity: tuple, text: str) -> StoredAudio | None:
-        """:meth:`get` on the store's file thread (a turn's path: never on the event loop)."""
+        """:meth:`get` with the copy made on the store's file thread. A miss (a reply's
+        usual case) is answered here with one stat and no hop: a hop let the reply's
+        second chunk send its speech request before the first one's."""
+        if self.lookup(identity, text) is None:
+            return None
         return await self.store.run_io(self.get, identity, text)
 
     async def aput(self, identity: tuple, text: str, clip: AudioClip) -> None:

@@ -1,0 +1,39 @@
+"""``bench load`` end to end, small: 2 simulated users spread over 2 harness processes
+against a one-worker cluster (Redis, PostgreSQL, Caddy) and the protocol servers.
+
+Not a timed test: it checks that the benchmark runs, counts what it should and
+reports its harness's loop lag, so the figures in the README can be produced again."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from deploy.cluster import PG_BIN
+from voiceclaw_app.bench.load import run_load
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+
+def _missing() -> str | None:
+    for tool in ("redis-server", "caddy"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (make test installs it)"
+    if not (PG_BIN / "initdb").exists():
+        return "PostgreSQL 15 binaries not found"
+    return None
+
+
+async def test_bench_load_runs_turns_in_harness_processes_and_reports_their_lag():
+    missing = _missing()
+    if missing:
+        pytest.skip(missing)
+    result = await run_load(sessions=2, minutes=0.25, workers=1, harness_processes=2)
+    assert result["harness_processes"] == 2
+    assert result["errors"] == 0 and result["warmup_errors"] == 0, result["error_log"]
+    assert result["turns_spoken"] >= 2 and result["runs"] == result["turns_spoken"]
+    assert result["overhead_ms"]["p50"] is not None and result["time_to_first_audio_ms"]["p95"] is not None
+    lag = result["harness_loop_lag_ms"]
+    assert lag is not None and 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
+    assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0
