@@ -49,6 +49,16 @@ PG_BIN = Path(os.environ.get("VOICECLAW_PG_BIN", "/usr/lib/postgresql/15/bin"))
 CADDYFILE_TEMPLATE = Path(__file__).with_name("Caddyfile.template")
 
 
+def missing_tools() -> str | None:
+    """What the cluster needs and this machine lacks (in words), or None."""
+    for tool in ("redis-server", "caddy"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (make test installs it)"
+    if not (PG_BIN / "initdb").exists():
+        return "PostgreSQL 15 binaries not found"
+    return None
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, str(default)))
 

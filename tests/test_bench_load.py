@@ -6,27 +6,16 @@ reports its harness's loop lag, so the figures in the README can be produced aga
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from deploy.cluster import PG_BIN
+from deploy.cluster import missing_tools
 from voiceclaw_app.bench.load import run_load
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-def _missing() -> str | None:
-    for tool in ("redis-server", "caddy"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (make test installs it)"
-    if not (PG_BIN / "initdb").exists():
-        return "PostgreSQL 15 binaries not found"
-    return None
-
-
 async def test_bench_load_runs_turns_in_harness_processes_and_reports_their_lag():
-    missing = _missing()
+    missing = missing_tools()
     if missing:
         pytest.skip(missing)
     result = await run_load(sessions=2, minutes=0.25, workers=1, harness_processes=2)

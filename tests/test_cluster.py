@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from deploy.cluster import PG_BIN, Cluster
+from deploy.cluster import Cluster, missing_tools
 from tests.servers.fleet import CloudFleet
 from voiceclaw_app.bench.browser import CHROMIUM, AppUser, chromium_args, create_user
 from voiceclaw_app.bench.drive import load_fixtures
@@ -51,11 +51,9 @@ PEOPLE = (AppUser("ada", "ada-password-1"), AppUser("bruno", "bruno-password-2")
 
 
 def _have_tools() -> str | None:
-    for tool in ("redis-server", "caddy"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (make test installs it)"
-    if not (PG_BIN / "initdb").exists():
-        return "PostgreSQL 15 binaries not found"
+    missing = missing_tools()
+    if missing:
+        return missing
     if not Path(CHROMIUM).exists():
         return "Chromium not installed"
     return None

@@ -59,7 +59,7 @@ import numpy as np
 
 from ..pipeline.text import chunk_text
 from ..pipeline.timing import now_ms
-from ..server.loop_watch import LoopWatch, threshold_ms_from_env
+from ..server.loop_watch import LoopWatch, lag_summary, threshold_ms_from_env
 from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE
 from .drive import Fixture, dither, load_fixtures
 from .pipeline import TOKENS_PER_S, TTFT_S, TTS_TTFB_S, first_chunk_tokens, transfer_s
@@ -452,14 +452,6 @@ async def _receive(proc: Any, pipe: Any, timeout_s: float, what: str) -> Any:
     return pipe.recv()
 
 
-def _lag_summary(lags: list[float]) -> dict[str, float] | None:
-    lags = sorted(lags)
-    if not lags:
-        return None
-    pick = lambda q: round(lags[min(len(lags) - 1, int(q * len(lags)))], 1)  # noqa: E731
-    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(lags[-1], 1)}
-
-
 async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, harness_processes: int = 1) -> dict[str, Any]:
     """See the module docstring. ``harness_processes``: the simulated users are spread
     over that many processes (each its own event loop pacing its microphones)."""
@@ -484,9 +476,10 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, h
         try:
             pids = lambda: [p for i in range(workers) for p in cluster.worker_pids(i)]  # noqa: E731
             spawn = mp.get_context("spawn")
-            for k in range(max(1, min(harness_processes, sessions))):
+            processes = max(1, min(harness_processes, sessions))
+            for k in range(processes):
                 ours, theirs = spawn.Pipe()
-                indices = list(range(k, sessions, max(1, min(harness_processes, sessions))))
+                indices = list(range(k, sessions, processes))
                 proc = spawn.Process(target=_harness_main, args=(theirs, cluster.url, str(cluster.ca_cert), indices, cluster.postgres.url), daemon=True)
                 proc.start()
                 harnesses.append((proc, ours))
@@ -542,7 +535,7 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, h
         ],
         "warmup_errors": sum(rep["warmup_errors"] for rep in reports),
         # how late the harness processes' loops ran while they paced the microphones
-        "harness_loop_lag_ms": _lag_summary([lag for rep in reports for lag in rep["lags"]]),
+        "harness_loop_lag_ms": lag_summary([lag for rep in reports for lag in rep["lags"]]),
         "harness_processes": len(reports),
         "rss_mb_start": round(rss_start, 1),
         "rss_mb_end": round(rss_end, 1),

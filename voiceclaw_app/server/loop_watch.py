@@ -36,6 +36,15 @@ def threshold_ms_from_env() -> float:
     return value if value > 0 else 0.0
 
 
+def lag_summary(lags: list[float]) -> dict[str, float] | None:
+    """p50, p99 and max (ms) of heartbeat lags, and how many beats; None for none."""
+    lags = sorted(lags)
+    if not lags:
+        return None
+    pick = lambda q: round(lags[min(len(lags) - 1, int(q * len(lags)))], 1)  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(lags[-1], 1), "beats": len(lags)}
+
+
 class LoopWatch:
     """Logs the stack of the thread running ``loop`` whenever ``loop`` has not run its
     heartbeat for ``threshold_ms``. Start it from a coroutine on that loop."""
@@ -72,20 +81,10 @@ class LoopWatch:
         if not self._stop.is_set() and self._loop is not None:
             self._loop.call_later(BEAT_S, self._tick)
 
-    def lag_summary(self, reset: bool = False) -> dict[str, float] | None:
-        """How late the 20 ms heartbeat ran since the last report (ms): p50, p99, max."""
-        lags = sorted(self.lags)
-        if reset:
-            self.lags = []
-        if not lags:
-            return None
-        pick = lambda q: round(lags[min(len(lags) - 1, int(q * len(lags)))], 1)  # noqa: E731
-        return {"p50": pick(0.5), "p99": pick(0.99), "max": round(lags[-1], 1), "beats": len(lags)}
-
     def _report(self, now: float) -> None:
         """The loop's lag over the last period, logged."""
         self._reported_at = now
-        lag = self.lag_summary(reset=True)
+        lag, self.lags = lag_summary(self.lags), []
         if lag:
             log.info("event loop lag over %.0f s: p50 %.1f ms, p99 %.1f ms, max %.0f ms (%d beats)", self.report_every_s, lag["p50"], lag["p99"], lag["max"], lag["beats"])
 
