@@ -35,6 +35,23 @@ def cloud_env(chat: FakeChatServer, speech: FakeSpeechServer, tmp_path: Path, ll
     }
 
 
+def assert_files_hold_chunks_in_order(folder: Path, speech: FakeSpeechServer, chunks: list[str]) -> None:
+    """One WAV per chunk, nothing else, each holding its own chunk's audio, in the reply's order.
+
+    The chunks' speech requests start in order but run side by side, so on a loaded machine the
+    second may reach the server first (CI saw it); what the user gets must not depend on that.
+    """
+    import wave
+
+    assert sorted(b["input"] for b in speech.bodies) == sorted(chunks)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [f"chunk-{i:02d}.wav" for i in range(1, len(chunks) + 1)], (names, chunks)
+    for name, text in zip(names, chunks):
+        with wave.open(str(folder / name), "rb") as w:
+            pcm = w.readframes(w.getnframes())
+        assert pcm == speech.audio_for(text), (name, text)
+
+
 async def test_ask_streams_the_reply_and_writes_audio(tmp_path):
     reply = "Sure, here is **your** answer. It has `two` sentences."
     async with FakeChatServer(ChatBehavior(reply=reply, ttft_s=0.05), api_key="tok", gateway=True) as chat, FakeSpeechServer(SpeechBehavior(ttfb_s=0.02, realtime_factor=20), api_key="sk-test") as speech:
@@ -42,9 +59,7 @@ async def test_ask_streams_the_reply_and_writes_audio(tmp_path):
         assert rc == 0, err
         assert out.strip() == reply  # the original text, as the transcript shows it
         assert "timings:" in err and "llm_first_token" in err
-        wavs = sorted((tmp_path / "audio").glob("*.wav"))
-        assert wavs and all(w.read_bytes()[:4] == b"RIFF" for w in wavs)
-        assert [b["input"] for b in speech.bodies] == ["Sure, here is your answer.", "It has two sentences."]
+        assert_files_hold_chunks_in_order(tmp_path / "audio", speech, ["Sure, here is your answer.", "It has two sentences."])
         assert chat.bodies[0]["model"] == "openclaw:voice" and chat.requests[-1].headers["x-openclaw-agent-id"] == "voice"
 
 
@@ -78,18 +93,9 @@ async def test_ask_speak_writes_one_wav_per_chunk_and_nothing_else(tmp_path):
     # streamed in several pieces per chunk, but one file per chunk; no cache or phrase files.
     # (How many chunks depends on when the tokens came: the first chunk's deadline may
     # cut "Sure," off on its own. Each chunk is one speech request.)
-    # The chunks' requests run side by side and may reach the server in either order;
-    # the files must still be in the reply's order: each file holds its chunk's audio.
-    import wave
-
-    names = sorted(p.name for p in (tmp_path / "audio").iterdir())
     spoken = sorted((b["input"] for b in speech.bodies), key=reply.index)
-    assert names == [f"chunk-{i:02d}.wav" for i in range(1, len(spoken) + 1)], (names, spoken)
     assert " ".join(spoken) == reply and len(spoken) in (2, 3), spoken
-    for name, text in zip(names, spoken):
-        with wave.open(str(tmp_path / "audio" / name), "rb") as w:
-            pcm = w.readframes(w.getnframes())
-        assert pcm == speech.audio_for(text), (name, text)
+    assert_files_hold_chunks_in_order(tmp_path / "audio", speech, spoken)
 
 
 def test_ask_with_an_unavailable_engine_prints_the_reason_not_a_traceback(tmp_path, monkeypatch, capsys):
