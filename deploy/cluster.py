@@ -76,6 +76,31 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every live, non-zombie process (/proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _tree(root: int, table: dict[int, tuple[int, int]]) -> list[int]:
+    """``root`` and its descendants (PostgreSQL's backends, a worker's helpers)."""
+    if root not in table:
+        return []
+    found, frontier = [root], {root}
+    while frontier:
+        children = [pid for pid, (ppid, _) in table.items() if ppid in frontier and pid not in found]
+        found += children
+        frontier = set(children)
+    return found
+
+
 def _wait(check, timeout_s: float, what: str, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -315,15 +340,24 @@ class Cluster:
         if not pidfile.exists():
             return []
         pgid = int(pidfile.read_text())
-        pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        return [pid for pid, (_ppid, group) in _process_table().items() if group == pgid]
+
+    def processes(self) -> dict[str, list[int]]:
+        """Every live process this cluster runs, by part (the load benchmark's CPU figures)."""
+        table = _process_table()
+
+        def tree(pidfile: Path) -> list[int]:
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(stat.parent.name))
-        return pids
+                return _tree(int(pidfile.read_text().split()[0]), table)
+            except (OSError, ValueError, IndexError):
+                return []
+
+        return {
+            "workers": [p for i in range(self.workers) for p in self.worker_pids(i)],
+            "proxy": tree(self.root / "caddy.pid"),
+            "redis": tree(self.redis.pidfile),
+            "postgres": tree(self.postgres.data / "postmaster.pid"),
+        }
 
     def kill_worker(self, i: int, sig: int = signal.SIGKILL) -> None:
         """SIGKILL (by default) every process of worker ``i``: a crash, no clean-up."""

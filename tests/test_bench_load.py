@@ -26,3 +26,9 @@ async def test_bench_load_runs_turns_in_harness_processes_and_reports_their_lag(
     lag = result["harness_loop_lag_ms"]
     assert lag is not None and 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
     assert result["rss_mb_start"] > 0 and result["rss_mb_end"] > 0
+    cpu = result["cpu_pct"]
+    assert set(cpu) == {"workers", "proxy", "redis", "postgres", "protocol_servers", "harness", "box_pct"}, cpu
+    # every part that carried the turns was seen working: the process lists are right
+    assert all(cpu[part] > 0 for part in ("workers", "proxy", "postgres", "protocol_servers", "harness")), cpu
+    # no process counted in two parts: together they are at most the whole box
+    assert sum(v for part, v in cpu.items() if part != "box_pct") <= cpu["box_pct"] + 1, cpu

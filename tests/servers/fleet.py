@@ -132,6 +132,11 @@ class fleet_process:
             raise RuntimeError("the protocol servers did not start")
         return self._conn.recv()
 
+    @property
+    def pid(self) -> int | None:
+        """The child process's pid (the load benchmark counts its CPU)."""
+        return self._proc.pid
+
     def __exit__(self, *exc) -> None:
         try:
             self._conn.send("stop")

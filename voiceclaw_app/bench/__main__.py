@@ -68,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     load.add_argument("--minutes", type=float, default=None, help="load: how long they talk (default 5)")
     load.add_argument("--workers", type=int, default=None, help="load: backend workers behind the proxy (default 3)")
     load.add_argument("--harness-processes", type=int, default=None, help="load: processes the simulated users are spread over (default 1)")
+    load.add_argument("--idle", action="store_true", default=None, help="load: nobody speaks; what the open microphones alone cost (cpu_pct)")
     args = parser.parse_args(argv)
     s = args.scenario
-    load_flags = {k: v for k, v in {"sessions": args.sessions, "minutes": args.minutes, "workers": args.workers, "harness_processes": args.harness_processes}.items() if v is not None}
-    _only(parser, bool(load_flags), s, ("load",), "--sessions, --minutes, --workers and --harness-processes")
+    load_flags = {k: v for k, v in {"sessions": args.sessions, "minutes": args.minutes, "workers": args.workers, "harness_processes": args.harness_processes, "idle": args.idle}.items() if v is not None}
+    _only(parser, bool(load_flags), s, ("load",), "--sessions, --minutes, --workers, --harness-processes and --idle")
     _only(parser, args.silence_ms is not None or args.no_speculative or args.no_prefill or args.turn_detection is not None, s, ("local",), "--silence-ms, --no-speculative, --no-prefill and --turn-detection")
     _only(parser, args.fixtures != "default", s, ("local", "browser"), "--fixtures")
     _only(parser, args.verbose, s, ("local", "stt", "turns"), "-v")

@@ -26,6 +26,10 @@ microphones: a microphone paced late delivers the silence that ends a turn late,
 the app measures that as its own lateness, so when its p99 nears the overhead
 figures the harness, not the app, was the bottleneck (on 2 cores, at 50 sessions, it
 ran up to 9 s late; spread over 5 processes it took the cores from the app instead).
+``cpu_pct``: the CPU each part of the box used while the users talked (% of one core:
+workers with their VAD helpers, proxy, redis, postgres, protocol_servers, harness) and
+``box_pct`` (every process on the box; 200 is a full 2-core box), to see who had the cores.
+``--idle``: nobody speaks, no warm-up turn: what N open microphones cost on their own.
 ``error_log``: user, time (UTC) and problem of the first 50 errors, to find them in the
 workers' logs (``VOICECLAW_LOAD_DIR`` keeps those). ``rss_mb_start`` / ``rss_mb_end``:
 resident memory of all worker processes together, after warm-up and at the end.
@@ -58,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from ..pipeline.text import chunk_text
+from .cpu import CpuMeter
 from ..pipeline.timing import now_ms
 from ..server.loop_watch import LoopWatch, lag_summary, threshold_ms_from_env
 from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE
@@ -406,14 +411,15 @@ def _fixtures() -> list[Fixture]:
     return [f for f in load_fixtures() if f.name.startswith("q_")]
 
 
-def _harness_main(conn: Any, url: str, cafile: str, indices: list[int], database_url: str) -> None:
+def _harness_main(conn: Any, url: str, cafile: str, indices: list[int], database_url: str, idle: bool = False) -> None:
     """A harness process (spawned): its users connect, take a warm-up turn, say "ready",
-    then talk for the seconds the "go" message gives and send back what happened."""
+    then talk for the seconds the "go" message gives and send back what happened
+    (``idle``: no turns at all, the microphones only stream room noise)."""
     os.environ["VOICECLAW_DATABASE_URL"] = database_url  # login_headers: the cluster's accounts
-    asyncio.run(_harness(conn, url, cafile, indices))
+    asyncio.run(_harness(conn, url, cafile, indices, idle))
 
 
-async def _harness(conn: Any, url: str, cafile: str, indices: list[int]) -> None:
+async def _harness(conn: Any, url: str, cafile: str, indices: list[int], idle: bool = False) -> None:
     fixtures = _fixtures()
     users = [SimulatedUser(url, ssl.create_default_context(cafile=cafile), i) for i in indices]
     connect_errors = 0
@@ -421,7 +427,7 @@ async def _harness(conn: Any, url: str, cafile: str, indices: list[int]) -> None
         results = await asyncio.gather(*(u.connect() for u in users[chunk:chunk + 10]), return_exceptions=True)
         connect_errors += sum(isinstance(r, BaseException) for r in results)
     # one warm-up turn each (connections, runner, phrase audio), not measured
-    warm = await asyncio.gather(*(u.speak(fixtures[0]) for u in users), return_exceptions=True)
+    warm = [] if idle else await asyncio.gather(*(u.speak(fixtures[0]) for u in users), return_exceptions=True)
     for u in users:
         u.stats = UserStats()
     conn.send(("ready", None))
@@ -430,7 +436,10 @@ async def _harness(conn: Any, url: str, cafile: str, indices: list[int]) -> None
     # the recognizer's silence) reaches the app late, and that is measured as the app's
     watch = LoopWatch(threshold_ms_from_env() or 60_000, report_every_s=math.inf).start()
     stop_at = time.monotonic() + seconds
-    await asyncio.gather(*(_user_loop(u, fixtures, stop_at) for u in users), return_exceptions=True)
+    if idle:
+        await asyncio.sleep(seconds)
+    else:
+        await asyncio.gather(*(_user_loop(u, fixtures, stop_at) for u in users), return_exceptions=True)
     watch.stop()
     conn.send(("done", {
         "connect_errors": connect_errors,
@@ -452,9 +461,11 @@ async def _receive(proc: Any, pipe: Any, timeout_s: float, what: str) -> Any:
     return pipe.recv()
 
 
-async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, harness_processes: int = 1) -> dict[str, Any]:
+async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, harness_processes: int = 1, idle: bool = False) -> dict[str, Any]:
     """See the module docstring. ``harness_processes``: the simulated users are spread
-    over that many processes (each its own event loop pacing its microphones)."""
+    over that many processes (each its own event loop pacing its microphones).
+    ``idle``: nobody speaks (no warm-up turn either): what N open microphones cost
+    before any turn, in ``cpu_pct``."""
     import multiprocessing as mp
     import sys
 
@@ -468,7 +479,8 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, h
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
     dir_cm = contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="voiceclaw-load-")
-    with dir_cm as tmp, fleet_process(default_text=SPOKEN_TEXT) as provider_env:
+    fleet = fleet_process(default_text=SPOKEN_TEXT)
+    with dir_cm as tmp, fleet as provider_env:
         os.chmod(tmp, 0o755)  # PostgreSQL runs as its own user
         cluster = Cluster(root=Path(tmp), workers=workers, first_port=FIRST_WORKER_PORT, https_port=HTTPS_PORT, redis_port=REDIS_PORT, pg_port=PG_PORT, extra_env=provider_env)
         await asyncio.to_thread(cluster.start, False)
@@ -480,7 +492,7 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, h
             for k in range(processes):
                 ours, theirs = spawn.Pipe()
                 indices = list(range(k, sessions, processes))
-                proc = spawn.Process(target=_harness_main, args=(theirs, cluster.url, str(cluster.ca_cert), indices, cluster.postgres.url), daemon=True)
+                proc = spawn.Process(target=_harness_main, args=(theirs, cluster.url, str(cluster.ca_cert), indices, cluster.postgres.url, idle), daemon=True)
                 proc.start()
                 harnesses.append((proc, ours))
             for proc, pipe in harnesses:  # every user connected and warm
@@ -489,11 +501,14 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, h
             rss_start = rss_mb(pids())
             since = time.time()
             t_start = now_ms()
+            # who had the cores while the users talked (% of one core per part of the box)
+            cpu = CpuMeter(lambda: {**cluster.processes(), "protocol_servers": [fleet.pid], "harness": [p.pid for p, _ in harnesses]}).start()
             for _proc, pipe in harnesses:
                 pipe.send(("go", minutes * 60))
             reports = []
             for proc, pipe in harnesses:
                 reports.append((await _receive(proc, pipe, minutes * 60 + 120, "its users' turns"))[1])
+            cpu_pct = cpu.stop()
             elapsed_s = (now_ms() - t_start) / 1000
             await asyncio.sleep(1.0)
             rss_end = rss_mb(pids())
@@ -537,6 +552,9 @@ async def run_load(sessions: int = 50, minutes: float = 5.0, workers: int = 3, h
         # how late the harness processes' loops ran while they paced the microphones
         "harness_loop_lag_ms": lag_summary([lag for rep in reports for lag in rep["lags"]]),
         "harness_processes": len(reports),
+        # % of one core each part used while the users talked (box_pct: every process on the box)
+        "cpu_pct": cpu_pct,
+        "idle": idle,
         "rss_mb_start": round(rss_start, 1),
         "rss_mb_end": round(rss_end, 1),
         "rss_growth_pct": round(100.0 * (rss_end - rss_start) / rss_start, 1) if rss_start else None,
