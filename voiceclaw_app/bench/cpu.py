@@ -24,7 +24,8 @@ _TICK = os.sysconf("SC_CLK_TCK")
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of ``pid`` so far; None when it is gone."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / _TICK
