@@ -32,3 +32,15 @@ async def test_bench_load_runs_turns_in_harness_processes_and_reports_their_lag(
     assert all(cpu[part] > 0 for part in ("workers", "proxy", "postgres", "protocol_servers", "harness")), cpu
     # no process counted in two parts: together they are at most the whole box
     assert sum(v for part, v in cpu.items() if part != "box_pct") <= cpu["box_pct"] + 1, cpu
+
+
+async def test_bench_load_idle_streams_microphones_without_turns_and_counts_their_cpu():
+    missing = missing_tools()
+    if missing:
+        pytest.skip(missing)
+    result = await run_load(sessions=2, minutes=0.2, workers=1, idle=True)
+    assert result["idle"] is True
+    assert result["turns_spoken"] == 0 and result["runs"] == 0 and result["errors"] == 0, result["error_log"]
+    cpu = result["cpu_pct"]
+    # two microphones at real time for 12 s: the worker and the harness were busy with them
+    assert cpu["workers"] > 0 and cpu["harness"] > 0 and cpu["proxy"] > 0, cpu

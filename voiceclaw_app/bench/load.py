@@ -62,10 +62,10 @@ from typing import Any
 import numpy as np
 
 from ..pipeline.text import chunk_text
-from .cpu import CpuMeter
 from ..pipeline.timing import now_ms
 from ..server.loop_watch import LoopWatch, lag_summary, threshold_ms_from_env
 from .cloud import FRAME_MS, IS_FINAL_S, LEAD_S, RATE
+from .cpu import CpuMeter
 from .drive import Fixture, dither, load_fixtures
 from .pipeline import TOKENS_PER_S, TTFT_S, TTS_TTFB_S, first_chunk_tokens, transfer_s
 from .stats import p50_p95, stages
