@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # `python deploy/cluster.py` from the Makefile
     sys.path.insert(0, str(ROOT))
 
 from voiceclaw_app.bench.browser import node_env  # noqa: E402  (Node 22 on PATH, npm, no OPENAI_BASE_URL)
+from voiceclaw_app.bench.cpu import all_pids, stat_fields  # noqa: E402  (/proc, read one way)
 PG_BIN = Path(os.environ.get("VOICECLAW_PG_BIN", "/usr/lib/postgresql/15/bin"))
 CADDYFILE_TEMPLATE = Path(__file__).with_name("Caddyfile.template")
 
@@ -70,22 +71,17 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child of ours counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != "Z"  # a zombie child of ours counts as gone
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, process group) of every live, non-zombie process (/proc)."""
     table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+    for pid in all_pids():
+        fields = stat_fields(pid)
+        if fields is not None and fields[0] != "Z":
+            table[pid] = (int(fields[1]), int(fields[2]))
     return table
 
 

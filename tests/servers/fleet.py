@@ -60,8 +60,9 @@ class CloudFleet:
     async def _start(self) -> None:
         from voiceclaw_app.server.loop_watch import LoopWatch, threshold_ms_from_env
 
-        if threshold_ms_from_env():  # was the simulated cloud itself late? (its loop's lag, logged)
-            LoopWatch(threshold_ms_from_env()).start()
+        watch_ms = threshold_ms_from_env()
+        if watch_ms:  # was the simulated cloud itself late? (its loop's lag, logged)
+            LoopWatch(watch_ms).start()
         self.dg = await FakeDeepgramServer(api_key=API_KEY, profile=self.profile).start()
         self.chat = await FakeChatServer(ChatBehavior(ttft_s=TTFT_S, tokens_per_s=TOKENS_PER_S), reply_fn=self.reply_fn, api_key=API_KEY).start()
         self.speech = await FakeSpeechServer(SpeechBehavior(ttfb_s=TTS_TTFB_S, realtime_factor=TTS_REALTIME), api_key=API_KEY).start()

@@ -84,8 +84,10 @@ class TTSCache:
     def get(self, identity: tuple, text: str) -> StoredAudio | None:
         """On a hit, a fresh random-id copy of the cached audio in the audio store."""
         path = self.lookup(identity, text)
-        if path is None:
-            return None
+        return None if path is None else self._copy(path)
+
+    def _copy(self, path: Path) -> StoredAudio | None:
+        """A fresh copy of the entry at ``path`` in the audio store; None if it just went."""
         try:
             stored = self.store.save(AudioClip.from_wav(path.read_bytes()))
             os.utime(path)  # recently used: the LRU keeps it
@@ -95,11 +97,12 @@ class TTSCache:
 
     async def aget(self, identity: tuple, text: str) -> StoredAudio | None:
         """:meth:`get` with the copy made on the store's file thread. A miss (a reply's
-        usual case) is answered here with one stat and no hop: a hop let the reply's
-        second chunk send its speech request before the first one's."""
-        if self.lookup(identity, text) is None:
+        usual case) has nothing to copy: it is answered here with one stat, without
+        waiting for that thread behind other writes."""
+        path = self.lookup(identity, text)
+        if path is None:
             return None
-        return await self.store.run_io(self.get, identity, text)
+        return await self.store.run_io(self._copy, path)
 
     async def aput(self, identity: tuple, text: str, clip: AudioClip) -> None:
         """:meth:`put` on the store's file thread."""
